@@ -1,0 +1,138 @@
+//! Writes a [`Checkpoint`] as a `.kiln` artifact: tensors in the chosen storage, the decoder as an op list.
+
+use std::path::{Path, PathBuf};
+
+use kiln_runtime::artifact::write::{self, Contents, TensorData};
+use kiln_runtime::artifact::{BufferDecl, Graph, Metadata, Op};
+use kiln_runtime::quant::Format;
+
+use crate::graph::{Checkpoint, Tensor};
+
+/// Why an artifact could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum EmitError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("--quant {quant}: the checkpoint stores {tensor} as {stored}; converting it to {quant} needs the quantizer, which kiln does not have yet (use --quant f32 or the checkpoint's own format)")]
+    NeedsQuantizer { quant: &'static str, tensor: String, stored: &'static str },
+}
+
+/// What was written.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EmitReport {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub tensors: usize,
+    pub ops: usize,
+    /// Bytes of weights by storage format name.
+    pub weight_bytes: Vec<(&'static str, u64)>,
+}
+
+/// Brings every tensor to the storage `quant` asks for: `F32` dequantizes everything; a block
+/// format keeps the checkpoint's own blocks bit for bit, and the embedding/output may stay `q8_0`
+/// (as llama.cpp stores them).
+pub fn convert(checkpoint: &Checkpoint, quant: Format) -> Result<Checkpoint, EmitError> {
+    let mut out = checkpoint.clone();
+    let mut refused = None;
+    let embed_names: Vec<String> =
+        [Some(&checkpoint.weights.embed), checkpoint.weights.lm_head.as_ref()].into_iter().flatten().map(|t| t.name.clone()).collect();
+    out.weights.map_tensors(|t| {
+        if t.shape.len() == 1 || t.format == quant {
+            return;
+        }
+        if quant == Format::F32 {
+            *t = t.dequantized();
+        } else if !(embed_names.contains(&t.name) && t.format == Format::Q8_0) && refused.is_none() {
+            refused = Some((t.name.clone(), t.format.name()));
+        }
+    });
+    match refused {
+        Some((tensor, stored)) => Err(EmitError::NeedsQuantizer { quant: quant.name(), tensor, stored }),
+        None => Ok(out),
+    }
+}
+
+/// Appends `t` to the tensor table and returns its index.
+fn push<'t>(tensors: &mut Vec<&'t Tensor>, t: &'t Tensor) -> usize {
+    tensors.push(t);
+    tensors.len() - 1
+}
+
+/// Writes `checkpoint` (already in its final storage, see [`convert`]) to `path` atomically.
+pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport, EmitError> {
+    let f = &checkpoint.facts;
+    let w = &checkpoint.weights;
+    let inv_freq = Tensor::from_f32("rope.inv_freq", vec![f.head_dim / 2], &f.rope_inv_freq());
+    let mut tensors: Vec<&Tensor> = Vec::new();
+    let mut id = |t| push(&mut tensors, t);
+
+    let mut buffers = Vec::new();
+    let mut buf = |name: &str, width: usize| -> usize {
+        buffers.push(BufferDecl { name: name.to_owned(), width });
+        buffers.len() - 1
+    };
+    let (d, qw, kw, ffn) = (f.hidden_size, f.heads * f.head_dim, f.kv_heads * f.head_dim, f.intermediate_size);
+    let x = buf("hidden", d);
+    let xn = buf("normed", d);
+    let q = buf("q", qw);
+    let k = buf("k", kw);
+    let v = buf("v", kw);
+    let att = buf("attention", qw);
+    let proj = buf("projected", d);
+    let gate = buf("gate", ffn);
+    let up = buf("up", ffn);
+    let act = buf("activated", ffn);
+
+    let embed = id(&w.embed);
+    let mut ops = vec![Op::Embed { table: embed, out: x }];
+    let rope = id(&inv_freq);
+    for (layer, l) in w.layers.iter().enumerate() {
+        ops.extend([
+            Op::RmsNorm { input: x, weight: id(&l.attn_norm), out: xn },
+            Op::MatMul { input: xn, weight: id(&l.wq), out: q },
+            Op::MatMul { input: xn, weight: id(&l.wk), out: k },
+            Op::MatMul { input: xn, weight: id(&l.wv), out: v },
+            Op::Rope { buf: q, heads: f.heads, inv_freq: rope },
+            Op::Rope { buf: k, heads: f.kv_heads, inv_freq: rope },
+            Op::Attention { layer, q, k, v, out: att },
+            Op::MatMul { input: att, weight: id(&l.wo), out: proj },
+            Op::Add { acc: x, input: proj },
+            Op::RmsNorm { input: x, weight: id(&l.ffn_norm), out: xn },
+            Op::MatMul { input: xn, weight: id(&l.w_gate), out: gate },
+            Op::MatMul { input: xn, weight: id(&l.w_up), out: up },
+            Op::SwiGlu { gate, up, out: act },
+            Op::MatMul { input: act, weight: id(&l.w_down), out: proj },
+            Op::Add { acc: x, input: proj },
+        ]);
+    }
+    ops.push(Op::RmsNorm { input: x, weight: id(&w.final_norm), out: xn });
+    let output = match &w.lm_head {
+        Some(head) => id(head),
+        None => embed,
+    };
+    ops.push(Op::Logits { input: xn, weight: output });
+
+    let data: Vec<TensorData> = tensors
+        .iter()
+        .map(|t| TensorData { name: &t.name, format: t.format, shape: &t.shape, bytes: &t.data })
+        .collect();
+    let mut weight_bytes: Vec<(&'static str, u64)> = Vec::new();
+    for t in &tensors {
+        match weight_bytes.iter_mut().find(|(n, _)| *n == t.format.name()) {
+            Some((_, b)) => *b += t.data.len() as u64,
+            None => weight_bytes.push((t.format.name(), t.data.len() as u64)),
+        }
+    }
+    let tokenizer = checkpoint.tokenizer.to_bytes();
+    let meta = Metadata {
+        producer: format!("kiln-compiler {}", env!("CARGO_PKG_VERSION")),
+        facts: f.clone(),
+        required_cpu_features: Vec::new(),
+        tensors: Vec::new(),
+        graph: Graph { buffers, ops },
+    };
+    let (n_tensors, n_ops) = (data.len(), meta.graph.ops.len());
+    let bytes = write::write(path, Contents { meta, tokenizer: &tokenizer, tensors: &data })
+        .map_err(|source| EmitError::Io { path: path.to_path_buf(), source })?;
+    Ok(EmitReport { path: path.to_path_buf(), bytes, tensors: n_tensors, ops: n_ops, weight_bytes })
+}

@@ -1,0 +1,7 @@
+//! kiln compiler: imports Llama 3–family checkpoints, exports ONNX and writes `.kiln` artifacts.
+
+pub mod emit;
+pub mod graph;
+pub mod import;
+pub mod onnx;
+pub mod tiny;

@@ -1,0 +1,105 @@
+//! The default model against llama.cpp's own outputs (`testdata/golden`, made with llama.cpp
+//! build 0c1e57098): greedy ids on the dequantized model, first-step logits on `q4_1`, perplexity.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::generate::{generate, GenerateOptions, Model, StopReason};
+use kiln_runtime::perplexity::perplexity;
+use kiln_runtime::quant::Format;
+use kiln_runtime::sampler::{Sampler, SamplerConfig};
+use serde_json::Value;
+
+fn artifact(quant: Format) -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static F32: OnceLock<PathBuf> = OnceLock::new();
+    static Q4_1: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
+    let cell = if quant == Format::F32 { &F32 } else { &Q4_1 };
+    cell.get_or_init(|| common::compile_smollm2(dir.path(), quant)).clone()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+fn opts() -> SessionOptions {
+    SessionOptions { threads: 2, ..SessionOptions::default() }
+}
+
+#[test]
+fn f32_greedy_ids_match_llama_cpp() {
+    let model = Model::open(&artifact(Format::F32)).expect("open");
+    for case in common::golden()["greedy"]["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let prompt_ids = ids(&case["prompt_ids"]);
+        assert_eq!(
+            model.encode_prompt(case["prompt"].as_str().expect("prompt"), true),
+            prompt_ids,
+            "{name}: prompt tokenization"
+        );
+        let expected = ids(&case["F32"]["generated_ids"]);
+        let mut session = model.session(opts()).expect("session");
+        let mut sampler = Sampler::new(SamplerConfig::greedy(), model.facts().vocab_size);
+        let out = generate(&model, &mut session, &mut sampler, &prompt_ids, &GenerateOptions { max_tokens: 32, stop: vec![] }, |_| {})
+            .expect("generate");
+        let n = expected.len().min(32);
+        assert_eq!(out.ids[..n.min(out.ids.len())], expected[..n], "{name}: greedy ids");
+        if expected.len() < 32 {
+            // llama.cpp stopped at an end-of-generation id; kiln must stop at the same place.
+            assert_eq!(out.ids.len(), expected.len(), "{name}: stop position");
+            assert_eq!(out.stop, StopReason::EndOfGeneration, "{name}: stop reason");
+        }
+    }
+}
+
+#[test]
+fn q4_1_first_step_logits_match_llama_cpp() {
+    let model = Model::open(&artifact(Format::Q4_1)).expect("open");
+    for case in common::golden()["greedy"]["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let mut session = model.session(opts()).expect("session");
+        let logits = session.forward(&ids(&case["prompt_ids"])).expect("forward").to_vec();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let top10 = &case["Q4_1"]["first_step_top10"];
+        let theirs: Vec<u32> = top10.as_array().expect("top10").iter().map(|e| e["id"].as_u64().expect("id") as u32).collect();
+        assert_eq!(order[0] as u32, theirs[0], "{name}: top-1");
+        let mut ours: Vec<u32> = order[..10].iter().map(|&i| i as u32).collect();
+        let mut theirs_sorted = theirs.clone();
+        ours.sort_unstable();
+        theirs_sorted.sort_unstable();
+        assert_eq!(ours, theirs_sorted, "{name}: top-10 set");
+        for e in top10.as_array().expect("top10") {
+            let id = e["id"].as_u64().expect("id") as usize;
+            let want = e["logit"].as_f64().expect("logit") as f32;
+            assert!((logits[id] - want).abs() <= 0.3, "{name}: logit of {id}: kiln {} vs llama.cpp {want}", logits[id]);
+        }
+    }
+}
+
+fn check_perplexity(quant: Format, key: &str) {
+    let golden = common::golden();
+    let model = Model::open(&artifact(quant)).expect("open");
+    let text = std::fs::read_to_string(common::testdata().join("golden/apache-2.0.txt")).expect("text");
+    let tokens = model.encode_prompt(&text, true);
+    let ctx = golden["perplexity"]["ctx"].as_u64().expect("ctx") as usize;
+    let score = perplexity(&model, &tokens, ctx, 2, |_, _| {}).expect("perplexity");
+    let want = golden["perplexity"]["ppl"][key].as_f64().expect("ppl");
+    assert_eq!(score.chunks as u64, golden["perplexity"]["chunks"].as_u64().expect("chunks"));
+    let rel = (score.ppl - want).abs() / want;
+    assert!(rel <= 0.01, "{key}: kiln {:.4} vs llama.cpp {want} ({:.2}% off)", score.ppl, rel * 100.0);
+}
+
+#[test]
+fn f32_perplexity_within_1_percent_of_llama_cpp() {
+    check_perplexity(Format::F32, "F32");
+}
+
+#[test]
+fn q4_1_perplexity_within_1_percent_of_llama_cpp() {
+    check_perplexity(Format::Q4_1, "Q4_1");
+}

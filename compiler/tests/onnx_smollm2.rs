@@ -1,0 +1,98 @@
+//! The exported default model (SmolLM2-135M-Instruct, weights dequantized to f32) in
+//! onnxruntime, in tract and in kiln's own runtime: a prefill of the golden `p1` prompt, then
+//! eight decode steps fed the golden continuation, must give the same logits on all three, and
+//! onnxruntime's first pick must be llama.cpp's.
+
+mod common;
+mod onnx_common;
+
+use kiln_compiler::onnx::{export, ExportOptions};
+use kiln_runtime::artifact::Artifact;
+use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::quant::Format;
+use onnx_common::{argmax, max_abs_diff, ort_logits, temp_dir, tract_logits, Steps};
+
+/// f32 end to end; the three runtimes only differ in summation order.
+const TOLERANCE: f32 = 1e-3;
+const DECODE_STEPS: usize = 8;
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+#[test]
+fn smollm2_logits_agree_across_onnxruntime_tract_and_kiln() {
+    let golden = common::golden();
+    let case = golden["greedy"]["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| c["name"] == "p1")
+        .expect("golden case p1");
+    let generated = ids(&case["F32"]["generated_ids"]);
+    let steps = Steps {
+        prompt_ids: ids(&case["prompt_ids"]),
+        next_ids: generated[..DECODE_STEPS].to_vec(),
+        position_offset: 0,
+    };
+
+    let checkpoint = kiln_compiler::import::import(&common::smollm2_gguf()).expect("import");
+    let vocab = checkpoint.facts.vocab_size;
+    let dir = temp_dir();
+    let model = dir.path().join("smollm2.onnx");
+    let report = export(&checkpoint, &model, &ExportOptions::default()).expect("export");
+    println!(
+        "smollm2: {} nodes, {} initializers, {} bytes",
+        report.nodes, report.initializers, report.bytes
+    );
+    assert!(!report.external);
+
+    let steps_path = dir.path().join("steps.json");
+    steps.write(&steps_path);
+    let ort = ort_logits(&model, &steps_path, vocab);
+    assert_eq!(ort.len(), 1 + DECODE_STEPS);
+    assert_eq!(
+        argmax(&ort[0]) as u32,
+        generated[0],
+        "onnxruntime's first pick after the prefill"
+    );
+    let tract = tract_logits(&model, &steps);
+
+    // kiln's native runtime on the same dequantized weights, fed the same ids.
+    let converted = kiln_compiler::emit::convert(&checkpoint, Format::F32).expect("convert");
+    drop(checkpoint);
+    let artifact_path = dir.path().join("smollm2-f32.kiln");
+    kiln_compiler::emit::write_artifact(&converted, &artifact_path).expect("write artifact");
+    drop(converted);
+    let artifact = Artifact::open(&artifact_path).expect("open artifact");
+    let mut session = artifact
+        .session(SessionOptions {
+            threads: 2,
+            ..SessionOptions::default()
+        })
+        .expect("session");
+    let mut kiln = vec![session
+        .forward(&steps.prompt_ids)
+        .expect("prefill")
+        .to_vec()];
+    for &id in &steps.next_ids {
+        kiln.push(session.forward(&[id]).expect("decode").to_vec());
+    }
+
+    let ort_tract = max_abs_diff(&ort, &tract);
+    let ort_kiln = max_abs_diff(&ort, &kiln);
+    let tract_kiln = max_abs_diff(&tract, &kiln);
+    let picks: Vec<usize> = ort.iter().map(|r| argmax(r)).collect();
+    println!(
+        "smollm2: max abs logit diff ort-tract {ort_tract:e}, ort-kiln {ort_kiln:e}, tract-kiln {tract_kiln:e}; \
+         onnxruntime picks {picks:?}, llama.cpp {:?}",
+        &generated[..=DECODE_STEPS]
+    );
+    assert!(ort_tract <= TOLERANCE, "onnxruntime vs tract: {ort_tract}");
+    assert!(ort_kiln <= TOLERANCE, "onnxruntime vs kiln: {ort_kiln}");
+    assert!(tract_kiln <= TOLERANCE, "tract vs kiln: {tract_kiln}");
+}

@@ -1,0 +1,13 @@
+//! The `.kiln` artifact: its layout, a validating reader and (with `std`) the writer the compiler uses.
+
+pub mod format;
+pub mod read;
+#[cfg(feature = "std")]
+pub mod write;
+#[cfg(feature = "std")]
+mod open;
+
+pub use format::*;
+#[cfg(feature = "std")]
+pub use open::Artifact;
+pub use read::{parse, tensor_bytes, ArtifactError, Parsed};

@@ -1,0 +1,91 @@
+//! An artifact held in memory: memory-mapped from a file, borrowed from `'static` bytes, or read.
+
+use std::path::Path;
+
+use memmap2::Mmap;
+
+use super::read::{check_cpu_features, parse, ArtifactError, Parsed};
+use super::{Metadata, TensorEntry};
+
+enum Bytes {
+    Mapped(Mmap),
+    Static(&'static [u8]),
+    /// Backed by u64 words so f32 tensors are aligned.
+    Owned(Vec<u64>, usize),
+}
+
+/// A validated artifact; weights are read in place, never copied.
+pub struct Artifact {
+    bytes: Bytes,
+    parsed: Parsed,
+}
+
+impl Artifact {
+    /// Maps `path` and validates it.
+    pub fn open(path: &Path) -> Result<Artifact, ArtifactError> {
+        let io = |source| ArtifactError::Io { path: path.to_path_buf(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the mapping is read-only and the file is not written by kiln while mapped;
+        // every offset read from it is bounds-checked by `parse` before use.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Artifact::new(Bytes::Mapped(map))
+            .map_err(|e| ArtifactError::File { path: path.to_path_buf(), source: Box::new(e) })
+    }
+
+    /// Uses bytes that live for the whole program (e.g. `include_bytes!` in firmware).
+    pub fn from_static(bytes: &'static [u8]) -> Result<Artifact, ArtifactError> {
+        Artifact::new(Bytes::Static(bytes))
+    }
+
+    /// Reads the whole artifact from a reader (for sources that cannot be mapped).
+    pub fn from_reader(mut reader: impl std::io::Read) -> Result<Artifact, ArtifactError> {
+        let mut raw = Vec::new();
+        reader.read_to_end(&mut raw).map_err(|source| ArtifactError::Io { path: "<reader>".into(), source })?;
+        let mut words = vec![0u64; raw.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..raw.len()].copy_from_slice(&raw);
+        Artifact::new(Bytes::Owned(words, raw.len()))
+    }
+
+    fn new(bytes: Bytes) -> Result<Artifact, ArtifactError> {
+        let parsed = parse(bytes_of(&bytes))?;
+        check_cpu_features(&parsed.meta)?;
+        Ok(Artifact { bytes, parsed })
+    }
+
+    pub fn meta(&self) -> &Metadata {
+        &self.parsed.meta
+    }
+
+    /// The tokenizer section.
+    pub fn tokenizer_bytes(&self) -> &[u8] {
+        &bytes_of(&self.bytes)[self.parsed.tokenizer.clone()]
+    }
+
+    /// The raw bytes of tensor `entry` (an entry of [`Artifact::meta`]).
+    pub fn tensor(&self, entry: &TensorEntry) -> &[u8] {
+        super::tensor_bytes(&bytes_of(&self.bytes)[self.parsed.weights.clone()], entry)
+    }
+
+    /// A session over this artifact's weights.
+    pub fn session(&self, opts: crate::exec::SessionOptions) -> Result<crate::exec::Session<'_>, crate::exec::SessionError> {
+        let weights = &bytes_of(&self.bytes)[self.parsed.weights.clone()];
+        crate::exec::Session::new(&self.parsed.meta, weights, opts)
+    }
+
+    /// Total size of the artifact in bytes.
+    pub fn len(&self) -> usize {
+        bytes_of(&self.bytes).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn bytes_of(bytes: &Bytes) -> &[u8] {
+    match bytes {
+        Bytes::Mapped(m) => m,
+        Bytes::Static(s) => s,
+        Bytes::Owned(words, len) => &bytemuck::cast_slice(words)[..*len],
+    }
+}

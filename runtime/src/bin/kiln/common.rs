@@ -1,0 +1,106 @@
+//! Options and helpers shared by the subcommands: model loading, threads, sampling flags.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::generate::Model;
+use kiln_runtime::sampler::SamplerConfig;
+
+/// The model and how to run it.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// The compiled model (`.kiln`).
+    pub model: PathBuf,
+    /// Worker threads (default: the number of physical cores, as llama.cpp).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Context length in tokens (default: the model's, at most 4096).
+    #[arg(short = 'c', long = "ctx")]
+    pub ctx: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Model> {
+        Model::open(&self.model).with_context(|| format!("loading {}", self.model.display()))
+    }
+
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions { context: self.ctx.unwrap_or(0), threads: self.threads(), ..SessionOptions::default() }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(default_threads).max(1)
+    }
+}
+
+/// Physical cores when the kernel says, else the logical ones.
+fn default_threads() -> usize {
+    let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return logical;
+    };
+    let mut cores = std::collections::HashSet::new();
+    let (mut phys, mut core) = (None, None);
+    for line in cpuinfo.lines() {
+        let value = || line.split(':').nth(1).map(|v| v.trim().to_owned());
+        if line.starts_with("physical id") {
+            phys = value();
+        } else if line.starts_with("core id") {
+            core = value();
+        } else if line.trim().is_empty() {
+            if let (Some(p), Some(c)) = (phys.take(), core.take()) {
+                cores.insert((p, c));
+            }
+        }
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
+}
+
+/// Sampling flags, named and defaulted as llama.cpp's.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Temperature; 0 = greedy.
+    #[arg(long = "temp", default_value_t = SamplerConfig::default().temperature)]
+    pub temp: f32,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = SamplerConfig::default().top_k)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = SamplerConfig::default().top_p)]
+    pub top_p: f32,
+    /// Drop tokens below this fraction of the top probability (0 = off).
+    #[arg(long, default_value_t = SamplerConfig::default().min_p)]
+    pub min_p: f32,
+    /// Penalize recently generated tokens (1 = off).
+    #[arg(long, default_value_t = SamplerConfig::default().repeat_penalty)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty considers.
+    #[arg(long, default_value_t = SamplerConfig::default().repeat_last_n)]
+    pub repeat_last_n: usize,
+    /// Random seed (sampling is reproducible for a seed).
+    #[arg(long, default_value_t = SamplerConfig::DEFAULT_SEED)]
+    pub seed: u64,
+    /// Stop when this text is generated (repeatable; the text is cut before it).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    pub fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
+}

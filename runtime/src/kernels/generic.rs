@@ -1,0 +1,43 @@
+//! Reference kernels in portable Rust, written with independent lanes so compilers vectorize them.
+
+use super::TILE_ROWS;
+
+const LANES: usize = 16;
+
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+pub fn dot4(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
+    let k = x.len();
+    let (w0, w1, w2, w3) = (&w[..k], &w[k..2 * k], &w[2 * k..3 * k], &w[3 * k..4 * k]);
+    let mut acc = [[0f32; LANES]; TILE_ROWS];
+    let body = k - k % LANES;
+    let mut i = 0;
+    while i < body {
+        let xs = &x[i..i + LANES];
+        for (r, row) in [w0, w1, w2, w3].iter().enumerate() {
+            let ws = &row[i..i + LANES];
+            for l in 0..LANES {
+                acc[r][l] += ws[l] * xs[l];
+            }
+        }
+        i += LANES;
+    }
+    let mut out = [0f32; TILE_ROWS];
+    for (r, row) in [w0, w1, w2, w3].iter().enumerate() {
+        let tail: f32 = row[body..].iter().zip(&x[body..]).map(|(a, b)| a * b).sum();
+        out[r] = acc[r].iter().sum::<f32>() + tail;
+    }
+    out
+}

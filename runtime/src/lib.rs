@@ -1,0 +1,24 @@
+//! kiln runtime: loads a compiled `.kiln` artifact and generates text from it.
+//!
+//! The core (artifact parsing, executor, kernels) needs only `alloc`; the `std` feature adds
+//! memory-mapped loading, the tokenizer's regex pre-tokenization, chat templates and the CLI.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+pub mod artifact;
+#[cfg(feature = "std")]
+pub mod cpu;
+pub mod exec;
+#[cfg(feature = "std")]
+pub mod generate;
+pub mod kernels;
+pub mod model;
+#[cfg(feature = "std")]
+pub mod perplexity;
+pub mod quant;
+pub mod sampler;
+#[cfg(feature = "std")]
+pub mod tokenizer;
+#[cfg(feature = "std")]
+pub mod chat;

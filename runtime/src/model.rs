@@ -1,0 +1,80 @@
+//! Model facts stored in an artifact: the hyper-parameters and token policy the runtime needs.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+/// Hugging Face `rope_scaling` of type `llama3` (Llama 3.1 / 3.2).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Llama3RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: u32,
+}
+
+/// Everything about a Llama-family decoder that is not a weight.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelFacts {
+    /// Human-readable model name (from the checkpoint).
+    pub name: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Longest context the model was trained for.
+    pub context_length: usize,
+    pub tie_word_embeddings: bool,
+    pub bos_id: Option<u32>,
+    /// Whether a BOS token is prepended to a prompt.
+    pub add_bos: bool,
+    /// Ids that end generation: EOS and every end-of-turn / end-of-generation id.
+    pub eog_ids: Vec<u32>,
+    /// The model's own Jinja chat template, when it has one.
+    pub chat_template: Option<String>,
+}
+
+impl ModelFacts {
+    /// RoPE inverse frequencies, one per rotated pair, with `llama3` scaling applied when set.
+    ///
+    /// Follows Meta's `apply_scaling` in `llama_models/llama3/reference_impl/model.py`.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling.as_ref())
+    }
+}
+
+/// RoPE inverse frequencies for `head_dim`, base `theta`, optionally `llama3`-scaled.
+pub fn rope_inv_freq(head_dim: usize, theta: f32, scaling: Option<&Llama3RopeScaling>) -> Vec<f32> {
+    let half = head_dim / 2;
+    (0..half)
+        .map(|i| {
+            let freq = 1.0 / libm::pow(f64::from(theta), (2 * i) as f64 / head_dim as f64);
+            match scaling {
+                None => freq as f32,
+                Some(s) => llama3_scale(freq, s) as f32,
+            }
+        })
+        .collect()
+}
+
+fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
+    let old_ctx = f64::from(s.original_max_position_embeddings);
+    let low_freq_wavelen = old_ctx / f64::from(s.low_freq_factor);
+    let high_freq_wavelen = old_ctx / f64::from(s.high_freq_factor);
+    let wavelen = 2.0 * core::f64::consts::PI / freq;
+    if wavelen < high_freq_wavelen {
+        freq
+    } else if wavelen > low_freq_wavelen {
+        freq / f64::from(s.factor)
+    } else {
+        let smooth = (old_ctx / wavelen - f64::from(s.low_freq_factor))
+            / f64::from(s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / f64::from(s.factor) + smooth * freq
+    }
+}
