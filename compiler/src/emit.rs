@@ -12,9 +12,16 @@ use crate::graph::{Checkpoint, Tensor};
 #[derive(Debug, thiserror::Error)]
 pub enum EmitError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("--quant {quant}: the checkpoint stores {tensor} as {stored}; converting it to {quant} needs the quantizer, which kiln does not have yet (use --quant f32 or the checkpoint's own format)")]
-    NeedsQuantizer { quant: &'static str, tensor: String, stored: &'static str },
+    NeedsQuantizer {
+        quant: &'static str,
+        tensor: String,
+        stored: &'static str,
+    },
 }
 
 /// What was written.
@@ -34,20 +41,31 @@ pub struct EmitReport {
 pub fn convert(checkpoint: &Checkpoint, quant: Format) -> Result<Checkpoint, EmitError> {
     let mut out = checkpoint.clone();
     let mut refused = None;
-    let embed_names: Vec<String> =
-        [Some(&checkpoint.weights.embed), checkpoint.weights.lm_head.as_ref()].into_iter().flatten().map(|t| t.name.clone()).collect();
+    let embed_names: Vec<String> = [
+        Some(&checkpoint.weights.embed),
+        checkpoint.weights.lm_head.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|t| t.name.clone())
+    .collect();
     out.weights.map_tensors(|t| {
         if t.shape.len() == 1 || t.format == quant {
             return;
         }
         if quant == Format::F32 {
             *t = t.dequantized();
-        } else if !(embed_names.contains(&t.name) && t.format == Format::Q8_0) && refused.is_none() {
+        } else if !(embed_names.contains(&t.name) && t.format == Format::Q8_0) && refused.is_none()
+        {
             refused = Some((t.name.clone(), t.format.name()));
         }
     });
     match refused {
-        Some((tensor, stored)) => Err(EmitError::NeedsQuantizer { quant: quant.name(), tensor, stored }),
+        Some((tensor, stored)) => Err(EmitError::NeedsQuantizer {
+            quant: quant.name(),
+            tensor,
+            stored,
+        }),
         None => Ok(out),
     }
 }
@@ -68,10 +86,18 @@ pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport
 
     let mut buffers = Vec::new();
     let mut buf = |name: &str, width: usize| -> usize {
-        buffers.push(BufferDecl { name: name.to_owned(), width });
+        buffers.push(BufferDecl {
+            name: name.to_owned(),
+            width,
+        });
         buffers.len() - 1
     };
-    let (d, qw, kw, ffn) = (f.hidden_size, f.heads * f.head_dim, f.kv_heads * f.head_dim, f.intermediate_size);
+    let (d, qw, kw, ffn) = (
+        f.hidden_size,
+        f.heads * f.head_dim,
+        f.kv_heads * f.head_dim,
+        f.intermediate_size,
+    );
     let x = buf("hidden", d);
     let xn = buf("normed", d);
     let q = buf("q", qw);
@@ -84,37 +110,108 @@ pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport
     let act = buf("activated", ffn);
 
     let embed = id(&w.embed);
-    let mut ops = vec![Op::Embed { table: embed, out: x }];
+    let mut ops = vec![Op::Embed {
+        table: embed,
+        out: x,
+    }];
     let rope = id(&inv_freq);
     for (layer, l) in w.layers.iter().enumerate() {
         ops.extend([
-            Op::RmsNorm { input: x, weight: id(&l.attn_norm), out: xn },
-            Op::MatMul { input: xn, weight: id(&l.wq), out: q },
-            Op::MatMul { input: xn, weight: id(&l.wk), out: k },
-            Op::MatMul { input: xn, weight: id(&l.wv), out: v },
-            Op::Rope { buf: q, heads: f.heads, inv_freq: rope },
-            Op::Rope { buf: k, heads: f.kv_heads, inv_freq: rope },
-            Op::Attention { layer, q, k, v, out: att },
-            Op::MatMul { input: att, weight: id(&l.wo), out: proj },
-            Op::Add { acc: x, input: proj },
-            Op::RmsNorm { input: x, weight: id(&l.ffn_norm), out: xn },
-            Op::MatMul { input: xn, weight: id(&l.w_gate), out: gate },
-            Op::MatMul { input: xn, weight: id(&l.w_up), out: up },
+            Op::RmsNorm {
+                input: x,
+                weight: id(&l.attn_norm),
+                out: xn,
+            },
+            Op::MatMul {
+                input: xn,
+                weight: id(&l.wq),
+                out: q,
+            },
+            Op::MatMul {
+                input: xn,
+                weight: id(&l.wk),
+                out: k,
+            },
+            Op::MatMul {
+                input: xn,
+                weight: id(&l.wv),
+                out: v,
+            },
+            Op::Rope {
+                buf: q,
+                heads: f.heads,
+                inv_freq: rope,
+            },
+            Op::Rope {
+                buf: k,
+                heads: f.kv_heads,
+                inv_freq: rope,
+            },
+            Op::Attention {
+                layer,
+                q,
+                k,
+                v,
+                out: att,
+            },
+            Op::MatMul {
+                input: att,
+                weight: id(&l.wo),
+                out: proj,
+            },
+            Op::Add {
+                acc: x,
+                input: proj,
+            },
+            Op::RmsNorm {
+                input: x,
+                weight: id(&l.ffn_norm),
+                out: xn,
+            },
+            Op::MatMul {
+                input: xn,
+                weight: id(&l.w_gate),
+                out: gate,
+            },
+            Op::MatMul {
+                input: xn,
+                weight: id(&l.w_up),
+                out: up,
+            },
             Op::SwiGlu { gate, up, out: act },
-            Op::MatMul { input: act, weight: id(&l.w_down), out: proj },
-            Op::Add { acc: x, input: proj },
+            Op::MatMul {
+                input: act,
+                weight: id(&l.w_down),
+                out: proj,
+            },
+            Op::Add {
+                acc: x,
+                input: proj,
+            },
         ]);
     }
-    ops.push(Op::RmsNorm { input: x, weight: id(&w.final_norm), out: xn });
+    ops.push(Op::RmsNorm {
+        input: x,
+        weight: id(&w.final_norm),
+        out: xn,
+    });
     let output = match &w.lm_head {
         Some(head) => id(head),
         None => embed,
     };
-    ops.push(Op::Logits { input: xn, weight: output });
+    ops.push(Op::Logits {
+        input: xn,
+        weight: output,
+    });
 
     let data: Vec<TensorData> = tensors
         .iter()
-        .map(|t| TensorData { name: &t.name, format: t.format, shape: &t.shape, bytes: &t.data })
+        .map(|t| TensorData {
+            name: &t.name,
+            format: t.format,
+            shape: &t.shape,
+            bytes: &t.data,
+        })
         .collect();
     let mut weight_bytes: Vec<(&'static str, u64)> = Vec::new();
     for t in &tensors {
@@ -132,7 +229,23 @@ pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport
         graph: Graph { buffers, ops },
     };
     let (n_tensors, n_ops) = (data.len(), meta.graph.ops.len());
-    let bytes = write::write(path, Contents { meta, tokenizer: &tokenizer, tensors: &data })
-        .map_err(|source| EmitError::Io { path: path.to_path_buf(), source })?;
-    Ok(EmitReport { path: path.to_path_buf(), bytes, tensors: n_tensors, ops: n_ops, weight_bytes })
+    let bytes = write::write(
+        path,
+        Contents {
+            meta,
+            tokenizer: &tokenizer,
+            tensors: &data,
+        },
+    )
+    .map_err(|source| EmitError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(EmitReport {
+        path: path.to_path_buf(),
+        bytes,
+        tensors: n_tensors,
+        ops: n_ops,
+        weight_bytes,
+    })
 }

@@ -24,7 +24,12 @@ impl Tensor {
     pub fn from_f32(name: &str, shape: Vec<usize>, values: &[f32]) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), values.len());
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Tensor { name: name.to_owned(), shape, format: Format::F32, data }
+        Tensor {
+            name: name.to_owned(),
+            shape,
+            format: Format::F32,
+            data,
+        }
     }
 
     /// Row length (the last dimension).
@@ -34,7 +39,9 @@ impl Tensor {
 
     /// Number of rows (the product of all but the last dimension).
     pub fn rows(&self) -> usize {
-        self.shape[..self.shape.len().saturating_sub(1)].iter().product()
+        self.shape[..self.shape.len().saturating_sub(1)]
+            .iter()
+            .product()
     }
 
     /// Bytes of one row.
@@ -49,7 +56,9 @@ impl Tensor {
         let row_bytes = self.row_bytes();
         for (r, mut dst) in out.rows_mut().into_iter().enumerate() {
             let src = &self.data[r * row_bytes..(r + 1) * row_bytes];
-            let dst = dst.as_slice_mut().expect("rows of a fresh standard-layout array are contiguous");
+            let dst = dst
+                .as_slice_mut()
+                .expect("rows of a fresh standard-layout array are contiguous");
             self.format.dequantize_row(src, dst);
         }
         out
@@ -66,7 +75,11 @@ impl Tensor {
             return self.clone();
         }
         let values = self.to_f32();
-        Tensor::from_f32(&self.name, self.shape.clone(), values.as_slice().expect("standard layout"))
+        Tensor::from_f32(
+            &self.name,
+            self.shape.clone(),
+            values.as_slice().expect("standard layout"),
+        )
     }
 
     /// A copy whose row `r` is this tensor's row `source(r)`; exact for every format, since
@@ -78,7 +91,10 @@ impl Tensor {
             let s = source(r);
             data.extend_from_slice(&self.data[s * row_bytes..(s + 1) * row_bytes]);
         }
-        Tensor { data, ..self.clone() }
+        Tensor {
+            data,
+            ..self.clone()
+        }
     }
 }
 
@@ -104,7 +120,17 @@ pub struct LayerWeights {
 impl LayerWeights {
     /// The layer's tensors, for iteration.
     pub fn tensors(&self) -> [&Tensor; 9] {
-        [&self.attn_norm, &self.wq, &self.wk, &self.wv, &self.wo, &self.ffn_norm, &self.w_gate, &self.w_up, &self.w_down]
+        [
+            &self.attn_norm,
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.ffn_norm,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]
     }
 
     fn tensors_mut(&mut self) -> [&mut Tensor; 9] {

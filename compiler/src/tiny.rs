@@ -161,51 +161,40 @@ fn tokenizer_config() -> Value {
     })
 }
 
+/// Each layer's tensors: name, shape, and the value they scatter around (norm weights near 1).
+const LAYER_TENSORS: [(&str, &[usize], f64); 9] = [
+    ("input_layernorm", &[HIDDEN], 1.0),
+    ("self_attn.q_proj", &[HEADS * HEAD_DIM, HIDDEN], 0.0),
+    ("self_attn.k_proj", &[KV_HEADS * HEAD_DIM, HIDDEN], 0.0),
+    ("self_attn.v_proj", &[KV_HEADS * HEAD_DIM, HIDDEN], 0.0),
+    ("self_attn.o_proj", &[HIDDEN, HEADS * HEAD_DIM], 0.0),
+    ("post_attention_layernorm", &[HIDDEN], 1.0),
+    ("mlp.gate_proj", &[INTERMEDIATE, HIDDEN], 0.0),
+    ("mlp.up_proj", &[INTERMEDIATE, HIDDEN], 0.0),
+    ("mlp.down_proj", &[HIDDEN, INTERMEDIATE], 0.0),
+];
+
 /// Every tensor, drawn in a fixed order from one stream; `model.safetensors` bytes.
 fn weights(seed: u64) -> Result<Vec<u8>, SafeTensorError> {
     let mut rng = SplitMix64(seed);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, center: f64| {
+    let mut add = |name: String, shape: &[usize], center: f64| {
         let n = shape.iter().product();
         let values =
             (0..n).flat_map(|_| bf16::from_f64(center + INIT_STD * rng.normal()).to_le_bytes());
-        tensors.push((name, shape, values.collect()));
+        tensors.push((name, shape.to_vec(), values.collect()));
     };
-    let (matrix, norm) = (0.0, 1.0);
     add(
         "model.embed_tokens.weight".into(),
-        vec![VOCAB_SIZE, HIDDEN],
-        matrix,
+        &[VOCAB_SIZE, HIDDEN],
+        0.0,
     );
     for i in 0..LAYERS {
-        let name = |s: &str| format!("model.layers.{i}.{s}.weight");
-        add(name("input_layernorm"), vec![HIDDEN], norm);
-        add(
-            name("self_attn.q_proj"),
-            vec![HEADS * HEAD_DIM, HIDDEN],
-            matrix,
-        );
-        add(
-            name("self_attn.k_proj"),
-            vec![KV_HEADS * HEAD_DIM, HIDDEN],
-            matrix,
-        );
-        add(
-            name("self_attn.v_proj"),
-            vec![KV_HEADS * HEAD_DIM, HIDDEN],
-            matrix,
-        );
-        add(
-            name("self_attn.o_proj"),
-            vec![HIDDEN, HEADS * HEAD_DIM],
-            matrix,
-        );
-        add(name("post_attention_layernorm"), vec![HIDDEN], norm);
-        add(name("mlp.gate_proj"), vec![INTERMEDIATE, HIDDEN], matrix);
-        add(name("mlp.up_proj"), vec![INTERMEDIATE, HIDDEN], matrix);
-        add(name("mlp.down_proj"), vec![HIDDEN, INTERMEDIATE], matrix);
+        for (suffix, shape, center) in LAYER_TENSORS {
+            add(format!("model.layers.{i}.{suffix}.weight"), shape, center);
+        }
     }
-    add("model.norm.weight".into(), vec![HIDDEN], norm);
+    add("model.norm.weight".into(), &[HIDDEN], 1.0);
 
     let views = tensors
         .iter()

@@ -19,21 +19,32 @@ fn artifact(quant: Format) -> PathBuf {
     static Q4_1: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
     let cell = if quant == Format::F32 { &F32 } else { &Q4_1 };
-    cell.get_or_init(|| common::compile_smollm2(dir.path(), quant)).clone()
+    cell.get_or_init(|| common::compile_smollm2(dir.path(), quant))
+        .clone()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn opts() -> SessionOptions {
-    SessionOptions { threads: 2, ..SessionOptions::default() }
+    SessionOptions {
+        threads: 2,
+        ..SessionOptions::default()
+    }
 }
 
 #[test]
 fn f32_greedy_ids_match_llama_cpp() {
     let model = Model::open(&artifact(Format::F32)).expect("open");
-    for case in common::golden()["greedy"]["cases"].as_array().expect("cases") {
+    for case in common::golden()["greedy"]["cases"]
+        .as_array()
+        .expect("cases")
+    {
         let name = case["name"].as_str().expect("name");
         let prompt_ids = ids(&case["prompt_ids"]);
         assert_eq!(
@@ -44,10 +55,24 @@ fn f32_greedy_ids_match_llama_cpp() {
         let expected = ids(&case["F32"]["generated_ids"]);
         let mut session = model.session(opts()).expect("session");
         let mut sampler = Sampler::new(SamplerConfig::greedy(), model.facts().vocab_size);
-        let out = generate(&model, &mut session, &mut sampler, &prompt_ids, &GenerateOptions { max_tokens: 32, stop: vec![] }, |_| {})
-            .expect("generate");
+        let out = generate(
+            &model,
+            &mut session,
+            &mut sampler,
+            &prompt_ids,
+            &GenerateOptions {
+                max_tokens: 32,
+                stop: vec![],
+            },
+            |_| {},
+        )
+        .expect("generate");
         let n = expected.len().min(32);
-        assert_eq!(out.ids[..n.min(out.ids.len())], expected[..n], "{name}: greedy ids");
+        assert_eq!(
+            out.ids[..n.min(out.ids.len())],
+            expected[..n],
+            "{name}: greedy ids"
+        );
         if expected.len() < 32 {
             // llama.cpp stopped at an end-of-generation id; kiln must stop at the same place.
             assert_eq!(out.ids.len(), expected.len(), "{name}: stop position");
@@ -59,14 +84,25 @@ fn f32_greedy_ids_match_llama_cpp() {
 #[test]
 fn q4_1_first_step_logits_match_llama_cpp() {
     let model = Model::open(&artifact(Format::Q4_1)).expect("open");
-    for case in common::golden()["greedy"]["cases"].as_array().expect("cases") {
+    for case in common::golden()["greedy"]["cases"]
+        .as_array()
+        .expect("cases")
+    {
         let name = case["name"].as_str().expect("name");
         let mut session = model.session(opts()).expect("session");
-        let logits = session.forward(&ids(&case["prompt_ids"])).expect("forward").to_vec();
+        let logits = session
+            .forward(&ids(&case["prompt_ids"]))
+            .expect("forward")
+            .to_vec();
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         let top10 = &case["Q4_1"]["first_step_top10"];
-        let theirs: Vec<u32> = top10.as_array().expect("top10").iter().map(|e| e["id"].as_u64().expect("id") as u32).collect();
+        let theirs: Vec<u32> = top10
+            .as_array()
+            .expect("top10")
+            .iter()
+            .map(|e| e["id"].as_u64().expect("id") as u32)
+            .collect();
         assert_eq!(order[0] as u32, theirs[0], "{name}: top-1");
         let mut ours: Vec<u32> = order[..10].iter().map(|&i| i as u32).collect();
         let mut theirs_sorted = theirs.clone();
@@ -76,7 +112,11 @@ fn q4_1_first_step_logits_match_llama_cpp() {
         for e in top10.as_array().expect("top10") {
             let id = e["id"].as_u64().expect("id") as usize;
             let want = e["logit"].as_f64().expect("logit") as f32;
-            assert!((logits[id] - want).abs() <= 0.3, "{name}: logit of {id}: kiln {} vs llama.cpp {want}", logits[id]);
+            assert!(
+                (logits[id] - want).abs() <= 0.3,
+                "{name}: logit of {id}: kiln {} vs llama.cpp {want}",
+                logits[id]
+            );
         }
     }
 }
@@ -84,14 +124,23 @@ fn q4_1_first_step_logits_match_llama_cpp() {
 fn check_perplexity(quant: Format, key: &str) {
     let golden = common::golden();
     let model = Model::open(&artifact(quant)).expect("open");
-    let text = std::fs::read_to_string(common::testdata().join("golden/apache-2.0.txt")).expect("text");
+    let text =
+        std::fs::read_to_string(common::testdata().join("golden/apache-2.0.txt")).expect("text");
     let tokens = model.encode_prompt(&text, true);
     let ctx = golden["perplexity"]["ctx"].as_u64().expect("ctx") as usize;
     let score = perplexity(&model, &tokens, ctx, 2, |_, _| {}).expect("perplexity");
     let want = golden["perplexity"]["ppl"][key].as_f64().expect("ppl");
-    assert_eq!(score.chunks as u64, golden["perplexity"]["chunks"].as_u64().expect("chunks"));
+    assert_eq!(
+        score.chunks as u64,
+        golden["perplexity"]["chunks"].as_u64().expect("chunks")
+    );
     let rel = (score.ppl - want).abs() / want;
-    assert!(rel <= 0.01, "{key}: kiln {:.4} vs llama.cpp {want} ({:.2}% off)", score.ppl, rel * 100.0);
+    assert!(
+        rel <= 0.01,
+        "{key}: kiln {:.4} vs llama.cpp {want} ({:.2}% off)",
+        score.ppl,
+        rel * 100.0
+    );
 }
 
 #[test]

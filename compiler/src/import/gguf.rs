@@ -85,7 +85,11 @@ impl GgufFile {
         // underneath us by another process can only produce wrong numbers, which the
         // bounds checks below keep from becoming out-of-range reads.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let mut r = Reader { bytes: &map, pos: 0, path };
+        let mut r = Reader {
+            bytes: &map,
+            pos: 0,
+            path,
+        };
         if r.take(4)? != MAGIC {
             return Err(r.bad("not a GGUF file (wrong magic)"));
         }
@@ -116,7 +120,9 @@ impl GgufFile {
             if n_dims == 0 || n_dims > 4 {
                 return Err(r.bad(&format!("tensor {name}: {n_dims} dimensions")));
             }
-            let dims = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+            let dims = (0..n_dims)
+                .map(|_| r.u64())
+                .collect::<Result<Vec<_>, _>>()?;
             let ggml_type = r.u32()?;
             let offset = r.u64()?;
             infos.push((name, dims, ggml_type, offset));
@@ -127,21 +133,37 @@ impl GgufFile {
             let format = ggml_format(ggml_type).ok_or_else(|| {
                 r.bad(&format!("tensor {name}: ggml type {ggml_type} is not supported (kiln reads F32, F16, Q4_0, Q4_1, Q8_0)"))
             })?;
-            let len = tensor_bytes(&dims, format)
-                .ok_or_else(|| r.bad(&format!("tensor {name}: shape {dims:?} does not fit {}", format.name())))?;
+            let len = tensor_bytes(&dims, format).ok_or_else(|| {
+                r.bad(&format!(
+                    "tensor {name}: shape {dims:?} does not fit {}",
+                    format.name()
+                ))
+            })?;
             let start = usize::try_from(offset)
                 .ok()
                 .and_then(|o| o.checked_add(data_start))
                 .filter(|s| s.checked_add(len).is_some_and(|end| end <= map.len()))
-                .ok_or_else(|| {
-                    ImportError::Corrupt {
-                        path: path.to_path_buf(),
-                        what: format!("tensor {name} lies past the end of the file (truncated?)"),
-                    }
+                .ok_or_else(|| ImportError::Corrupt {
+                    path: path.to_path_buf(),
+                    what: format!("tensor {name} lies past the end of the file (truncated?)"),
                 })?;
-            tensors.insert(name, TensorInfo { dims, format, start, len });
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dims,
+                    format,
+                    start,
+                    len,
+                },
+            );
         }
-        Ok(GgufFile { path: path.to_path_buf(), map, version, metadata, tensors })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            map,
+            version,
+            metadata,
+            tensors,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -171,18 +193,22 @@ impl GgufFile {
 
     /// A required non-negative integer.
     pub fn require_u64(&self, key: &str) -> Result<u64, ImportError> {
-        self.require(key)?.as_u64().ok_or_else(|| ImportError::Corrupt {
-            path: self.path.clone(),
-            what: format!("metadata key {key} is not a non-negative integer"),
-        })
+        self.require(key)?
+            .as_u64()
+            .ok_or_else(|| ImportError::Corrupt {
+                path: self.path.clone(),
+                what: format!("metadata key {key} is not a non-negative integer"),
+            })
     }
 
     /// A required number.
     pub fn require_f64(&self, key: &str) -> Result<f64, ImportError> {
-        self.require(key)?.as_f64().ok_or_else(|| ImportError::Corrupt {
-            path: self.path.clone(),
-            what: format!("metadata key {key} is not a number"),
-        })
+        self.require(key)?
+            .as_f64()
+            .ok_or_else(|| ImportError::Corrupt {
+                path: self.path.clone(),
+                what: format!("metadata key {key} is not a number"),
+            })
     }
 
     /// A string array (missing → `None`; wrong type → error).
@@ -209,7 +235,9 @@ impl GgufFile {
                 .iter()
                 .map(|v| match *v {
                     Value::I32(x) => Ok(x),
-                    Value::U32(x) => i32::try_from(x).map_err(|_| self.wrong_type(key, "an array of i32")),
+                    Value::U32(x) => {
+                        i32::try_from(x).map_err(|_| self.wrong_type(key, "an array of i32"))
+                    }
                     _ => Err(self.wrong_type(key, "an array of i32")),
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -219,7 +247,10 @@ impl GgufFile {
     }
 
     fn wrong_type(&self, key: &str, want: &str) -> ImportError {
-        ImportError::Corrupt { path: self.path.clone(), what: format!("metadata key {key} is not {want}") }
+        ImportError::Corrupt {
+            path: self.path.clone(),
+            what: format!("metadata key {key} is not {want}"),
+        }
     }
 }
 
@@ -236,7 +267,9 @@ fn ggml_format(ggml_type: u32) -> Option<Format> {
 
 fn tensor_bytes(dims: &[u64], format: Format) -> Option<usize> {
     let row = usize::try_from(*dims.first()?).ok()?;
-    let rows = dims[1..].iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))?;
+    let rows = dims[1..]
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))?;
     format.row_bytes(row)?.checked_mul(rows)
 }
 
@@ -252,13 +285,22 @@ const MAX_DEPTH: usize = 4;
 
 impl Reader<'_> {
     fn bad(&self, what: &str) -> ImportError {
-        ImportError::Corrupt { path: self.path.to_path_buf(), what: format!("{what} (at byte {})", self.pos) }
+        ImportError::Corrupt {
+            path: self.path.to_path_buf(),
+            what: format!("{what} (at byte {})", self.pos),
+        }
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8], ImportError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
-            self.bad(&format!("file ends inside the header while reading {n} bytes (truncated?)"))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                self.bad(&format!(
+                    "file ends inside the header while reading {n} bytes (truncated?)"
+                ))
+            })?;
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)

@@ -14,14 +14,21 @@ pub fn import(path: &Path) -> Result<Checkpoint, ImportError> {
     let file = GgufFile::open(path)?;
     let arch = file.string("general.architecture").unwrap_or("").to_owned();
     if arch != "llama" {
-        return Err(ImportError::UnsupportedArchitecture { path: path.to_path_buf(), architecture: arch });
+        return Err(ImportError::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            architecture: arch,
+        });
     }
     let facts = facts(&file)?;
     let tokenizer = tokenizer(&file)?;
     let weights = weights(&file, &facts)?;
     let mut facts = facts;
     facts.tie_word_embeddings = weights.lm_head.is_none();
-    Ok(Checkpoint { facts, tokenizer, weights })
+    Ok(Checkpoint {
+        facts,
+        tokenizer,
+        weights,
+    })
 }
 
 fn facts(file: &GgufFile) -> Result<ModelFacts, ImportError> {
@@ -42,13 +49,22 @@ fn facts(file: &GgufFile) -> Result<ModelFacts, ImportError> {
         Some(_) => usize_of("llama.rope.dimension_count")?,
         None => hidden_size / heads,
     };
-    let tokens = file.string_array("tokenizer.ggml.tokens")?.unwrap_or_default();
+    let tokens = file
+        .string_array("tokenizer.ggml.tokens")?
+        .unwrap_or_default();
     let vocab_size = match file.metadata.get("llama.vocab_size") {
         Some(_) => usize_of("llama.vocab_size")?,
         None => tokens.len(),
     };
-    let bos_id = file.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
-    let add_bos = matches!(file.metadata.get("tokenizer.ggml.add_bos_token"), Some(super::gguf::Value::Bool(true)));
+    let bos_id = file
+        .metadata
+        .get("tokenizer.ggml.bos_token_id")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as u32);
+    let add_bos = matches!(
+        file.metadata.get("tokenizer.ggml.add_bos_token"),
+        Some(super::gguf::Value::Bool(true))
+    );
     Ok(ModelFacts {
         name: file.string("general.name").unwrap_or("unnamed").to_owned(),
         vocab_size,
@@ -75,11 +91,15 @@ fn facts(file: &GgufFile) -> Result<ModelFacts, ImportError> {
 
 /// EOS, EOT and every vocabulary token llama.cpp treats as end-of-generation.
 fn end_of_generation_ids(file: &GgufFile, tokens: &[String]) -> Vec<u32> {
-    let mut ids: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
-        .iter()
-        .filter_map(|k| file.metadata.get(*k).and_then(|v| v.as_u64()))
-        .map(|v| v as u32)
-        .collect();
+    let mut ids: Vec<u32> = [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ]
+    .iter()
+    .filter_map(|k| file.metadata.get(*k).and_then(|v| v.as_u64()))
+    .map(|v| v as u32)
+    .collect();
     // The same names llama.cpp's vocabulary loader marks as end-of-generation.
     const EOG_TEXTS: [&str; 9] = [
         "<|eot_id|>",
@@ -106,13 +126,24 @@ fn tokenizer(file: &GgufFile) -> Result<TokenizerData, ImportError> {
     let path = file.path();
     let model = file.string("tokenizer.ggml.model").unwrap_or("");
     let pre = file.string("tokenizer.ggml.pre").unwrap_or("default");
-    let tokens = file.string_array("tokenizer.ggml.tokens")?.ok_or_else(|| ImportError::Corrupt {
-        path: path.to_path_buf(),
-        what: "metadata key tokenizer.ggml.tokens is missing".into(),
-    })?;
-    let types = file.i32_array("tokenizer.ggml.token_type")?.unwrap_or_default();
-    let merges = file.string_array("tokenizer.ggml.merges")?.unwrap_or_default();
-    let id = |k: &str| file.metadata.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let tokens =
+        file.string_array("tokenizer.ggml.tokens")?
+            .ok_or_else(|| ImportError::Corrupt {
+                path: path.to_path_buf(),
+                what: "metadata key tokenizer.ggml.tokens is missing".into(),
+            })?;
+    let types = file
+        .i32_array("tokenizer.ggml.token_type")?
+        .unwrap_or_default();
+    let merges = file
+        .string_array("tokenizer.ggml.merges")?
+        .unwrap_or_default();
+    let id = |k: &str| {
+        file.metadata
+            .get(k)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32)
+    };
     TokenizerData::from_gguf(
         model,
         pre,
@@ -122,7 +153,10 @@ fn tokenizer(file: &GgufFile) -> Result<TokenizerData, ImportError> {
         id("tokenizer.ggml.bos_token_id"),
         id("tokenizer.ggml.eos_token_id"),
     )
-    .map_err(|source| ImportError::Tokenizer { path: path.to_path_buf(), source })
+    .map_err(|source| ImportError::Tokenizer {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn weights(file: &GgufFile, facts: &ModelFacts) -> Result<LlamaWeights, ImportError> {
@@ -150,7 +184,12 @@ fn weights(file: &GgufFile, facts: &ModelFacts) -> Result<LlamaWeights, ImportEr
         Some(_) => Some(tensor("output.weight", &[facts.vocab_size, d])?),
         None => None,
     };
-    Ok(LlamaWeights { embed, layers, final_norm: tensor("output_norm.weight", &[d])?, lm_head })
+    Ok(LlamaWeights {
+        embed,
+        layers,
+        final_norm: tensor("output_norm.weight", &[d])?,
+        lm_head,
+    })
 }
 
 /// Loads a tensor and checks its shape (given in row-major order, ggml's dims reversed).
@@ -158,7 +197,10 @@ fn load(file: &GgufFile, name: &str, expected: &[usize]) -> Result<Tensor, Impor
     let info: &TensorInfo = file
         .tensors
         .get(name)
-        .ok_or_else(|| ImportError::MissingTensor { path: file.path().to_path_buf(), name: name.to_owned() })?;
+        .ok_or_else(|| ImportError::MissingTensor {
+            path: file.path().to_path_buf(),
+            name: name.to_owned(),
+        })?;
     let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
     if shape != expected {
         return Err(ImportError::Shape {
@@ -168,9 +210,18 @@ fn load(file: &GgufFile, name: &str, expected: &[usize]) -> Result<Tensor, Impor
             expected: expected.to_vec(),
         });
     }
-    let t = Tensor { name: name.to_owned(), shape, format: info.format, data: file.tensor_bytes(info).to_vec() };
+    let t = Tensor {
+        name: name.to_owned(),
+        shape,
+        format: info.format,
+        data: file.tensor_bytes(info).to_vec(),
+    };
     // Norm vectors are tiny; kernels read them as f32 whatever the file stored.
-    Ok(if t.shape.len() == 1 { t.dequantized() } else { t })
+    Ok(if t.shape.len() == 1 {
+        t.dequantized()
+    } else {
+        t
+    })
 }
 
 /// llama.cpp's converter interleaves each head's rows (pair `i` of rotate-half RoPE becomes rows

@@ -38,12 +38,6 @@ pub fn import(dir: &Path) -> Result<Checkpoint, ImportError> {
 
     let source = TokenizerSource::read(dir)?;
     let tokenizer_config = TokenizerConfig::read(dir)?;
-    if let SourceKind::TokenizerJson {
-        template_prefix: Some(id),
-    } = source.kind
-    {
-        facts.bos_id = facts.bos_id.or(Some(id));
-    }
     let tokenizer = source.tokenizer(&facts)?;
     facts.bos_id = tokenizer.bos_id();
     facts.add_bos = match source.kind {
@@ -142,7 +136,8 @@ impl TokenizerSource {
         }
     }
 
-    /// The vocabulary, with BOS / EOS from `config.json` (which `tokenizer.json` does not carry).
+    /// The vocabulary, with BOS / EOS from `config.json` (which `tokenizer.json` does not
+    /// carry), else the ones the tokenizer names itself.
     fn tokenizer(&self, facts: &ModelFacts) -> Result<TokenizerData, ImportError> {
         let data = match self.kind {
             SourceKind::TokenizerJson { .. } => TokenizerData::from_tokenizer_json(&self.bytes),
@@ -159,7 +154,11 @@ impl TokenizerSource {
                 ),
             });
         }
-        let bos = facts.bos_id.or(data.bos_id());
+        let template_prefix = match self.kind {
+            SourceKind::TokenizerJson { template_prefix } => template_prefix,
+            SourceKind::Tiktoken => None,
+        };
+        let bos = facts.bos_id.or(template_prefix).or(data.bos_id());
         let eos = facts.eog_ids.first().copied().or(data.eos_id());
         data.with_bos_eos(bos, eos).map_err(|e| self.error(e))
     }

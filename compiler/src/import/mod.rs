@@ -12,7 +12,10 @@ use crate::graph::Checkpoint;
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {what}")]
     Corrupt { path: PathBuf, what: String },
     #[error("{path}: architecture {architecture:?} is not supported (kiln imports Llama-family decoders)")]
@@ -20,16 +23,27 @@ pub enum ImportError {
     #[error("{path}: tensor {name} is missing")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: tensor {name} has shape {found:?}, expected {expected:?}")]
-    Shape { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
+    Shape {
+        path: PathBuf,
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
     #[error("{path}: tokenizer: {source}")]
-    Tokenizer { path: PathBuf, source: kiln_runtime::tokenizer::TokenizerError },
+    Tokenizer {
+        path: PathBuf,
+        source: kiln_runtime::tokenizer::TokenizerError,
+    },
     #[error("{path}: not a GGUF file or a Hugging Face checkpoint directory (config.json + *.safetensors)")]
     UnknownKind { path: PathBuf },
 }
 
 impl ImportError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> ImportError {
-        ImportError::Io { path: path.to_path_buf(), source }
+        ImportError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -44,13 +58,21 @@ pub fn import(path: &Path) -> Result<Checkpoint, ImportError> {
         if &magic == b"GGUF" {
             return gguf_llama::import(path);
         }
-        return Err(ImportError::Corrupt { path: path.to_path_buf(), what: "not a GGUF file (wrong magic)".into() });
+        return Err(ImportError::Corrupt {
+            path: path.to_path_buf(),
+            what: "not a GGUF file (wrong magic)".into(),
+        });
     }
     if path.join("config.json").is_file() {
         return hf::import(path);
     }
     if !path.exists() {
-        return Err(ImportError::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
+        return Err(ImportError::io(
+            path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
     }
-    Err(ImportError::UnknownKind { path: path.to_path_buf() })
+    Err(ImportError::UnknownKind {
+        path: path.to_path_buf(),
+    })
 }

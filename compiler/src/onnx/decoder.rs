@@ -301,16 +301,23 @@ fn repeat_kv(
 fn check(checkpoint: &Checkpoint) -> Result<(), String> {
     let f = &checkpoint.facts;
     let w = &checkpoint.weights;
-    if f.hidden_size == 0 || f.vocab_size == 0 || f.intermediate_size == 0 || f.head_dim == 0 {
-        return Err("hidden, vocab, intermediate and head sizes must be non-zero".into());
+    let sizes = [
+        f.hidden_size,
+        f.vocab_size,
+        f.intermediate_size,
+        f.head_dim,
+        f.heads,
+    ];
+    if sizes.contains(&0) {
+        return Err("hidden, vocab, intermediate and head sizes and heads must be non-zero".into());
     }
-    if f.kv_heads == 0 || f.heads % f.kv_heads != 0 {
+    if f.kv_heads == 0 || !f.heads.is_multiple_of(f.kv_heads) {
         return Err(format!(
             "{} heads cannot share {} KV heads",
             f.heads, f.kv_heads
         ));
     }
-    if f.head_dim % 2 != 0 {
+    if !f.head_dim.is_multiple_of(2) {
         return Err(format!(
             "head_dim {} is odd; rotate-half RoPE needs pairs",
             f.head_dim
@@ -323,10 +330,15 @@ fn check(checkpoint: &Checkpoint) -> Result<(), String> {
             w.layers.len()
         ));
     }
+    // Facts come from the checkpoint's file: products must not overflow.
+    let mul = |a: usize, b: usize| {
+        a.checked_mul(b)
+            .ok_or_else(|| format!("sizes {a} × {b} overflow"))
+    };
     let (h, q, kv, ff, v) = (
         f.hidden_size,
-        f.heads * f.head_dim,
-        f.kv_heads * f.head_dim,
+        mul(f.heads, f.head_dim)?,
+        mul(f.kv_heads, f.head_dim)?,
         f.intermediate_size,
         f.vocab_size,
     );
@@ -355,7 +367,10 @@ fn check(checkpoint: &Checkpoint) -> Result<(), String> {
                 t.name, t.shape, shape
             ));
         }
-        let bytes = t.format.row_bytes(t.cols()).map(|r| r * t.rows());
+        let bytes = t
+            .format
+            .row_bytes(t.cols())
+            .and_then(|r| r.checked_mul(t.rows()));
         if bytes != Some(t.data.len()) {
             return Err(format!(
                 "tensor {} holds {} bytes, which is not a whole {}-format {:?} tensor",

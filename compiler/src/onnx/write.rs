@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prost::Message;
 
@@ -29,23 +30,30 @@ const MODEL_GRAPH: u64 = 7;
 const GRAPH_INITIALIZER: u64 = 5;
 const TENSOR_RAW_DATA: u64 = 9;
 
-/// One initializer as written: its message without `raw_data`, and where its bytes go.
+/// One weight's `TensorProto` without its bytes; with external data it already names them.
 struct Planned<'w, 'a> {
     header: TensorProto,
     weight: &'w Weight<'a>,
-    /// Offset in the external data file, `None` when the bytes are inline.
-    offset: Option<u64>,
 }
 
 impl Planned<'_, '_> {
-    /// Length of the whole `TensorProto` message.
+    /// Length of the whole `TensorProto` message, inline bytes included.
     fn message_len(&self) -> u64 {
         let header = self.header.encoded_len() as u64;
-        match self.offset {
-            Some(_) => header,
-            None => header + field_len(self.weight.byte_len()),
+        if self.header.data_location == Some(EXTERNAL) {
+            header
+        } else {
+            header + field_len(self.weight.byte_len())
         }
     }
+}
+
+/// The external data file while it is written.
+struct DataFile {
+    file: Staged,
+    path: PathBuf,
+    /// Bytes written so far.
+    len: u64,
 }
 
 pub fn write(
@@ -54,15 +62,18 @@ pub fn write(
     out: &Path,
     opts: &ExportOptions,
 ) -> Result<ExportReport, OnnxError> {
-    let file_name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| OnnxError::Io {
-            path: out.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"),
-        })?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| OnnxError::Io { path, source }
+    };
+    // The data file's name goes into the model, which holds UTF-8 strings only.
+    let file_name = out.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        io(out)(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the output must be a file name in UTF-8",
+        ))
+    })?;
     let data_name = format!("{file_name}.data");
-    let data_path = out.with_file_name(&data_name);
 
     let model = model_header(facts);
     let graph = GraphProto {
@@ -72,49 +83,45 @@ pub fn write(
         input: decoder.inputs.clone(),
         output: decoder.outputs.clone(),
     };
-    let inline_len = |plan: &[Planned]| -> u64 {
-        let graph_len = graph_len(&graph, &decoder.graph.constants, plan);
-        model.encoded_len() as u64 + field_len(graph_len)
-    };
-    let mut plan = plan(&decoder.graph.weights, None);
-    let external = opts.external_data || inline_len(&plan) > PROTOBUF_LIMIT;
+    let constants = &decoder.graph.constants;
+    let weights = &decoder.graph.weights;
+    let mut plan = plan(weights, None);
+    let external = opts.external_data || !fits_one_message(&model, &graph, constants, &plan);
+    let mut data = None;
     if external {
-        plan = self::plan(&decoder.graph.weights, Some(&data_name));
+        plan = self::plan(weights, Some(&data_name));
+        let path = out.with_file_name(&data_name);
+        data = Some(DataFile {
+            file: Staged::create(&path)?,
+            path,
+            len: 0,
+        });
     }
-    let graph_len = graph_len(&graph, &decoder.graph.constants, &plan);
-
-    let mut data = if external {
-        Some(Staged::create(&data_path)?)
-    } else {
-        None
-    };
     let mut file = Staged::create(out)?;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| OnnxError::Io { path, source }
-    };
+
     let mut head = model.encode_to_vec();
-    put_field_header(MODEL_GRAPH, graph_len, &mut head);
+    put_field_header(MODEL_GRAPH, graph_len(&graph, constants, &plan), &mut head);
     head.extend(graph.encode_to_vec());
-    for c in &decoder.graph.constants {
+    for c in constants {
         put_field_header(GRAPH_INITIALIZER, c.encoded_len() as u64, &mut head);
         head.extend(c.encode_to_vec());
     }
     file.writer.write_all(&head).map_err(io(out))?;
-    let mut data_pos = 0u64;
     for p in &plan {
         let mut buf = Vec::new();
         put_field_header(GRAPH_INITIALIZER, p.message_len(), &mut buf);
         buf.extend(p.header.encode_to_vec());
         let bytes = p.weight.le_bytes();
-        match (p.offset, &mut data) {
-            (Some(offset), Some(data)) => {
-                let pad = vec![0u8; (offset - data_pos) as usize];
-                data.writer.write_all(&pad).map_err(io(&data_path))?;
-                data.writer.write_all(&bytes).map_err(io(&data_path))?;
-                data_pos = offset + bytes.len() as u64;
+        match &mut data {
+            // The same alignment rule as `plan`, over the same order, so offsets agree.
+            Some(d) => {
+                let offset = align(d.len);
+                let pad = vec![0u8; (offset - d.len) as usize];
+                d.file.writer.write_all(&pad).map_err(io(&d.path))?;
+                d.file.writer.write_all(&bytes).map_err(io(&d.path))?;
+                d.len = offset + bytes.len() as u64;
             }
-            _ => {
+            None => {
                 put_field_header(TENSOR_RAW_DATA, bytes.len() as u64, &mut buf);
                 buf.extend_from_slice(&bytes);
             }
@@ -123,18 +130,29 @@ pub fn write(
     }
 
     let mut bytes = file.finish().map_err(io(out))?;
-    if let Some(mut data) = data {
-        bytes += data.finish().map_err(io(&data_path))?;
+    if let Some(mut d) = data {
+        bytes += d.file.finish().map_err(io(&d.path))?;
         // The data first: once the model appears under its name, what it refers to is there.
-        data.commit().map_err(io(&data_path))?;
+        d.file.commit().map_err(io(&d.path))?;
     }
     file.commit().map_err(io(out))?;
     Ok(ExportReport {
         nodes: decoder.graph.nodes.len(),
-        initializers: decoder.graph.constants.len() + decoder.graph.weights.len(),
+        initializers: constants.len() + weights.len(),
         bytes,
         external,
     })
+}
+
+/// Whether the whole model, weights inline, stays under protobuf's limit.
+fn fits_one_message(
+    model: &ModelProto,
+    graph: &GraphProto,
+    constants: &[TensorProto],
+    inline: &[Planned],
+) -> bool {
+    let len = model.encoded_len() as u64 + field_len(graph_len(graph, constants, inline));
+    len <= PROTOBUF_LIMIT
 }
 
 /// Everything in the `ModelProto` except the graph.
@@ -165,7 +183,7 @@ fn model_header(facts: &ModelFacts) -> ModelProto {
     }
 }
 
-/// Headers for every weight and, with external data, their aligned offsets in `location`.
+/// Headers for every weight; with a `location`, they name the bytes' aligned offsets there.
 fn plan<'w, 'a>(weights: &'w [Weight<'a>], location: Option<&str>) -> Vec<Planned<'w, 'a>> {
     let mut next = 0u64;
     weights
@@ -179,8 +197,8 @@ fn plan<'w, 'a>(weights: &'w [Weight<'a>], location: Option<&str>) -> Vec<Planne
                 external_data: Vec::new(),
                 data_location: None,
             };
-            let offset = location.map(|location| {
-                let offset = next.div_ceil(ALIGN) * ALIGN;
+            if let Some(location) = location {
+                let offset = align(next);
                 next = offset + weight.byte_len();
                 let entry = |key: &str, value: String| StringStringEntryProto {
                     key: Some(key.into()),
@@ -192,15 +210,14 @@ fn plan<'w, 'a>(weights: &'w [Weight<'a>], location: Option<&str>) -> Vec<Planne
                     entry("length", weight.byte_len().to_string()),
                 ];
                 header.data_location = Some(EXTERNAL);
-                offset
-            });
-            Planned {
-                header,
-                weight,
-                offset,
             }
+            Planned { header, weight }
         })
         .collect()
+}
+
+fn align(offset: u64) -> u64 {
+    offset.div_ceil(ALIGN) * ALIGN
 }
 
 /// Length of the whole `GraphProto`: its small fields, then every initializer.
@@ -252,7 +269,10 @@ impl Staged {
             .file_name()
             .map(|n| n.to_string_lossy())
             .unwrap_or_default();
-        let temp = target.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        // Unique per process and call, so concurrent exports never share a temporary file.
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let temp = target.with_file_name(format!(".{name}.{}-{seq}.tmp", std::process::id()));
         let file = File::create(&temp).map_err(|source| OnnxError::Io {
             path: target.to_path_buf(),
             source,
@@ -283,8 +303,133 @@ impl Staged {
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {
-            // Best effort: a leftover temporary file is the only trace of a failed export.
+            // Best effort: if removal fails, a hidden temporary file remains, never a partial model.
             let _ = std::fs::remove_file(&self.temp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::Tensor;
+    use crate::onnx::builder::{value_info, Dim, GraphBuilder};
+    use kiln_runtime::quant::Format;
+
+    fn facts() -> ModelFacts {
+        ModelFacts {
+            name: "t".into(),
+            vocab_size: 4,
+            hidden_size: 2,
+            intermediate_size: 2,
+            layers: 0,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            rms_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            context_length: 8,
+            tie_word_embeddings: true,
+            bos_id: None,
+            add_bos: false,
+            eog_ids: vec![2],
+            chat_template: None,
+        }
+    }
+
+    #[test]
+    fn varint_len_matches_encoding() {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut buf = Vec::new();
+            put_varint(v, &mut buf);
+            assert_eq!(buf.len() as u64, varint_len(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn weights_over_two_gib_go_external() {
+        // Only shapes matter for planning; the bytes are never produced.
+        let huge = Tensor {
+            name: "w".into(),
+            shape: vec![1 << 15, 1 << 14],
+            format: Format::F32,
+            data: Vec::new(),
+        };
+        let small = Tensor {
+            shape: vec![4, 4],
+            ..huge.clone()
+        };
+        let graph = GraphProto::default();
+        let model = model_header(&facts());
+        for (t, fits) in [(&huge, false), (&small, true)] {
+            let weights = [Weight {
+                name: "w".into(),
+                source: t,
+                transpose: false,
+            }];
+            assert_eq!(
+                fits_one_message(&model, &graph, &[], &plan(&weights, None)),
+                fits
+            );
+        }
+    }
+
+    #[test]
+    fn streamed_file_decodes_to_the_whole_message() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let w = Tensor::from_f32("w", vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let mut g = GraphBuilder::default();
+        g.set_scope("s");
+        let weight = g.weight("w", &w, true);
+        let shape = g.ints(&[3, 2]);
+        g.op_to("Reshape", &[&weight, &shape], Vec::new(), "y");
+        let decoder = Decoder {
+            graph: g,
+            inputs: Vec::new(),
+            outputs: vec![value_info("y", FLOAT, &[Dim::Fixed(3), Dim::Fixed(2)])],
+        };
+        let out = dir.path().join("m.onnx");
+        let report = write(&decoder, &facts(), &out, &ExportOptions::default()).expect("write");
+        let bytes = std::fs::read(&out).expect("read back");
+        assert_eq!(report.bytes, bytes.len() as u64);
+        let decoded = ModelProto::decode(bytes.as_slice()).expect("decode");
+
+        let mut initializer = decoder.graph.constants.clone();
+        let transposed: Vec<u8> = [1f32, 4.0, 2.0, 5.0, 3.0, 6.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        initializer.push(TensorProto {
+            dims: vec![3, 2],
+            data_type: Some(FLOAT),
+            name: Some("w".into()),
+            raw_data: Some(transposed),
+            external_data: Vec::new(),
+            data_location: None,
+        });
+        let graph = GraphProto {
+            node: decoder.graph.nodes.clone(),
+            name: Some("t".into()),
+            initializer,
+            input: Vec::new(),
+            output: decoder.outputs.clone(),
+        };
+        assert_eq!(
+            decoded,
+            ModelProto {
+                graph: Some(graph),
+                ..model_header(&facts())
+            }
+        );
     }
 }

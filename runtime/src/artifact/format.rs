@@ -39,7 +39,11 @@ pub enum SectionKind {
 }
 
 impl SectionKind {
-    pub const ALL: [SectionKind; 3] = [SectionKind::Meta, SectionKind::Tokenizer, SectionKind::Weights];
+    pub const ALL: [SectionKind; 3] = [
+        SectionKind::Meta,
+        SectionKind::Tokenizer,
+        SectionKind::Weights,
+    ];
 
     pub fn from_u32(v: u32) -> Option<SectionKind> {
         SectionKind::ALL.into_iter().find(|k| *k as u32 == v)
@@ -72,7 +76,9 @@ impl TensorEntry {
     }
 
     pub fn rows(&self) -> usize {
-        self.shape[..self.shape.len().saturating_sub(1)].iter().product()
+        self.shape[..self.shape.len().saturating_sub(1)]
+            .iter()
+            .product()
     }
 }
 
@@ -95,13 +101,31 @@ pub enum Op {
     /// `out[t] = table[token[t]]`.
     Embed { table: TensorId, out: BufId },
     /// `out = x / rms(x) * weight`, epsilon from the model facts.
-    RmsNorm { input: BufId, weight: TensorId, out: BufId },
+    RmsNorm {
+        input: BufId,
+        weight: TensorId,
+        out: BufId,
+    },
     /// `out = input · weightᵀ` (weight is `[out, in]`).
-    MatMul { input: BufId, weight: TensorId, out: BufId },
+    MatMul {
+        input: BufId,
+        weight: TensorId,
+        out: BufId,
+    },
     /// Rotate-half RoPE in place on `heads` heads of `head_dim`, at each token's position.
-    Rope { buf: BufId, heads: usize, inv_freq: TensorId },
+    Rope {
+        buf: BufId,
+        heads: usize,
+        inv_freq: TensorId,
+    },
     /// Appends `k`, `v` to layer `layer`'s cache and attends with `q` (causal, grouped-query).
-    Attention { layer: usize, q: BufId, k: BufId, v: BufId, out: BufId },
+    Attention {
+        layer: usize,
+        q: BufId,
+        k: BufId,
+        v: BufId,
+        out: BufId,
+    },
     /// `out = silu(gate) * up`.
     SwiGlu { gate: BufId, up: BufId, out: BufId },
     /// `acc += input`.

@@ -1,11 +1,11 @@
 //! The `.kiln` artifact: its layout, a validating reader and (with `std`) the writer the compiler uses.
 
 pub mod format;
+#[cfg(feature = "std")]
+mod open;
 pub mod read;
 #[cfg(feature = "std")]
 pub mod write;
-#[cfg(feature = "std")]
-mod open;
 
 pub use format::*;
 #[cfg(feature = "std")]

@@ -23,13 +23,18 @@ pub struct Artifact {
 impl Artifact {
     /// Maps `path` and validates it.
     pub fn open(path: &Path) -> Result<Artifact, ArtifactError> {
-        let io = |source| ArtifactError::Io { path: path.to_path_buf(), source };
+        let io = |source| ArtifactError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the mapping is read-only and the file is not written by kiln while mapped;
         // every offset read from it is bounds-checked by `parse` before use.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        Artifact::new(Bytes::Mapped(map))
-            .map_err(|e| ArtifactError::File { path: path.to_path_buf(), source: Box::new(e) })
+        Artifact::new(Bytes::Mapped(map)).map_err(|e| ArtifactError::File {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Uses bytes that live for the whole program (e.g. `include_bytes!` in firmware).
@@ -40,7 +45,12 @@ impl Artifact {
     /// Reads the whole artifact from a reader (for sources that cannot be mapped).
     pub fn from_reader(mut reader: impl std::io::Read) -> Result<Artifact, ArtifactError> {
         let mut raw = Vec::new();
-        reader.read_to_end(&mut raw).map_err(|source| ArtifactError::Io { path: "<reader>".into(), source })?;
+        reader
+            .read_to_end(&mut raw)
+            .map_err(|source| ArtifactError::Io {
+                path: "<reader>".into(),
+                source,
+            })?;
         let mut words = vec![0u64; raw.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..raw.len()].copy_from_slice(&raw);
         Artifact::new(Bytes::Owned(words, raw.len()))
@@ -67,7 +77,10 @@ impl Artifact {
     }
 
     /// A session over this artifact's weights.
-    pub fn session(&self, opts: crate::exec::SessionOptions) -> Result<crate::exec::Session<'_>, crate::exec::SessionError> {
+    pub fn session(
+        &self,
+        opts: crate::exec::SessionOptions,
+    ) -> Result<crate::exec::Session<'_>, crate::exec::SessionError> {
         let weights = &bytes_of(&self.bytes)[self.parsed.weights.clone()];
         crate::exec::Session::new(&self.parsed.meta, weights, opts)
     }

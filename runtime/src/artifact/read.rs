@@ -12,10 +12,16 @@ use crate::quant::Format;
 pub enum ArtifactError {
     #[cfg(feature = "std")]
     #[error("{path}: {source}")]
-    Io { path: std::path::PathBuf, source: std::io::Error },
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[cfg(feature = "std")]
     #[error("{path}: {source}")]
-    File { path: std::path::PathBuf, source: alloc::boxed::Box<ArtifactError> },
+    File {
+        path: std::path::PathBuf,
+        source: alloc::boxed::Box<ArtifactError>,
+    },
     #[error("not a kiln artifact (wrong magic)")]
     BadMagic,
     #[error("artifact format version {found} is not supported by this runtime (it reads version {supported}); recompile the model with a matching kiln")]
@@ -59,7 +65,11 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 
 fn need(bytes: &[u8], end: u64, what: &str) -> Result<(), ArtifactError> {
     if end > bytes.len() as u64 {
-        return Err(ArtifactError::Truncated { what: what.to_string(), need: end, have: bytes.len() as u64 });
+        return Err(ArtifactError::Truncated {
+            what: what.to_string(),
+            need: end,
+            have: bytes.len() as u64,
+        });
     }
     Ok(())
 }
@@ -75,18 +85,26 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ArtifactError> {
     }
     let version = le_u32(bytes, 8);
     if version != FORMAT_VERSION {
-        return Err(ArtifactError::Version { found: version, supported: FORMAT_VERSION });
+        return Err(ArtifactError::Version {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
     }
     let count = le_u32(bytes, 16) as usize;
     let file_len = le_u64(bytes, 24);
     need(bytes, file_len, "the length recorded in the header")?;
     if file_len != bytes.len() as u64 {
         return Err(ArtifactError::Malformed {
-            what: format!("header says {file_len} bytes, the file has {} (trailing data?)", bytes.len()),
+            what: format!(
+                "header says {file_len} bytes, the file has {} (trailing data?)",
+                bytes.len()
+            ),
         });
     }
     if count > 64 {
-        return Err(ArtifactError::Malformed { what: format!("{count} sections is implausible") });
+        return Err(ArtifactError::Malformed {
+            what: format!("{count} sections is implausible"),
+        });
     }
     let table_end = HEADER_LEN + count * SECTION_ENTRY_LEN;
     need(bytes, table_end as u64, "the section table")?;
@@ -98,19 +116,27 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ArtifactError> {
         let at = HEADER_LEN + i * SECTION_ENTRY_LEN;
         let kind = le_u32(bytes, at);
         let Some(kind) = SectionKind::from_u32(kind) else {
-            return Err(ArtifactError::Malformed { what: format!("unknown section kind {kind}") });
+            return Err(ArtifactError::Malformed {
+                what: format!("unknown section kind {kind}"),
+            });
         };
         let (offset, len) = (le_u64(bytes, at + 8), le_u64(bytes, at + 16));
-        let end = offset.checked_add(len).ok_or_else(|| ArtifactError::Malformed {
-            what: format!("{} section bounds overflow", kind.name()),
-        })?;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| ArtifactError::Malformed {
+                what: format!("{} section bounds overflow", kind.name()),
+            })?;
         need(bytes, end, &format!("the {} section", kind.name()))?;
         if offset % ALIGN as u64 != 0 {
-            return Err(ArtifactError::Malformed { what: format!("{} section is not 64-byte aligned", kind.name()) });
+            return Err(ArtifactError::Malformed {
+                what: format!("{} section is not 64-byte aligned", kind.name()),
+            });
         }
         let range = offset as usize..end as usize;
         if crc32fast::hash(&bytes[range.clone()]) != le_u32(bytes, at + 24) {
-            return Err(ArtifactError::SectionChecksum { section: kind.name() });
+            return Err(ArtifactError::SectionChecksum {
+                section: kind.name(),
+            });
         }
         let slot = match kind {
             SectionKind::Meta => &mut meta,
@@ -118,29 +144,50 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ArtifactError> {
             SectionKind::Weights => &mut weights,
         };
         if slot.replace(range).is_some() {
-            return Err(ArtifactError::Malformed { what: format!("two {} sections", kind.name()) });
+            return Err(ArtifactError::Malformed {
+                what: format!("two {} sections", kind.name()),
+            });
         }
     }
     let meta = meta.ok_or(ArtifactError::MissingSection("meta"))?;
     let tokenizer = tokenizer.ok_or(ArtifactError::MissingSection("tokenizer"))?;
     let weights = weights.ok_or(ArtifactError::MissingSection("weights"))?;
-    let meta: Metadata = serde_json::from_slice(&bytes[meta]).map_err(|e| ArtifactError::Meta(e.to_string()))?;
+    let meta: Metadata =
+        serde_json::from_slice(&bytes[meta]).map_err(|e| ArtifactError::Meta(e.to_string()))?;
     check_tensors(&meta, &bytes[weights.clone()])?;
     check_graph(&meta)?;
-    Ok(Parsed { meta, tokenizer, weights })
+    Ok(Parsed {
+        meta,
+        tokenizer,
+        weights,
+    })
 }
 
 fn check_tensors(meta: &Metadata, weights: &[u8]) -> Result<(), ArtifactError> {
     for t in &meta.tensors {
-        let bad = |what: String| ArtifactError::Tensor { name: t.name.clone(), what };
-        let expected = t.format.row_bytes(t.cols()).and_then(|r| r.checked_mul(t.rows()));
+        let bad = |what: String| ArtifactError::Tensor {
+            name: t.name.clone(),
+            what,
+        };
+        let expected = t
+            .format
+            .row_bytes(t.cols())
+            .and_then(|r| r.checked_mul(t.rows()));
         if expected.map(|e| e as u64) != Some(t.len) {
-            return Err(bad(format!("{} bytes do not hold shape {:?} as {}", t.len, t.shape, t.format.name())));
+            return Err(bad(format!(
+                "{} bytes do not hold shape {:?} as {}",
+                t.len,
+                t.shape,
+                t.format.name()
+            )));
         }
         if t.offset % ALIGN as u64 != 0 {
             return Err(bad("not 64-byte aligned".into()));
         }
-        if t.offset.checked_add(t.len).is_none_or(|end| end > weights.len() as u64) {
+        if t.offset
+            .checked_add(t.len)
+            .is_none_or(|end| end > weights.len() as u64)
+        {
             return Err(bad("lies past the end of the weights section".into()));
         }
     }
@@ -151,30 +198,57 @@ fn check_tensors(meta: &Metadata, weights: &[u8]) -> Result<(), ArtifactError> {
 fn check_graph(meta: &Metadata) -> Result<(), ArtifactError> {
     let (g, f) = (&meta.graph, &meta.facts);
     let bad = |what: String| ArtifactError::Meta(what);
-    let buf = |b: usize| g.buffers.get(b).map(|d| d.width).ok_or_else(|| bad(format!("op names buffer {b}, which does not exist")));
-    let tensor = |t: usize| meta.tensors.get(t).ok_or_else(|| bad(format!("op names tensor {t}, which does not exist")));
+    let buf = |b: usize| {
+        g.buffers
+            .get(b)
+            .map(|d| d.width)
+            .ok_or_else(|| bad(format!("op names buffer {b}, which does not exist")))
+    };
+    let tensor = |t: usize| {
+        meta.tensors
+            .get(t)
+            .ok_or_else(|| bad(format!("op names tensor {t}, which does not exist")))
+    };
     let matrix = |t: usize, rows: usize, cols: usize| -> Result<(), ArtifactError> {
         let e = tensor(t)?;
         if e.shape.len() != 2 || e.rows() != rows || e.cols() != cols {
-            return Err(bad(format!("tensor {} has shape {:?}, the graph needs [{rows}, {cols}]", e.name, e.shape)));
+            return Err(bad(format!(
+                "tensor {} has shape {:?}, the graph needs [{rows}, {cols}]",
+                e.name, e.shape
+            )));
         }
         Ok(())
     };
     let vector = |t: usize, len: usize| -> Result<(), ArtifactError> {
         let e = tensor(t)?;
         if e.shape != [len] || e.format != Format::F32 {
-            return Err(bad(format!("tensor {} must be f32 [{len}], is {} {:?}", e.name, e.format.name(), e.shape)));
+            return Err(bad(format!(
+                "tensor {} must be f32 [{len}], is {} {:?}",
+                e.name,
+                e.format.name(),
+                e.shape
+            )));
         }
         Ok(())
     };
     let same = |a: usize, b: usize| -> Result<(), ArtifactError> {
         if a != b {
-            return Err(bad(format!("buffer widths {a} and {b} differ where the op needs them equal")));
+            return Err(bad(format!(
+                "buffer widths {a} and {b} differ where the op needs them equal"
+            )));
         }
         Ok(())
     };
-    if f.heads == 0 || f.kv_heads == 0 || f.heads % f.kv_heads != 0 || f.head_dim % 2 != 0 || f.vocab_size == 0 {
-        return Err(bad(format!("inconsistent model facts: {} heads, {} KV heads, head_dim {}", f.heads, f.kv_heads, f.head_dim)));
+    if f.heads == 0
+        || f.kv_heads == 0
+        || f.heads % f.kv_heads != 0
+        || f.head_dim % 2 != 0
+        || f.vocab_size == 0
+    {
+        return Err(bad(format!(
+            "inconsistent model facts: {} heads, {} KV heads, head_dim {}",
+            f.heads, f.kv_heads, f.head_dim
+        )));
     }
     let distinct = |ids: &[usize]| -> Result<(), ArtifactError> {
         for (i, a) in ids.iter().enumerate() {
@@ -186,7 +260,9 @@ fn check_graph(meta: &Metadata) -> Result<(), ArtifactError> {
     };
     for op in &g.ops {
         match *op {
-            Op::RmsNorm { input, out, .. } | Op::MatMul { input, out, .. } => distinct(&[input, out])?,
+            Op::RmsNorm { input, out, .. } | Op::MatMul { input, out, .. } => {
+                distinct(&[input, out])?
+            }
             Op::Attention { q, k, v, out, .. } => distinct(&[q, k, v, out])?,
             Op::SwiGlu { gate, up, out } => distinct(&[gate, up, out])?,
             Op::Add { acc, input } => distinct(&[acc, input])?,
@@ -199,13 +275,26 @@ fn check_graph(meta: &Metadata) -> Result<(), ArtifactError> {
                 vector(weight, buf(input)?)?;
             }
             Op::MatMul { input, weight, out } => matrix(weight, buf(out)?, buf(input)?)?,
-            Op::Rope { buf: b, heads, inv_freq } => {
+            Op::Rope {
+                buf: b,
+                heads,
+                inv_freq,
+            } => {
                 same(buf(b)?, heads * f.head_dim)?;
                 vector(inv_freq, f.head_dim / 2)?;
             }
-            Op::Attention { layer, q, k, v, out } => {
+            Op::Attention {
+                layer,
+                q,
+                k,
+                v,
+                out,
+            } => {
                 if layer >= f.layers {
-                    return Err(bad(format!("attention names layer {layer} of {}", f.layers)));
+                    return Err(bad(format!(
+                        "attention names layer {layer} of {}",
+                        f.layers
+                    )));
                 }
                 same(buf(q)?, f.heads * f.head_dim)?;
                 same(buf(out)?, f.heads * f.head_dim)?;
@@ -228,7 +317,9 @@ fn check_graph(meta: &Metadata) -> Result<(), ArtifactError> {
 pub fn check_cpu_features(meta: &Metadata) -> Result<(), ArtifactError> {
     for feature in &meta.required_cpu_features {
         if !crate::cpu::has_feature(feature) {
-            return Err(ArtifactError::MissingCpuFeature { feature: feature.clone() });
+            return Err(ArtifactError::MissingCpuFeature {
+                feature: feature.clone(),
+            });
         }
     }
     Ok(())

@@ -51,11 +51,16 @@ pub fn write(path: &Path, mut contents: Contents<'_>) -> std::io::Result<u64> {
     let zeros = [0u8; ALIGN];
     for t in contents.tensors {
         weights_crc.update(t.bytes);
-        weights_crc.update(&zeros[..(pad_to_align(t.bytes.len() as u64) - t.bytes.len() as u64) as usize]);
+        weights_crc
+            .update(&zeros[..(pad_to_align(t.bytes.len() as u64) - t.bytes.len() as u64) as usize]);
     }
     let sections = [
         (SectionKind::Meta, meta.len() as u64, crc32fast::hash(&meta)),
-        (SectionKind::Tokenizer, contents.tokenizer.len() as u64, crc32fast::hash(contents.tokenizer)),
+        (
+            SectionKind::Tokenizer,
+            contents.tokenizer.len() as u64,
+            crc32fast::hash(contents.tokenizer),
+        ),
         (SectionKind::Weights, weights_len, weights_crc.finalize()),
     ];
     let mut table = Vec::with_capacity(sections.len() * SECTION_ENTRY_LEN);
@@ -80,9 +85,15 @@ pub fn write(path: &Path, mut contents: Contents<'_>) -> std::io::Result<u64> {
     header[24..32].copy_from_slice(&file_len.to_le_bytes());
     header[32..36].copy_from_slice(&crc32fast::hash(&table).to_le_bytes());
 
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = tempfile::NamedTempFile::new_in(dir)?;
-    let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, tmp.as_file()), written: 0 };
+    let mut out = Counting {
+        inner: BufWriter::with_capacity(1 << 20, tmp.as_file()),
+        written: 0,
+    };
     out.put(&header)?;
     out.put(&table)?;
     let bodies: [&[u8]; 2] = [&meta, contents.tokenizer];

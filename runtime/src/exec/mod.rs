@@ -9,8 +9,8 @@ use alloc::vec::Vec;
 use crate::artifact::{Metadata, Op};
 use crate::kernels::q8::{self, Q8Block};
 use crate::kernels::{self, Input, Kernels, Matrix, TILE_ROWS};
-use crate::quant::BLOCK;
 use crate::model::ModelFacts;
+use crate::quant::BLOCK;
 
 /// Context used when the caller does not choose one (llama.cpp's default too), capped by the model's.
 pub const DEFAULT_CONTEXT: usize = 4096;
@@ -30,7 +30,12 @@ pub struct SessionOptions {
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { context: 0, batch: 64, logits_all: false, threads: 1 }
+        SessionOptions {
+            context: 0,
+            batch: 64,
+            logits_all: false,
+            threads: 1,
+        }
     }
 }
 
@@ -68,7 +73,11 @@ pub struct Session<'a> {
 
 impl<'a> Session<'a> {
     /// Creates a session over `weights` (the artifact's weights section) described by `meta`.
-    pub fn new(meta: &Metadata, weights: &'a [u8], opts: SessionOptions) -> Result<Session<'a>, SessionError> {
+    pub fn new(
+        meta: &Metadata,
+        weights: &'a [u8],
+        opts: SessionOptions,
+    ) -> Result<Session<'a>, SessionError> {
         let facts = meta.facts.clone();
         let context = match opts.context {
             0 => facts.context_length.min(DEFAULT_CONTEXT),
@@ -85,11 +94,21 @@ impl<'a> Session<'a> {
         let tensors: Vec<Matrix<'a>> = meta
             .tensors
             .iter()
-            .map(|e| Matrix::new(e.format, e.rows(), e.cols(), crate::artifact::tensor_bytes(weights, e)))
+            .map(|e| {
+                Matrix::new(
+                    e.format,
+                    e.rows(),
+                    e.cols(),
+                    crate::artifact::tensor_bytes(weights, e),
+                )
+            })
             .collect();
         for (m, e) in tensors.iter().zip(&meta.tensors) {
             if e.shape.len() == 1 && m.f32.is_none() {
-                return Err(SessionError::Setup(alloc::format!("tensor {} is not 4-byte aligned f32", e.name)));
+                return Err(SessionError::Setup(alloc::format!(
+                    "tensor {} is not 4-byte aligned f32",
+                    e.name
+                )));
             }
         }
         let max_cols = tensors.iter().map(|m| m.cols).max().unwrap_or(0);
@@ -98,7 +117,12 @@ impl<'a> Session<'a> {
         let logit_rows = if opts.logits_all { batch } else { 1 };
         Ok(Session {
             ops: meta.graph.ops.clone(),
-            bufs: meta.graph.buffers.iter().map(|b| vec![0.0; b.width * batch]).collect(),
+            bufs: meta
+                .graph
+                .buffers
+                .iter()
+                .map(|b| vec![0.0; b.width * batch])
+                .collect(),
             k_cache: vec![0.0; kv],
             v_cache: vec![0.0; kv],
             cos: vec![0.0; batch * half],
@@ -111,7 +135,11 @@ impl<'a> Session<'a> {
             tensors,
             facts,
             context,
-            opts: SessionOptions { batch, threads, ..opts },
+            opts: SessionOptions {
+                batch,
+                threads,
+                ..opts
+            },
             pos: 0,
         })
     }
@@ -160,7 +188,11 @@ impl<'a> Session<'a> {
             self.run(chunk);
         }
         let vocab = self.facts.vocab_size;
-        let last = if self.opts.logits_all { (tokens.len() - 1) % self.opts.batch } else { 0 };
+        let last = if self.opts.logits_all {
+            (tokens.len() - 1) % self.opts.batch
+        } else {
+            0
+        };
         Ok(&self.logits[last * vocab..(last + 1) * vocab])
     }
 
@@ -184,10 +216,19 @@ impl<'a> Session<'a> {
         }
         let needed = self.pos + tokens.len();
         if needed > self.context {
-            return Err(SessionError::ContextFull { needed, context: self.context });
+            return Err(SessionError::ContextFull {
+                needed,
+                context: self.context,
+            });
         }
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.facts.vocab_size) {
-            return Err(SessionError::BadToken { id, vocab: self.facts.vocab_size });
+        if let Some(&id) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.facts.vocab_size)
+        {
+            return Err(SessionError::BadToken {
+                id,
+                vocab: self.facts.vocab_size,
+            });
         }
         Ok(())
     }
@@ -224,7 +265,11 @@ impl<'a> Session<'a> {
                     self.bufs[input] = x;
                     self.bufs[out] = o;
                 }
-                Op::Rope { buf, heads, inv_freq } => {
+                Op::Rope {
+                    buf,
+                    heads,
+                    inv_freq,
+                } => {
                     if rope_for != Some(inv_freq) {
                         self.rope_table(inv_freq, n);
                         rope_for = Some(inv_freq);
@@ -238,7 +283,13 @@ impl<'a> Session<'a> {
                         kernels::rope(&mut x[t * heads * hd..(t + 1) * heads * hd], hd, c, s);
                     }
                 }
-                Op::Attention { layer, q, k, v, out } => self.attention(layer, n, [q, k, v, out]),
+                Op::Attention {
+                    layer,
+                    q,
+                    k,
+                    v,
+                    out,
+                } => self.attention(layer, n, [q, k, v, out]),
                 Op::SwiGlu { gate, up, out } => {
                     let width = self.bufs[gate].len() / self.opts.batch;
                     let g = core::mem::take(&mut self.bufs[gate]);
@@ -259,9 +310,18 @@ impl<'a> Session<'a> {
                 Op::Logits { input, weight } => {
                     let m = self.tensors[weight];
                     let x = core::mem::take(&mut self.bufs[input]);
-                    let (first, count) = if self.opts.logits_all { (0, n) } else { (n - 1, 1) };
+                    let (first, count) = if self.opts.logits_all {
+                        (0, n)
+                    } else {
+                        (n - 1, 1)
+                    };
                     let mut logits = core::mem::take(&mut self.logits);
-                    self.matmul(&x[first * m.cols..(first + count) * m.cols], count, &m, &mut logits);
+                    self.matmul(
+                        &x[first * m.cols..(first + count) * m.cols],
+                        count,
+                        &m,
+                        &mut logits,
+                    );
                     self.logits = logits;
                     self.bufs[input] = x;
                 }
@@ -279,7 +339,15 @@ impl<'a> Session<'a> {
         } else {
             Input::F32(x)
         };
-        parallel::matmul(&self.kernels, self.opts.threads, input, n, m, out, &mut self.scratch);
+        parallel::matmul(
+            &self.kernels,
+            self.opts.threads,
+            input,
+            n,
+            m,
+            out,
+            &mut self.scratch,
+        );
     }
 
     /// cos/sin of each batch token's position times each inverse frequency.
@@ -322,7 +390,8 @@ impl<'a> Session<'a> {
                 let base = layer_base + (h / group) * ctx * hd;
                 let scores = &mut self.scores[..seen];
                 for (j, s) in scores.iter_mut().enumerate() {
-                    *s = (self.kernels.dot)(qv, &self.k_cache[base + j * hd..base + (j + 1) * hd]) * scale;
+                    *s = (self.kernels.dot)(qv, &self.k_cache[base + j * hd..base + (j + 1) * hd])
+                        * scale;
                 }
                 kernels::softmax(scores);
                 let ov = &mut o[(t * heads + h) * hd..(t * heads + h + 1) * hd];

@@ -7,7 +7,15 @@ use crate::kernels::{matmul_rows, Input, Kernels, Matrix, TILE_ROWS};
 const MIN_PARALLEL_WORK: usize = 1 << 18;
 
 /// `out[t] = x[t] · wᵀ` for `n` tokens; `scratch` holds `threads × TILE_ROWS × w.cols` floats.
-pub fn matmul(k: &Kernels, threads: usize, x: Input<'_>, n: usize, w: &Matrix<'_>, out: &mut [f32], scratch: &mut [f32]) {
+pub fn matmul(
+    k: &Kernels,
+    threads: usize,
+    x: Input<'_>,
+    n: usize,
+    w: &Matrix<'_>,
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
     let m = w.rows;
     let tile = TILE_ROWS * w.cols;
     #[cfg(feature = "std")]

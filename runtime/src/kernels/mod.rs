@@ -4,7 +4,7 @@
 
 mod generic;
 pub mod q8;
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
 mod x86;
 
 use crate::quant::{Format, BLOCK};
@@ -22,12 +22,19 @@ pub struct Kernels {
     pub dot: fn(&[f32], &[f32]) -> f32,
     /// Four dot products of the rows of `w` (`4 × x.len()`) with `x`.
     pub dot4: fn(&[f32], &[f32]) -> [f32; TILE_ROWS],
+    /// One block-quantized weight row against 8-bit activations.
+    pub dot_q8: fn(Format, &[u8], &[Q8Block]) -> f32,
 }
 
 impl Kernels {
     /// The reference kernels.
     pub fn generic() -> Kernels {
-        Kernels { name: "generic", dot: generic::dot, dot4: generic::dot4 }
+        Kernels {
+            name: "generic",
+            dot: generic::dot,
+            dot4: generic::dot4,
+            dot_q8: q8::dot_row,
+        }
     }
 
     /// The best table for this CPU, unless `KILN_KERNELS=generic` (std only) asks otherwise.
@@ -57,8 +64,16 @@ pub struct Matrix<'a> {
 
 impl<'a> Matrix<'a> {
     pub fn new(format: Format, rows: usize, cols: usize, bytes: &'a [u8]) -> Matrix<'a> {
-        let f32 = (format == Format::F32).then(|| bytemuck::try_cast_slice(bytes).ok()).flatten();
-        Matrix { format, rows, cols, bytes, f32 }
+        let f32 = (format == Format::F32)
+            .then(|| bytemuck::try_cast_slice(bytes).ok())
+            .flatten();
+        Matrix {
+            format,
+            rows,
+            cols,
+            bytes,
+            f32,
+        }
     }
 
     pub fn row_bytes(&self) -> usize {
@@ -76,7 +91,8 @@ impl<'a> Matrix<'a> {
         let rb = self.row_bytes();
         for i in 0..count {
             let src = &self.bytes[(r0 + i) * rb..(r0 + i + 1) * rb];
-            self.format.dequantize_row(src, &mut scratch[i * self.cols..(i + 1) * self.cols]);
+            self.format
+                .dequantize_row(src, &mut scratch[i * self.cols..(i + 1) * self.cols]);
         }
         &scratch[..count * self.cols]
     }
@@ -120,7 +136,8 @@ pub fn matmul_rows(
         for r in rows.clone() {
             let row = &w.bytes[r * rb..(r + 1) * rb];
             for t in 0..n {
-                out[t * out_stride + r - rows.start] = q8::dot_row(w.format, row, &xq[t * bpr..(t + 1) * bpr]);
+                out[t * out_stride + r - rows.start] =
+                    (k.dot_q8)(w.format, row, &xq[t * bpr..(t + 1) * bpr]);
             }
         }
         return;

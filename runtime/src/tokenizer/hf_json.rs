@@ -428,6 +428,41 @@ mod tests {
     }
 
     #[test]
+    fn reads_pair_merges_and_template_bos() {
+        let data = toy_data(PreTokenizer::Llama3);
+        let mut json: Value = serde_json::from_str(&data.to_tokenizer_json().unwrap()).unwrap();
+        let merges = json.pointer_mut("/model/merges").unwrap();
+        let pairs: Vec<Value> = merges
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| json!(m.as_str().unwrap().split(' ').collect::<Vec<_>>()))
+            .collect();
+        *merges = Value::Array(pairs);
+        // The post-processor `transformers` writes for Llama 3.
+        json["post_processor"] = json!({
+            "type": "Sequence",
+            "processors": [
+                { "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true },
+                {
+                    "type": "TemplateProcessing",
+                    "single": [
+                        { "SpecialToken": { "id": "<|bos|>", "type_id": 0 } },
+                        { "Sequence": { "id": "A", "type_id": 0 } }
+                    ],
+                    "special_tokens": { "<|bos|>": { "id": "<|bos|>", "ids": [data.bos_id()], "tokens": ["<|bos|>"] } }
+                }
+            ]
+        });
+        let back = TokenizerData::from_tokenizer_json(json.to_string().as_bytes()).unwrap();
+        assert_eq!(back.bos_id(), data.bos_id());
+        assert_eq!(
+            back.with_bos_eos(data.bos_id(), data.eos_id()).unwrap(),
+            data
+        );
+    }
+
+    #[test]
     fn unsupported_sections_are_errors() {
         let json = toy_data(PreTokenizer::Gpt2).to_tokenizer_json().unwrap();
         let with = |from: &str, to: &str| {

@@ -97,7 +97,7 @@ pub(super) fn from_tiktoken(model_bytes: &[u8]) -> Result<TokenizerData, Tokeniz
 /// Standard base64 with `=` padding, as `base64.b64decode` accepts it in these files.
 fn decode_base64(text: &str) -> Option<Vec<u8>> {
     let digits = text.trim_end_matches('=');
-    if text.len() % 4 != 0 || text.len() - digits.len() > 2 {
+    if !text.len().is_multiple_of(4) || text.len() - digits.len() > 2 {
         return None;
     }
     let value = |c: u8| -> Option<u32> {

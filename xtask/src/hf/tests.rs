@@ -513,7 +513,9 @@ fn resumes_after_a_dropped_connection() {
     // The resolve request and the storage request it redirects to both ask for the rest.
     let resumed: Vec<&Seen> = seen.iter().filter(|s| s.range.is_some()).collect();
     assert!(
-        resumed.iter().any(|s| s.path == format!("/cdn/{REPO}/{SHARD1}")),
+        resumed
+            .iter()
+            .any(|s| s.path == format!("/cdn/{REPO}/{SHARD1}")),
         "{seen:?}"
     );
     for s in resumed {

@@ -147,21 +147,21 @@ pub fn config_facts(config_path: &Path) -> Result<ModelFacts, ImportError> {
     let hidden_size: usize = f.require("hidden_size")?;
     let heads: usize = f.require("num_attention_heads")?;
     let kv_heads: usize = f.get("num_key_value_heads")?.unwrap_or(heads);
-    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(f.corrupt(format!(
             "inconsistent attention shape: {heads} heads, {kv_heads} KV heads"
         )));
     }
     let head_dim = match f.get::<usize>("head_dim")? {
         Some(d) => d,
-        None if hidden_size % heads == 0 => hidden_size / heads,
+        None if hidden_size.is_multiple_of(heads) => hidden_size / heads,
         None => {
             return Err(f.corrupt(format!(
                 "no `head_dim`, and hidden_size {hidden_size} is not a multiple of {heads} heads"
             )))
         }
     };
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(f.corrupt(format!("head_dim {head_dim} is not a positive even number")));
     }
 
@@ -193,15 +193,11 @@ fn check_architecture(f: &Fields, config_path: &Path) -> Result<(), ImportError>
     };
     let model_type: Option<String> = f.get("model_type")?;
     match f.get::<Vec<String>>("architectures")? {
-        Some(archs) => {
-            if archs.len() != 1 || archs[0] != ARCHITECTURE {
-                return Err(unsupported(archs.join(", ")));
-            }
-        }
+        Some(archs) if archs != [ARCHITECTURE] => return Err(unsupported(archs.join(", "))),
         None if model_type.is_none() => {
             return Err(f.corrupt("neither `architectures` nor `model_type` is set"))
         }
-        None => {}
+        _ => {}
     }
     match model_type {
         Some(t) if t != "llama" => Err(unsupported(format!("model_type {t}"))),

@@ -33,7 +33,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let vocab = model.facts().vocab_size as u32;
     // A fixed pseudo-random prompt, as llama-bench uses random tokens.
-    let prompt: Vec<u32> = (0..args.n_prompt as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab).collect();
+    let prompt: Vec<u32> = (0..args.n_prompt as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
+        .collect();
     let opts = SessionOptions {
         context: args.model.ctx.unwrap_or(args.n_prompt + args.n_gen + 1),
         batch: args.n_prompt.max(1),
@@ -50,7 +52,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for _ in 0..args.n_gen {
             next = argmax(session.forward(&[next])?);
         }
-        runs.push(Run { prompt_s, decode_s: t1.elapsed().as_secs_f64() });
+        runs.push(Run {
+            prompt_s,
+            decode_s: t1.elapsed().as_secs_f64(),
+        });
     }
     let median = |f: &dyn Fn(&Run) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
@@ -78,15 +83,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             })
         );
     } else {
-        println!("prompt: {pp:.1} tokens/s ({} tokens, time to first token {:.1} ms)", args.n_prompt, prompt_s * 1e3);
+        println!(
+            "prompt: {pp:.1} tokens/s ({} tokens, time to first token {:.1} ms)",
+            args.n_prompt,
+            prompt_s * 1e3
+        );
         println!("decode: {tg:.1} tokens/s ({} tokens)", args.n_gen);
-        println!("peak RSS: {rss:.1} MB; threads {}; kernels {}", args.model.threads(), session.kernels_name());
+        println!(
+            "peak RSS: {rss:.1} MB; threads {}; kernels {}",
+            args.model.threads(),
+            session.kernels_name()
+        );
     }
     Ok(())
 }
 
 fn argmax(logits: &[f32]) -> u32 {
-    logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32)
+    logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
 }
 
 /// Peak resident set size (VmHWM) in MB, 0 when the kernel does not say.

@@ -28,14 +28,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let template = model.chat_template()?;
     let mut session = model.session(args.model.session_options())?;
     let mut sampler = Sampler::new(args.sampling.config(), model.facts().vocab_size);
-    let opts = GenerateOptions { max_tokens: args.n_predict, stop: args.sampling.stop.clone() };
-    let system: Vec<ChatMessage> = args.system.iter().map(|s| ChatMessage::new("system", s.as_str())).collect();
+    let opts = GenerateOptions {
+        max_tokens: args.n_predict,
+        stop: args.sampling.stop.clone(),
+    };
+    let system: Vec<ChatMessage> = args
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s.as_str()))
+        .collect();
     let mut messages = system.clone();
     // Token ids now in the KV cache, to reuse the longest common prefix on the next turn.
     let mut cached: Vec<u32> = Vec::new();
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     if interactive {
-        eprintln!("kiln chat — {} ({} tokens of context). /clear starts over, /exit or Ctrl-D quits.", model.facts().name, session.context());
+        eprintln!(
+            "kiln chat — {} ({} tokens of context). /clear starts over, /exit or Ctrl-D quits.",
+            model.facts().name,
+            session.context()
+        );
     }
     let mut stdout = std::io::stdout().lock();
     let mut lines = std::io::stdin().lock().lines();
@@ -43,7 +54,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if interactive {
             eprint!("> ");
         }
-        let Some(line) = lines.next().transpose()? else { break };
+        let Some(line) = lines.next().transpose()? else {
+            break;
+        };
         let line = line.trim();
         match line {
             "" => continue,
@@ -65,9 +78,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         session.rewind(keep);
         cached.truncate(keep);
         sampler.reset();
-        let reply = generate(&model, &mut session, &mut sampler, &ids[keep..], &opts, |piece| {
-            let _ = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush());
-        });
+        let reply = generate(
+            &model,
+            &mut session,
+            &mut sampler,
+            &ids[keep..],
+            &opts,
+            |piece| {
+                let _ = stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|()| stdout.flush());
+            },
+        );
         match reply {
             Ok(reply) => {
                 writeln!(stdout)?;
@@ -75,7 +97,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 cached.extend_from_slice(&reply.ids);
                 messages.push(ChatMessage::new("assistant", reply.text));
             }
-            Err(GenerateError::Session(e @ kiln_runtime::exec::SessionError::ContextFull { .. })) => {
+            Err(GenerateError::Session(
+                e @ kiln_runtime::exec::SessionError::ContextFull { .. },
+            )) => {
                 eprintln!("error: {e}; this turn was dropped — /clear to start over");
                 messages.pop();
                 session.rewind(keep);

@@ -27,7 +27,11 @@ impl ModelArgs {
     }
 
     pub fn session_options(&self) -> SessionOptions {
-        SessionOptions { context: self.ctx.unwrap_or(0), threads: self.threads(), ..SessionOptions::default() }
+        SessionOptions {
+            context: self.ctx.unwrap_or(0),
+            threads: self.threads(),
+            ..SessionOptions::default()
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -37,7 +41,9 @@ impl ModelArgs {
 
 /// Physical cores when the kernel says, else the logical ones.
 fn default_threads() -> usize {
-    let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let logical = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
         return logical;
     };

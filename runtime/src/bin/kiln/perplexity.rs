@@ -21,21 +21,31 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
     let model = args.model.load()?;
     let tokens = model.encode_prompt(&text, true);
     let json = args.json;
-    let score = perplexity(&model, &tokens, args.model.ctx.unwrap_or(512), args.model.threads(), |i, ppl| {
-        if !json {
-            eprint!("[{}]{ppl:.4} ", i + 1);
-        }
-    })
+    let score = perplexity(
+        &model,
+        &tokens,
+        args.model.ctx.unwrap_or(512),
+        args.model.threads(),
+        |i, ppl| {
+            if !json {
+                eprint!("[{}]{ppl:.4} ", i + 1);
+            }
+        },
+    )
     .with_context(|| format!("scoring {}", args.file.display()))?;
     if json {
         println!("{}", serde_json::to_string(&score)?);
     } else {
         eprintln!();
-        println!("perplexity: {:.4} over {} chunks of {} tokens", score.ppl, score.chunks, score.ctx);
+        println!(
+            "perplexity: {:.4} over {} chunks of {} tokens",
+            score.ppl, score.chunks, score.ctx
+        );
     }
     Ok(())
 }

@@ -35,22 +35,36 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let prompt = match (&args.prompt, &args.file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
         (None, None) => anyhow::bail!("give a prompt with -p TEXT or -f FILE"),
     };
     let model = args.model.load()?;
     let prompt_ids = model.encode_prompt(&prompt, !args.no_special);
     let mut session = model.session(args.model.session_options())?;
     let mut sampler = Sampler::new(args.sampling.config(), model.facts().vocab_size);
-    let opts = GenerateOptions { max_tokens: args.n_predict, stop: args.sampling.stop.clone() };
+    let opts = GenerateOptions {
+        max_tokens: args.n_predict,
+        stop: args.sampling.stop.clone(),
+    };
     let mut stdout = std::io::stdout().lock();
     let json = args.json;
-    let out = generate(&model, &mut session, &mut sampler, &prompt_ids, &opts, |piece| {
-        if !json {
-            // A closed pipe (e.g. `| head`) is not an error worth stopping generation for here.
-            let _ = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush());
-        }
-    })?;
+    let out = generate(
+        &model,
+        &mut session,
+        &mut sampler,
+        &prompt_ids,
+        &opts,
+        |piece| {
+            if !json {
+                // A closed pipe (e.g. `| head`) is not an error worth stopping generation for here.
+                let _ = stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|()| stdout.flush());
+            }
+        },
+    )?;
     if json {
         let value = serde_json::json!({
             "prompt_ids": prompt_ids,

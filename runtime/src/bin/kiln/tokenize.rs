@@ -32,7 +32,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let text = match (&args.text, &args.text_file) {
         (Some(t), _) => t.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
         (None, None) => anyhow::bail!("give --text or --text-file"),
     };
     let ids = match (&args.model, &args.tokenizer) {
@@ -41,7 +43,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model.encode_prompt(&text, !args.no_special)
         }
         (None, Some(path)) => {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             let data = if bytes.first() == Some(&b'{') {
                 TokenizerData::from_tokenizer_json(&bytes)
             } else {
@@ -55,7 +58,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::json!({ "ids": ids }));
     } else {
-        println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
+        println!(
+            "{}",
+            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+        );
     }
     Ok(())
 }

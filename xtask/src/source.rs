@@ -1,0 +1,39 @@
+//! `--model` resolution shared by the subcommands: a path to a checkpoint, or a model card
+//! (fetched into the cache on demand).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_compiler::graph::Checkpoint;
+
+/// The checkpoint file or directory `model` names: an existing path as is, else a card's files.
+pub fn checkpoint_path(model: &str) -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(model);
+    if path.exists() && !model.ends_with(".toml") {
+        return Ok(path);
+    }
+    Ok(crate::fetch::ensure_model(model)?.primary)
+}
+
+/// Imports `model` with a spinner, since reading and unpacking weights takes a few seconds.
+pub fn import(model: &str) -> anyhow::Result<Checkpoint> {
+    let path = checkpoint_path(model)?;
+    let spinner = spinner(&format!("importing {}", path.display()));
+    let checkpoint = kiln_compiler::import::import(&path)
+        .with_context(|| format!("importing {}", path.display()));
+    spinner.finish_and_clear();
+    checkpoint
+}
+
+/// A spinner on stderr for a step of unknown length.
+pub fn spinner(message: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(message.to_owned());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}

@@ -1,0 +1,102 @@
+//! `cargo xtask test`: everything the test suite needs (the default model, Meta's tokenizer,
+//! the Python peers it compares against), then `cargo test --release --workspace`.
+
+use std::ffi::OsString;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+use crate::pypi::python_from_env;
+
+/// The peers kiln is checked against, pinned; installed with pip when missing.
+const PYTHON_PEERS: &[(&str, &str)] = &[
+    ("numpy", "numpy==2.4.6"),
+    ("onnxruntime", "onnxruntime==1.32.0"),
+    ("tiktoken", "tiktoken==0.14.0"),
+    ("tokenizers", "tokenizers==0.23.3"),
+    ("jinja2", "jinja2==3.1.6"),
+];
+
+/// Fetch the test assets, install the Python peers, run the whole test suite.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+    #[arg(last = true)]
+    pub cargo_args: Vec<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let python = python_from_env();
+    install_peers(&python)?;
+    let gguf = crate::fetch::ensure_model("smollm2-135m-instruct")?.primary;
+    let tokenizer = crate::fetch::ensure_model("llama3-tokenizer")?.primary;
+    let llama_models = python_output(
+        &python,
+        "import llama_models, os; print(os.path.dirname(llama_models.__file__))",
+    )?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let status = Command::new(cargo)
+        .args(["test", "--release", "--workspace"])
+        .args(&args.cargo_args)
+        .env("KILN_TEST_GGUF", gguf)
+        .env("KILN_TEST_LLAMA3_TOKENIZER", tokenizer)
+        .env("KILN_TEST_LLAMA_MODELS", llama_models.trim())
+        .env("KILN_PYTHON", &python)
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
+/// Installs (user-wide, pinned) each peer that does not import yet; Meta's reference code
+/// (llama-models) is installed without its dependencies, since tests only read its source.
+fn install_peers(python: &OsString) -> anyhow::Result<()> {
+    let missing: Vec<&str> = PYTHON_PEERS
+        .iter()
+        .filter(|(module, _)| python_output(python, &format!("import {module}")).is_err())
+        .map(|(_, spec)| *spec)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("installing Python peers: {}", missing.join(" "));
+        pip(python, &missing, false)?;
+    }
+    if python_output(python, "import llama_models").is_err() {
+        pip(python, &["llama-models==0.3.0"], true)?;
+    }
+    Ok(())
+}
+
+fn pip(python: &OsString, specs: &[&str], no_deps: bool) -> anyhow::Result<()> {
+    let mut cmd = Command::new(python);
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ]);
+    if no_deps {
+        cmd.arg("--no-deps");
+    }
+    let status = cmd.args(specs).status().context("running pip")?;
+    if !status.success() {
+        bail!("pip install {} failed ({status})", specs.join(" "));
+    }
+    Ok(())
+}
+
+fn python_output(python: &OsString, code: &str) -> anyhow::Result<String> {
+    let out = Command::new(python)
+        .args(["-c", code])
+        .output()
+        .context("running python")?;
+    if !out.status.success() {
+        bail!(
+            "python -c {code:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
