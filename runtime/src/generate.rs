@@ -96,6 +96,18 @@ impl Model {
         ids.extend(self.tokenizer.encode(text, parse_special));
         ids
     }
+
+    /// Ids of a rendered chat prompt: templates such as Llama 3's write the BOS text
+    /// themselves, so BOS is added only when the model wants one and the text lacks it.
+    pub fn encode_chat(&self, rendered: &str) -> Vec<u32> {
+        let ids = self.tokenizer.encode(rendered, true);
+        match self.facts().bos_id {
+            Some(bos) if self.facts().add_bos && ids.first() != Some(&bos) => {
+                std::iter::once(bos).chain(ids).collect()
+            }
+            _ => ids,
+        }
+    }
 }
 
 /// What ended a generation.

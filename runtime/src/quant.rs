@@ -94,7 +94,8 @@ impl Format {
 
     /// Bytes of one row of `cols` values, or `None` when `cols` is not a whole number of blocks.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
-        cols.is_multiple_of(self.block_len()).then(|| cols / self.block_len() * self.block_bytes())
+        cols.is_multiple_of(self.block_len())
+            .then(|| cols / self.block_len() * self.block_bytes())
     }
 
     /// Writes the `out.len()` values stored in `row` (which holds exactly that many) as f32.

@@ -295,6 +295,15 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("f.txt")]);
+        #[cfg(unix)]
+        {
+            // Same permissions as any new file (the umask decides), not tempfile's 0600.
+            use std::os::unix::fs::PermissionsExt;
+            let plain = dir.path().join("plain");
+            fs::write(&plain, b"").unwrap();
+            let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&path), mode(&plain));
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ Hugging Face downloads resume where they stopped (<file>.part) and are checked a
 the sha256 the Hub reports before they replace anything.";
 
 #[derive(Debug, clap::Args)]
-#[command(long_about = FETCH_HELP)]
+#[command(after_long_help = FETCH_HELP)]
 pub struct Args {
     /// Card name (see --list) or path to a card TOML file.
     #[arg(value_name = "CARD", default_value = DEFAULT_CARD)]

@@ -68,15 +68,28 @@ enum Failure {
     Fatal(anyhow::Error),
 }
 
-impl From<ureq::Error> for Failure {
-    fn from(e: ureq::Error) -> Self {
-        match e {
-            ureq::Error::Io(_)
+/// Classifies a transport error of a request to `url`.
+fn transport_failure(e: ureq::Error, url: &str) -> Failure {
+    let unresolved = matches!(&e, ureq::Error::HostNotFound)
+        || matches!(&e, ureq::Error::Io(io) if io.to_string().contains("failed to lookup address"));
+    if unresolved {
+        return Failure::Fatal(anyhow!(
+            "{url}: cannot resolve the host ({e}); check the network connection, or set \
+             HF_ENDPOINT to a reachable mirror"
+        ));
+    }
+    let retry = matches!(
+        e,
+        ureq::Error::Io(_)
             | ureq::Error::Timeout(_)
             | ureq::Error::ConnectionFailed
-            | ureq::Error::Protocol(_) => Failure::Retry(e.into()),
-            _ => Failure::Fatal(e.into()),
-        }
+            | ureq::Error::Protocol(_)
+    );
+    let error = anyhow!("{url}: {e}");
+    if retry {
+        Failure::Retry(error)
+    } else {
+        Failure::Fatal(error)
     }
 }
 
@@ -160,7 +173,12 @@ impl Hub {
             if let Some(auth) = self.authorization(&url) {
                 request = request.header("Authorization", auth);
             }
-            let response = request.config().max_redirects(0).build().call()?;
+            let response = request
+                .config()
+                .max_redirects(0)
+                .build()
+                .call()
+                .map_err(|e| transport_failure(e, &url))?;
             let status = response.status().as_u16();
             let headers = response.headers();
             let linked = header(headers, "x-linked-etag").is_some();
@@ -192,7 +210,13 @@ impl Hub {
             .map(|m| format!(" (the Hub says: {m})"))
             .unwrap_or_default();
         let repo = &src.repo;
+        let code = header(headers, "x-error-code").unwrap_or_default();
         match status {
+            401 | 404 if code == "RepoNotFound" => Failure::Fatal(anyhow!(
+                "HTTP {status}: no repository {repo} on {} (or it is private and HF_TOKEN \
+                 has no access){hub_says}",
+                self.endpoint
+            )),
             401 | 403 => {
                 let gated = if src.gated {
                     "is gated"
@@ -249,6 +273,12 @@ impl Hub {
             (None, None) => (None, Checked::None),
         };
 
+        if checked == Checked::None && is_weights(file) {
+            eprintln!(
+                "warning: {what}: the server reported no sha256 for this weights file; only its \
+                 size can be checked"
+            );
+        }
         let dir = cache::parent_of(dest)?;
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let part = part_path(dest);
@@ -317,7 +347,7 @@ impl Hub {
         if let Some(auth) = self.authorization(url) {
             request = request.header("Authorization", auth);
         }
-        let response = request.call()?;
+        let response = request.call().map_err(|e| transport_failure(e, url))?;
         let status = response.status().as_u16();
         match status {
             206 => {
@@ -471,6 +501,14 @@ fn read_weight_index(path: &Path) -> Result<Vec<String>> {
         );
     }
     Ok(shards)
+}
+
+/// Whether `file` holds weights (on the Hub such files are stored with LFS, which reports
+/// their sha256).
+fn is_weights(file: &str) -> bool {
+    [".safetensors", ".gguf", ".bin", ".pth"]
+        .iter()
+        .any(|ext| file.ends_with(ext))
 }
 
 /// `<dest>.part`, where a download grows until it is checked.

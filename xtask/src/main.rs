@@ -8,6 +8,7 @@ mod fetch;
 mod gen_tiny;
 mod hf;
 mod pypi;
+mod run;
 mod source;
 mod test;
 
@@ -15,7 +16,12 @@ use clap::{Parser, Subcommand};
 
 /// kiln's host pipeline: get a Llama 3-family checkpoint, compile it for a device, run it.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", version, propagate_version = true)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    version,
+    propagate_version = true
+)]
 #[command(after_help = "Run `cargo xtask <COMMAND> --help` for the details of a command.")]
 struct Cli {
     #[command(subcommand)]
@@ -34,6 +40,8 @@ enum Command {
     Compile(compile::Args),
     /// Write a tiny random Llama 3.2-shaped checkpoint (Hugging Face layout) for tests.
     GenTiny(gen_tiny::Args),
+    /// Fetch, compile and run the default model (or another card) on a prompt.
+    Run(run::Args),
     /// Fetch the test assets and Python peers, then run the whole test suite.
     Test(test::Args),
 }
@@ -45,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Command::Export(args) => export::run(args),
         Command::Compile(args) => compile::run(args),
         Command::GenTiny(args) => gen_tiny::run(args),
+        Command::Run(args) => run::run(args),
         Command::Test(args) => test::run(args),
     }
 }

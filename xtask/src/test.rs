@@ -36,7 +36,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let status = Command::new(cargo)
-        .args(["test", "--release", "--workspace"])
+        .args(["test", "--release", "--workspace", "--no-fail-fast"])
         .args(&args.cargo_args)
         .env("KILN_TEST_GGUF", gguf)
         .env("KILN_TEST_LLAMA3_TOKENIZER", tokenizer)

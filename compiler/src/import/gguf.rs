@@ -99,6 +99,14 @@ impl GgufFile {
         }
         let tensor_count = r.u64()?;
         let kv_count = r.u64()?;
+        // A tensor info takes at least 32 bytes and a key-value pair at least 13: counts the rest
+        // of the file cannot hold are corrupt, and must not drive reads of the tensor data.
+        let rest = (map.len() - r.pos) as u128;
+        if u128::from(tensor_count) * 32 + u128::from(kv_count) * 13 > rest {
+            return Err(r.bad(&format!(
+                "{tensor_count} tensors and {kv_count} metadata entries cannot fit in the rest of the file (truncated or corrupt)"
+            )));
+        }
         let mut metadata = HashMap::new();
         for _ in 0..kv_count {
             let key = r.string()?;
@@ -118,7 +126,9 @@ impl GgufFile {
             let name = r.string()?;
             let n_dims = r.u32()?;
             if n_dims == 0 || n_dims > 4 {
-                return Err(r.bad(&format!("tensor {name}: {n_dims} dimensions")));
+                return Err(r.bad(&format!(
+                    "tensor {name:?}: {n_dims} dimensions (1 to 4 supported)"
+                )));
             }
             let dims = (0..n_dims)
                 .map(|_| r.u64())
@@ -270,6 +280,9 @@ fn tensor_bytes(dims: &[u64], format: Format) -> Option<usize> {
     let rows = dims[1..]
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))?;
+    // No format takes more than 4 bytes a value: bounding the f32 size first keeps
+    // `row_bytes` from overflowing (and wrapping to a small length) on absurd dimensions.
+    row.checked_mul(rows)?.checked_mul(4)?;
     format.row_bytes(row)?.checked_mul(rows)
 }
 
@@ -327,7 +340,11 @@ impl Reader<'_> {
         usize::try_from(n)
             .ok()
             .filter(|&n| n <= self.bytes.len() - self.pos)
-            .ok_or_else(|| self.bad(&format!("length {n} runs past the end of the file")))
+            .ok_or_else(|| {
+                self.bad(&format!(
+                    "length {n} runs past the end of the file (truncated or corrupt)"
+                ))
+            })
     }
 
     fn string(&mut self) -> Result<String, ImportError> {

@@ -49,6 +49,15 @@ fn facts(file: &GgufFile) -> Result<ModelFacts, ImportError> {
         Some(_) => usize_of("llama.rope.dimension_count")?,
         None => hidden_size / heads,
     };
+    // RoPE rotates pairs; the Q/K row permutation divides by half a head.
+    if head_dim == 0 || head_dim % 2 != 0 || heads.checked_mul(head_dim).is_none() {
+        return Err(ImportError::Corrupt {
+            path: file.path().to_path_buf(),
+            what: format!(
+                "head dimension {head_dim} is not a positive even number of a plausible size"
+            ),
+        });
+    }
     let tokens = file
         .string_array("tokenizer.ggml.tokens")?
         .unwrap_or_default();
@@ -163,7 +172,8 @@ fn weights(file: &GgufFile, facts: &ModelFacts) -> Result<LlamaWeights, ImportEr
     let (d, hd) = (facts.hidden_size, facts.head_dim);
     let tensor = |name: &str, expected: &[usize]| load(file, name, expected);
     let embed = tensor("token_embd.weight", &[facts.vocab_size, d])?;
-    let mut layers = Vec::with_capacity(facts.layers);
+    // `layers` comes from the file: reserve for a plausible count only, the tensors decide.
+    let mut layers = Vec::with_capacity(facts.layers.min(1024));
     for i in 0..facts.layers {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
         let wq = tensor(&n("attn_q"), &[facts.heads * hd, d])?;

@@ -52,9 +52,16 @@ pub fn import(path: &Path) -> Result<Checkpoint, ImportError> {
     if path.is_file() {
         let mut magic = [0u8; 4];
         use std::io::Read;
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .map_err(|e| ImportError::io(path, e))?;
+        match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(ImportError::Corrupt {
+                    path: path.to_path_buf(),
+                    what: "file is too short to be a GGUF file (empty or truncated?)".into(),
+                })
+            }
+            Err(e) => return Err(ImportError::io(path, e)),
+        }
         if &magic == b"GGUF" {
             return gguf_llama::import(path);
         }
@@ -67,10 +74,11 @@ pub fn import(path: &Path) -> Result<Checkpoint, ImportError> {
         return hf::import(path);
     }
     if !path.exists() {
-        return Err(ImportError::io(
-            path,
-            std::io::Error::from(std::io::ErrorKind::NotFound),
-        ));
+        // The OS's own error reads "No such file or directory", clearer than "entity not found".
+        let source = std::fs::metadata(path)
+            .err()
+            .unwrap_or_else(|| std::io::ErrorKind::NotFound.into());
+        return Err(ImportError::io(path, source));
     }
     Err(ImportError::UnknownKind {
         path: path.to_path_buf(),

@@ -1,5 +1,7 @@
 //! Shared by the `hf_*` tests: Meta's `llama_models` package, tiny checkpoints, and raw
 //! safetensors rewriting.
+// Each test crate that includes this module uses only part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 

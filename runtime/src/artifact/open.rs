@@ -28,6 +28,13 @@ impl Artifact {
             source,
         };
         let file = std::fs::File::open(path).map_err(io)?;
+        // Mapping a directory fails with a baffling "No such device".
+        if file.metadata().map_err(io)?.is_dir() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory, not a .kiln artifact",
+            )));
+        }
         // SAFETY: the mapping is read-only and the file is not written by kiln while mapped;
         // every offset read from it is bounds-checked by `parse` before use.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;

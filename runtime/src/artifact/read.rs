@@ -169,9 +169,13 @@ fn check_tensors(meta: &Metadata, weights: &[u8]) -> Result<(), ArtifactError> {
             name: t.name.clone(),
             what,
         };
+        // No format takes more than 4 bytes a value: bounding the f32 size first keeps the
+        // products below from overflowing (and wrapping to a small length) on absurd shapes.
         let expected = t
-            .format
-            .row_bytes(t.cols())
+            .shape
+            .iter()
+            .try_fold(4usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|_| t.format.row_bytes(t.cols()))
             .and_then(|r| r.checked_mul(t.rows()));
         if expected.map(|e| e as u64) != Some(t.len) {
             return Err(bad(format!(

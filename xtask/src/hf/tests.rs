@@ -183,6 +183,10 @@ fn serve(conn: TcpStream, root: &Path, state: &Mutex<Behaviour>) -> io::Result<(
         let headers = [("X-Error-Code", "RevisionNotFound".to_string())];
         return respond(&mut conn, "404 Not Found", &headers, b"", head_only);
     }
+    if !root.join(owner).join(name).is_dir() {
+        let headers = [("X-Error-Code", "RepoNotFound".to_string())];
+        return respond(&mut conn, "401 Unauthorized", &headers, b"", head_only);
+    }
     let Ok(data) = fs::read(root.join(owner).join(name).join(file)) else {
         let headers = [("X-Error-Code", "EntryNotFound".to_string())];
         return respond(&mut conn, "404 Not Found", &headers, b"", head_only);
@@ -616,6 +620,20 @@ fn missing_file_is_named() {
     let err = format!("{err:#}");
     assert!(
         err.contains("`special_tokens_map.json` not found in test-org/tiny-llama"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_repository_is_named() {
+    let server = FakeHub::start(None);
+    let cache = tempfile::tempdir().unwrap();
+    let err = format!(
+        "{:#}",
+        fetch_into(&server.hub(None, 1), cache.path()).unwrap_err()
+    );
+    assert!(
+        err.contains("no repository test-org/tiny-llama on http://127.0.0.1:"),
         "{err}"
     );
 }

@@ -71,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         messages.push(ChatMessage::new("user", line));
         let text = template.render(&messages, true)?;
-        let ids = model.encode_prompt(&text, true);
+        let ids = model.encode_chat(&text);
         let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count();
         // At least one token must run to get logits for the reply.
         let keep = common.min(ids.len() - 1);
