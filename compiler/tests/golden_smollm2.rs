@@ -160,3 +160,61 @@ fn f32_perplexity_within_1_percent_of_llama_cpp() {
 fn q4_1_perplexity_within_1_percent_of_llama_cpp() {
     check_perplexity(Format::Q4_1, "Q4_1");
 }
+
+/// What `kiln chat` relies on between turns: running a prompt in two parts over the KV cache
+/// (with a rewind in between, as when a turn's rendering shares a prefix) gives the logits of
+/// running it whole.
+#[test]
+fn kv_cache_reuse_gives_the_logits_of_a_fresh_prefill() {
+    let model = Model::open(&artifact(Format::F32)).expect("open");
+    let chat = &common::golden()["greedy"]["cases"][2];
+    let prompt = ids(&chat["prompt_ids"]);
+    let mut fresh = model.session(opts()).expect("session");
+    let whole = fresh.forward(&prompt).expect("forward").to_vec();
+    let mut reused = model.session(opts()).expect("session");
+    let split = prompt.len() / 2;
+    reused.forward(&prompt[..split + 3]).expect("first part");
+    reused.rewind(split);
+    let parts = reused
+        .forward(&prompt[split..])
+        .expect("second part")
+        .to_vec();
+    let diff = whole
+        .iter()
+        .zip(&parts)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff <= 1e-3, "max logit difference {diff}");
+}
+
+/// `--quant q4_1` keeps llama.cpp's blocks bit for bit: every matrix of the artifact holds the
+/// GGUF's bytes (query/key rows only reordered whole, to undo the converter's permutation).
+#[test]
+fn q4_1_artifact_keeps_the_gguf_blocks_bit_exact() {
+    let gguf = kiln_compiler::import::gguf::GgufFile::open(&common::smollm2_gguf()).expect("gguf");
+    let artifact =
+        kiln_runtime::artifact::Artifact::open(&artifact(Format::Q4_1)).expect("artifact");
+    let mut compared = 0;
+    for entry in &artifact.meta().tensors {
+        let Some(info) = gguf.tensors.get(&entry.name) else {
+            continue;
+        };
+        if entry.shape.len() != 2 {
+            continue;
+        }
+        let ours = artifact.tensor(entry);
+        let theirs = gguf.tensor_bytes(info);
+        assert_eq!(entry.format, info.format, "{}", entry.name);
+        if entry.name.contains("attn_q") || entry.name.contains("attn_k") {
+            let mut a: Vec<&[u8]> = ours.chunks(ours.len() / entry.rows()).collect();
+            let mut b: Vec<&[u8]> = theirs.chunks(theirs.len() / entry.rows()).collect();
+            a.sort_unstable();
+            b.sort_unstable();
+            assert_eq!(a, b, "{}: the same rows", entry.name);
+        } else {
+            assert_eq!(ours, theirs, "{}", entry.name);
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, 1 + 30 * 7, "token_embd and 7 matrices per layer");
+}

@@ -1,5 +1,7 @@
 //! Shared by the ONNX parity tests: running an exported decoder in onnxruntime (through
 //! `testdata/onnx/ort_run.py`) and in tract, step by step with a KV cache.
+// Each test crate that includes this module uses only part of it.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::Command;

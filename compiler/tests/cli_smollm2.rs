@@ -1,0 +1,201 @@
+//! The `kiln` binary as a user runs it, on the default model compiled to `q4_1`: streamed and
+//! JSON output, tokenize, bench, chat, and clear errors for a context overflow or a bad file.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use kiln_runtime::quant::Format;
+use serde_json::Value;
+
+/// The `kiln` binary cargo built for this test run (next to the test executable's `deps/`).
+fn kiln() -> Command {
+    let exe = std::env::current_exe().expect("test executable");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("kiln");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build --release --bin kiln`",
+        bin.display()
+    );
+    Command::new(bin)
+}
+
+fn artifact() -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
+    PATH.get_or_init(|| common::compile_smollm2(dir.path(), Format::Q4_1))
+        .clone()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("running kiln")
+}
+
+fn stdout_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "kiln failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+fn golden_p1() -> Value {
+    common::golden()["greedy"]["cases"][0].clone()
+}
+
+#[test]
+fn run_json_gives_llama_cpp_greedy_ids() {
+    let case = golden_p1();
+    let out = run(kiln().arg("run").arg(artifact()).args([
+        "-p",
+        case["prompt"].as_str().expect("prompt"),
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "--json",
+    ]));
+    let v = stdout_json(&out);
+    assert_eq!(v["prompt_ids"], case["prompt_ids"]);
+    let want: Vec<Value> = case["Q4_1"]["generated_ids"].as_array().expect("ids")[..8].to_vec();
+    assert_eq!(v["ids"].as_array().expect("ids"), &want);
+    assert_eq!(v["stop"], "max_tokens");
+    assert!(
+        v["text"].as_str().expect("text").starts_with(" Paris"),
+        "{v}"
+    );
+}
+
+#[test]
+fn run_streams_text_and_stops_at_a_stop_string() {
+    let out = run(kiln().arg("run").arg(artifact()).args([
+        "-p",
+        "The capital of France is",
+        "-n",
+        "40",
+        "--temp",
+        "0",
+        "--stop",
+        "\n",
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        " Paris.\n",
+        "text is cut before the stop string"
+    );
+}
+
+#[test]
+fn tokenize_json_matches_llama_cpp_prompt_ids() {
+    let case = golden_p1();
+    let out = run(kiln().arg("tokenize").arg(artifact()).args([
+        "--text",
+        case["prompt"].as_str().expect("prompt"),
+        "--json",
+    ]));
+    assert_eq!(stdout_json(&out)["ids"], case["prompt_ids"]);
+}
+
+#[test]
+fn bench_json_reports_every_field() {
+    let out = run(kiln()
+        .arg("bench")
+        .arg(artifact())
+        .args(["-p", "16", "-n", "4", "-r", "1", "-t", "1", "--json"]));
+    let v = stdout_json(&out);
+    for key in [
+        "prompt_tokens_per_s",
+        "decode_tokens_per_s",
+        "ttft_ms",
+        "peak_rss_mb",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+    }
+}
+
+#[test]
+fn chat_answers_every_turn() {
+    let mut child = kiln()
+        .arg("chat")
+        .arg(artifact())
+        .args(["-n", "24", "--temp", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln chat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"What is the capital of France?\nAnd of Italy?\n")
+        .expect("write turns");
+    let out = child.wait_with_output().expect("kiln chat");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let replies: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        replies.len(),
+        2,
+        "one reply per turn expected, got {text:?}"
+    );
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_a_clear_error() {
+    let out = run(kiln().arg("run").arg(artifact()).args([
+        "-p",
+        "one two three four five six seven eight nine ten",
+        "-c",
+        "4",
+    ]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("context full") && err.contains("4-token context"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_missing_or_corrupt_artifact_is_a_clear_error() {
+    let out = run(kiln().args(["run", "/nonexistent/model.kiln", "-p", "hi"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/model.kiln"), "{err}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = dir.path().join("bad.kiln");
+    std::fs::write(
+        &bad,
+        b"GGUF this is not an artifact at all, but long enough for a header......",
+    )
+    .expect("write");
+    let out = run(kiln().arg("run").arg(&bad).args(["-p", "hi"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.kiln") && err.contains("not a kiln artifact"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
