@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use kiln_runtime::artifact::write::{self, Contents, TensorData};
-use kiln_runtime::artifact::{BufferDecl, Graph, Metadata, Op};
+use kiln_runtime::artifact::{BufferDecl, Graph, Metadata, Op, TensorEntry};
+use kiln_runtime::exec::{MemoryPlan, SessionError, SessionOptions};
 use kiln_runtime::quant::Format;
 
 use crate::graph::{Checkpoint, Tensor};
@@ -76,11 +77,16 @@ fn push<'t>(tensors: &mut Vec<&'t Tensor>, t: &'t Tensor) -> usize {
     tensors.len() - 1
 }
 
-/// Writes `checkpoint` (already in its final storage, see [`convert`]) to `path` atomically.
-pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport, EmitError> {
+/// The RoPE inverse frequencies as the tensor the `Rope` ops read.
+fn inv_freq(checkpoint: &Checkpoint) -> Tensor {
+    let f = &checkpoint.facts;
+    Tensor::from_f32("rope.inv_freq", vec![f.head_dim / 2], &f.rope_inv_freq())
+}
+
+/// The decoder as an op list over named buffers, and the tensors its ops index.
+fn layout<'c>(checkpoint: &'c Checkpoint, inv_freq: &'c Tensor) -> (Graph, Vec<&'c Tensor>) {
     let f = &checkpoint.facts;
     let w = &checkpoint.weights;
-    let inv_freq = Tensor::from_f32("rope.inv_freq", vec![f.head_dim / 2], &f.rope_inv_freq());
     let mut tensors: Vec<&Tensor> = Vec::new();
     let mut id = |t| push(&mut tensors, t);
 
@@ -114,7 +120,7 @@ pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport
         table: embed,
         out: x,
     }];
-    let rope = id(&inv_freq);
+    let rope = id(inv_freq);
     for (layer, l) in w.layers.iter().enumerate() {
         ops.extend([
             Op::RmsNorm {
@@ -204,6 +210,44 @@ pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport
         weight: output,
     });
 
+    (Graph { buffers, ops }, tensors)
+}
+
+/// The artifact's metadata for `graph` and `tensors` (offsets are assigned when writing).
+fn metadata(checkpoint: &Checkpoint, graph: Graph, tensors: &[&Tensor]) -> Metadata {
+    Metadata {
+        producer: format!("kiln-compiler {}", env!("CARGO_PKG_VERSION")),
+        facts: checkpoint.facts.clone(),
+        required_cpu_features: Vec::new(),
+        tensors: tensors
+            .iter()
+            .map(|t| TensorEntry {
+                name: t.name.clone(),
+                format: t.format,
+                shape: t.shape.clone(),
+                offset: 0,
+                len: t.data.len() as u64,
+            })
+            .collect(),
+        graph,
+    }
+}
+
+/// The memory the runtime will need for `checkpoint` (in its final storage) with `opts`,
+/// known before anything is written or run.
+pub fn memory_plan(
+    checkpoint: &Checkpoint,
+    opts: &SessionOptions,
+) -> Result<MemoryPlan, SessionError> {
+    let inv_freq = inv_freq(checkpoint);
+    let (graph, tensors) = layout(checkpoint, &inv_freq);
+    MemoryPlan::new(&metadata(checkpoint, graph, &tensors), opts)
+}
+
+/// Writes `checkpoint` (already in its final storage, see [`convert`]) to `path` atomically.
+pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport, EmitError> {
+    let inv_freq = inv_freq(checkpoint);
+    let (graph, tensors) = layout(checkpoint, &inv_freq);
     let data: Vec<TensorData> = tensors
         .iter()
         .map(|t| TensorData {
@@ -221,13 +265,7 @@ pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport
         }
     }
     let tokenizer = checkpoint.tokenizer.to_bytes();
-    let meta = Metadata {
-        producer: format!("kiln-compiler {}", env!("CARGO_PKG_VERSION")),
-        facts: f.clone(),
-        required_cpu_features: Vec::new(),
-        tensors: Vec::new(),
-        graph: Graph { buffers, ops },
-    };
+    let meta = metadata(checkpoint, graph, &tensors);
     let (n_tensors, n_ops) = (data.len(), meta.graph.ops.len());
     let bytes = write::write(
         path,

@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::quant::Format;
 
 use crate::source;
 
-/// Compile a model into a `.kiln` artifact (op list, weights, tokenizer, chat template).
+/// Compile a model into a `.kiln` artifact (op list, weights, tokenizer, chat template); the
+/// peak memory the runtime will need is printed before anything is written.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// A model card name (fetched on demand), a GGUF file or a Hugging Face checkpoint directory.
@@ -23,9 +25,44 @@ pub struct Args {
     /// Where to write the artifact.
     #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
+    /// Context length the memory prediction assumes (default: the model's, at most 4096).
+    #[arg(long = "ctx")]
+    pub ctx: Option<usize>,
+    /// Refuse a model whose predicted peak memory exceeds this (e.g. `512M`, `2G`, bytes).
+    #[arg(long, value_parser = parse_size)]
+    pub max_memory: Option<u64>,
     /// Print a JSON report instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `512M`, `2G`, `1.5GiB`, `300000` → bytes (decimal units; `Ki`/`Mi`/`Gi` binary).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim().trim_end_matches(['b', 'B']);
+    let (number, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
+    let scale: f64 = match unit {
+        "" => 1.0,
+        "K" | "k" => 1e3,
+        "M" | "m" => 1e6,
+        "G" | "g" => 1e9,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "unknown size unit {unit:?} in {text:?} (use K, M, G, Ki, Mi, Gi)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {text:?}"))?;
+    Ok((value * scale) as u64)
+}
+
+fn mb(bytes: usize) -> f64 {
+    bytes as f64 / 1e6
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -45,12 +82,42 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let checkpoint = source::import(&args.model)?;
     let converted = kiln_compiler::emit::convert(&checkpoint, quant)?;
     drop(checkpoint);
+    let options = SessionOptions {
+        context: args.ctx.unwrap_or(0),
+        ..SessionOptions::default()
+    };
+    let plan = kiln_compiler::emit::memory_plan(&converted, &options)?;
+    let fits = args
+        .max_memory
+        .is_none_or(|limit| plan.total() as u64 <= limit);
+    if !args.json || !fits {
+        eprintln!(
+            "peak memory at a {}-token context: {:.1} MB = weights {:.1} MB (mapped) + KV cache {:.1} MB + buffers {:.1} MB + scratch {:.1} MB + logits {:.1} MB",
+            plan.context,
+            mb(plan.total()),
+            mb(plan.weights),
+            mb(plan.kv_cache),
+            mb(plan.buffers),
+            mb(plan.scratch),
+            mb(plan.logits)
+        );
+    }
+    if let Some(limit) = args.max_memory.filter(|_| !fits) {
+        anyhow::bail!(
+            "the model needs {:.1} MB at a {}-token context, over the --max-memory budget of {:.1} MB; nothing was written (try a smaller --quant or --ctx)",
+            mb(plan.total()),
+            plan.context,
+            limit as f64 / 1e6
+        );
+    }
     let spinner = source::spinner(&format!("writing {}", args.out.display()));
     let report = kiln_compiler::emit::write_artifact(&converted, &args.out);
     spinner.finish_and_clear();
     let report = report?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let value =
+            serde_json::json!({ "artifact": report, "memory": plan, "peak_bytes": plan.total() });
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         let weights: Vec<String> = report
             .weight_bytes
@@ -69,4 +136,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("300000"), Ok(300_000));
+        assert_eq!(parse_size("512M"), Ok(512_000_000));
+        assert_eq!(parse_size("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 * 1024 * 1024 * 1024));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("M").is_err());
+    }
 }

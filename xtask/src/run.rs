@@ -36,6 +36,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             target: "host".into(),
             quant: args.quant.clone(),
             out: out.clone(),
+            ctx: None,
+            max_memory: None,
             json: false,
         })?;
     }

@@ -2,6 +2,9 @@
 //! allocated once, when the session is created.
 
 mod parallel;
+mod plan;
+
+pub use plan::MemoryPlan;
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -78,18 +81,9 @@ impl<'a> Session<'a> {
         weights: &'a [u8],
         opts: SessionOptions,
     ) -> Result<Session<'a>, SessionError> {
+        let plan = MemoryPlan::new(meta, &opts)?;
         let facts = meta.facts.clone();
-        let context = match opts.context {
-            0 => facts.context_length.min(DEFAULT_CONTEXT),
-            c => c,
-        };
-        if context > facts.context_length {
-            return Err(SessionError::Setup(alloc::format!(
-                "a context of {context} exceeds the model's {} tokens",
-                facts.context_length
-            )));
-        }
-        let batch = opts.batch.max(1);
+        let (context, batch) = (plan.context, plan.batch);
         let threads = opts.threads.max(1);
         let tensors: Vec<Matrix<'a>> = meta
             .tensors
@@ -163,7 +157,8 @@ impl<'a> Session<'a> {
         self.kernels.name
     }
 
-    /// Bytes this session allocated (buffers, KV cache, scratch, logits).
+    /// Bytes this session allocated (buffers, KV cache, scratch, logits), counted from the
+    /// buffers themselves so a test can hold it against [`MemoryPlan::session_bytes`].
     pub fn allocated_bytes(&self) -> usize {
         let floats = self.bufs.iter().map(Vec::len).sum::<usize>()
             + self.k_cache.len()
@@ -173,7 +168,7 @@ impl<'a> Session<'a> {
             + self.scores.len()
             + self.scratch.len()
             + self.logits.len();
-        floats * 4
+        floats * core::mem::size_of::<f32>() + self.xq.len() * core::mem::size_of::<Q8Block>()
     }
 
     /// Forgets cached tokens from `pos` on (keeps the prefix for the next turn).

@@ -1,0 +1,96 @@
+//! Memory is planned before the model runs: the compiler's prediction is exactly what a session
+//! allocates, and decoding a token after warm-up performs zero heap allocations.
+
+mod common;
+#[path = "../../runtime/tests/counting_alloc/mod.rs"]
+mod counting_alloc;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use counting_alloc::allocations;
+use kiln_runtime::artifact::Artifact;
+use kiln_runtime::exec::{MemoryPlan, SessionOptions};
+use kiln_runtime::quant::Format;
+use kiln_runtime::sampler::{Sampler, SamplerConfig};
+
+fn artifact() -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
+    PATH.get_or_init(|| common::compile_smollm2(dir.path(), Format::Q4_1))
+        .clone()
+}
+
+#[test]
+fn the_plan_is_what_a_session_allocates() {
+    let checkpoint = kiln_compiler::import::import(&common::smollm2_gguf()).expect("import");
+    let artifact = Artifact::open(&artifact()).expect("open");
+    for opts in [
+        SessionOptions::default(),
+        SessionOptions {
+            context: 256,
+            batch: 256,
+            logits_all: true,
+            threads: 2,
+        },
+        SessionOptions {
+            context: 8192,
+            batch: 1,
+            logits_all: false,
+            threads: 4,
+        },
+    ] {
+        let predicted = kiln_compiler::emit::memory_plan(&checkpoint, &opts).expect("plan");
+        assert_eq!(
+            predicted,
+            MemoryPlan::new(artifact.meta(), &opts).expect("plan"),
+            "{opts:?}"
+        );
+        let session = artifact.session(opts.clone()).expect("session");
+        assert_eq!(
+            session.allocated_bytes(),
+            predicted.session_bytes(),
+            "{opts:?}"
+        );
+        assert_eq!(
+            predicted.weights as u64,
+            artifact.meta().tensors.iter().map(|t| t.len).sum::<u64>()
+        );
+    }
+}
+
+#[test]
+fn decoding_a_token_allocates_nothing() {
+    let artifact = Artifact::open(&artifact()).expect("open");
+    let opts = SessionOptions {
+        threads: 1,
+        ..SessionOptions::default()
+    };
+    let mut session = artifact.session(opts).expect("session");
+    let vocab = artifact.meta().facts.vocab_size;
+    let mut sampler = Sampler::new(
+        SamplerConfig {
+            seed: 7,
+            ..SamplerConfig::default()
+        },
+        vocab,
+    );
+    let prompt = [504, 3575, 282, 4649, 314];
+    let mut next = sampler.sample(session.forward(&prompt).expect("prefill"));
+    // Counted after a short warm-up, as a server would run one before taking requests.
+    for _ in 0..2 {
+        sampler.accept(next);
+        next = sampler.sample(session.forward(&[next]).expect("decode"));
+    }
+    let before = allocations();
+    for _ in 0..64 {
+        sampler.accept(next);
+        next = sampler.sample(session.forward(&[next]).expect("decode"));
+    }
+    assert_eq!(
+        allocations() - before,
+        0,
+        "heap allocations while decoding 64 tokens"
+    );
+}
