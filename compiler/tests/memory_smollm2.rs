@@ -1,5 +1,6 @@
 //! Memory is planned before the model runs: the compiler's prediction is exactly what a session
-//! allocates, and decoding a token after warm-up performs zero heap allocations.
+//! allocates, a caller-provided arena of that size works and one float less is refused, and
+//! decoding a token after warm-up performs zero heap allocations.
 
 mod common;
 #[path = "../../runtime/tests/counting_alloc/mod.rs"]
@@ -10,7 +11,7 @@ use std::sync::OnceLock;
 
 use counting_alloc::allocations;
 use kiln_runtime::artifact::Artifact;
-use kiln_runtime::exec::{MemoryPlan, SessionOptions};
+use kiln_runtime::exec::{MemoryPlan, SessionError, SessionOptions};
 use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
 
@@ -93,4 +94,41 @@ fn decoding_a_token_allocates_nothing() {
         0,
         "heap allocations while decoding 64 tokens"
     );
+}
+
+#[test]
+fn a_caller_arena_of_the_planned_size_runs_and_one_float_less_is_refused() {
+    let artifact = Artifact::open(&artifact()).expect("open");
+    let opts = SessionOptions {
+        context: 512,
+        ..SessionOptions::default()
+    };
+    let plan = MemoryPlan::new(artifact.meta(), &opts).expect("plan");
+    let floats = plan.session_bytes() / std::mem::size_of::<f32>();
+    let prompt = [504, 3575, 282, 4649, 314];
+
+    let mut own = artifact.session(opts.clone()).expect("session");
+    let expected = own.forward(&prompt).expect("forward").to_vec();
+    let mut arena = vec![0f32; floats];
+    let mut lent = artifact
+        .session_in(opts.clone(), &mut arena)
+        .expect("session in a planned arena");
+    assert_eq!(lent.forward(&prompt).expect("forward"), expected.as_slice());
+
+    let mut short = vec![0f32; floats - 1];
+    match artifact.session_in(opts, &mut short) {
+        Err(e @ SessionError::ArenaTooSmall { needed, given }) => {
+            assert_eq!(
+                (needed, given),
+                (plan.session_bytes(), plan.session_bytes() - 4)
+            );
+            let message = e.to_string();
+            assert!(
+                message.contains(&needed.to_string()) && message.contains(&given.to_string()),
+                "{message}"
+            );
+        }
+        Err(e) => panic!("wrong error for a short arena: {e}"),
+        Ok(_) => panic!("a session accepted an arena one float too small"),
+    }
 }

@@ -92,6 +92,17 @@ impl Artifact {
         crate::exec::Session::new(&self.parsed.meta, weights, opts)
     }
 
+    /// A session over this artifact whose buffers live in `arena`, sized by the caller with
+    /// [`crate::exec::MemoryPlan::session_bytes`].
+    pub fn session_in<'s>(
+        &'s self,
+        opts: crate::exec::SessionOptions,
+        arena: &'s mut [f32],
+    ) -> Result<crate::exec::Session<'s>, crate::exec::SessionError> {
+        let weights = &bytes_of(&self.bytes)[self.parsed.weights.clone()];
+        crate::exec::Session::with_arena(&self.parsed.meta, weights, opts, arena)
+    }
+
     /// Total size of the artifact in bytes.
     pub fn len(&self) -> usize {
         bytes_of(&self.bytes).len()

@@ -1,17 +1,20 @@
-//! The executor: a session walks the artifact's op list over buffers and a KV cache that are
-//! allocated once, when the session is created.
+//! The executor: a session walks the artifact's op list over buffers, a KV cache and scratch
+//! that all live in one arena, allocated (or handed in by the caller) when the session is created.
 
+mod arena;
 mod parallel;
 mod plan;
 
+use arena::Arena;
 pub use plan::MemoryPlan;
+use plan::Regions;
 
 use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::artifact::{Metadata, Op};
 use crate::kernels::q8::{self, Q8Block};
-use crate::kernels::{self, Input, Kernels, Matrix, TILE_ROWS};
+use crate::kernels::{self, Input, Kernels, Matrix};
 use crate::model::ModelFacts;
 use crate::quant::BLOCK;
 
@@ -49,11 +52,13 @@ pub enum SessionError {
     ContextFull { needed: usize, context: usize },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     BadToken { id: u32, vocab: usize },
+    #[error("the arena holds {given} bytes, the session needs {needed} (plan it with MemoryPlan::session_bytes)")]
+    ArenaTooSmall { needed: usize, given: usize },
     #[error("{0}")]
     Setup(alloc::string::String),
 }
 
-/// A running model: weights borrowed from the artifact, everything else owned and preallocated.
+/// A running model: weights borrowed from the artifact, everything else in one arena.
 pub struct Session<'a> {
     facts: ModelFacts,
     ops: Vec<Op>,
@@ -61,30 +66,49 @@ pub struct Session<'a> {
     kernels: Kernels,
     opts: SessionOptions,
     context: usize,
-    bufs: Vec<Vec<f32>>,
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    scores: Vec<f32>,
-    scratch: Vec<f32>,
-    /// Activations quantized for block-quantized weights.
-    xq: Vec<Q8Block>,
-    logits: Vec<f32>,
+    arena: Arena<'a>,
+    regions: Regions,
     pos: usize,
 }
 
 impl<'a> Session<'a> {
-    /// Creates a session over `weights` (the artifact's weights section) described by `meta`.
+    /// Creates a session over `weights` (the artifact's weights section) described by `meta`,
+    /// allocating its arena.
     pub fn new(
         meta: &Metadata,
         weights: &'a [u8],
         opts: SessionOptions,
     ) -> Result<Session<'a>, SessionError> {
-        let plan = MemoryPlan::new(meta, &opts)?;
-        let facts = meta.facts.clone();
-        let (context, batch) = (plan.context, plan.batch);
-        let threads = opts.threads.max(1);
+        let layout = plan::layout(meta, &opts)?;
+        let arena = Arena::Owned(vec![0.0; layout.2.len]);
+        Session::build(meta, weights, opts, arena, layout)
+    }
+
+    /// Creates a session whose buffers, KV cache and scratch live in `arena`, which the caller
+    /// sized with [`MemoryPlan::session_bytes`]; nothing is allocated for them.
+    pub fn with_arena(
+        meta: &Metadata,
+        weights: &'a [u8],
+        opts: SessionOptions,
+        arena: &'a mut [f32],
+    ) -> Result<Session<'a>, SessionError> {
+        let layout = plan::layout(meta, &opts)?;
+        if arena.len() < layout.2.len {
+            return Err(SessionError::ArenaTooSmall {
+                needed: layout.2.len * core::mem::size_of::<f32>(),
+                given: core::mem::size_of_val(arena),
+            });
+        }
+        Session::build(meta, weights, opts, Arena::Borrowed(arena), layout)
+    }
+
+    fn build(
+        meta: &Metadata,
+        weights: &'a [u8],
+        opts: SessionOptions,
+        arena: Arena<'a>,
+        (context, batch, regions): (usize, usize, Regions),
+    ) -> Result<Session<'a>, SessionError> {
         let tensors: Vec<Matrix<'a>> = meta
             .tensors
             .iter()
@@ -105,35 +129,19 @@ impl<'a> Session<'a> {
                 )));
             }
         }
-        let max_cols = tensors.iter().map(|m| m.cols).max().unwrap_or(0);
-        let kv = facts.layers * facts.kv_heads * context * facts.head_dim;
-        let half = facts.head_dim / 2;
-        let logit_rows = if opts.logits_all { batch } else { 1 };
         Ok(Session {
+            facts: meta.facts.clone(),
             ops: meta.graph.ops.clone(),
-            bufs: meta
-                .graph
-                .buffers
-                .iter()
-                .map(|b| vec![0.0; b.width * batch])
-                .collect(),
-            k_cache: vec![0.0; kv],
-            v_cache: vec![0.0; kv],
-            cos: vec![0.0; batch * half],
-            sin: vec![0.0; batch * half],
-            scores: vec![0.0; context],
-            scratch: vec![0.0; threads * TILE_ROWS * max_cols],
-            xq: vec![Q8Block::default(); batch * max_cols.div_ceil(BLOCK)],
-            logits: vec![0.0; logit_rows * facts.vocab_size],
-            kernels: Kernels::detect(),
             tensors,
-            facts,
-            context,
+            kernels: Kernels::detect(),
             opts: SessionOptions {
                 batch,
-                threads,
+                threads: opts.threads.max(1),
                 ..opts
             },
+            context,
+            arena,
+            regions,
             pos: 0,
         })
     }
@@ -157,18 +165,9 @@ impl<'a> Session<'a> {
         self.kernels.name
     }
 
-    /// Bytes this session allocated (buffers, KV cache, scratch, logits), counted from the
-    /// buffers themselves so a test can hold it against [`MemoryPlan::session_bytes`].
+    /// Bytes of the arena the session uses (held against [`MemoryPlan::session_bytes`] in tests).
     pub fn allocated_bytes(&self) -> usize {
-        let floats = self.bufs.iter().map(Vec::len).sum::<usize>()
-            + self.k_cache.len()
-            + self.v_cache.len()
-            + self.cos.len()
-            + self.sin.len()
-            + self.scores.len()
-            + self.scratch.len()
-            + self.logits.len();
-        floats * core::mem::size_of::<f32>() + self.xq.len() * core::mem::size_of::<Q8Block>()
+        self.regions.len * core::mem::size_of::<f32>()
     }
 
     /// Forgets cached tokens from `pos` on (keeps the prefix for the next turn).
@@ -188,7 +187,8 @@ impl<'a> Session<'a> {
         } else {
             0
         };
-        Ok(&self.logits[last * vocab..(last + 1) * vocab])
+        let logits = &self.arena.floats()[self.regions.logits.clone()];
+        Ok(&logits[last * vocab..(last + 1) * vocab])
     }
 
     /// Runs at most `batch` tokens and returns every token's logits (`tokens.len() × vocab`);
@@ -202,7 +202,8 @@ impl<'a> Session<'a> {
         }
         self.check(tokens)?;
         self.run(tokens);
-        Ok(&self.logits[..tokens.len() * self.facts.vocab_size])
+        let logits = &self.arena.floats()[self.regions.logits.clone()];
+        Ok(&logits[..tokens.len() * self.facts.vocab_size])
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), SessionError> {
@@ -230,51 +231,74 @@ impl<'a> Session<'a> {
 
     fn run(&mut self, tokens: &[u32]) {
         let n = tokens.len();
+        let r = &self.regions;
+        let arena = self.arena.floats_mut();
         let mut rope_for = None;
-        for i in 0..self.ops.len() {
-            match self.ops[i] {
+        for op in &self.ops {
+            match *op {
                 Op::Embed { table, out } => {
-                    let m = self.tensors[table];
-                    let buf = &mut self.bufs[out];
+                    let m = &self.tensors[table];
+                    let [buf, tiles] = arena::split(arena, [r.bufs[out].clone(), r.tiles.clone()]);
                     for (t, &id) in tokens.iter().enumerate() {
-                        let row = m.rows_f32(id as usize, 1, &mut self.scratch);
+                        let row = m.rows_f32(id as usize, 1, tiles);
                         buf[t * m.cols..(t + 1) * m.cols].copy_from_slice(row);
                     }
                 }
                 Op::RmsNorm { input, weight, out } => {
                     let w = self.tensors[weight].f32.unwrap_or(&[]);
                     let width = w.len();
-                    let x = core::mem::take(&mut self.bufs[input]);
-                    let o = &mut self.bufs[out];
+                    let [x, o] = arena::split(arena, [r.bufs[input].clone(), r.bufs[out].clone()]);
                     for t in 0..n {
-                        let r = t * width..(t + 1) * width;
-                        kernels::rms_norm(&x[r.clone()], w, self.facts.rms_eps, &mut o[r]);
+                        let row = t * width..(t + 1) * width;
+                        kernels::rms_norm(&x[row.clone()], w, self.facts.rms_eps, &mut o[row]);
                     }
-                    self.bufs[input] = x;
                 }
                 Op::MatMul { input, weight, out } => {
-                    let m = self.tensors[weight];
-                    let x = core::mem::take(&mut self.bufs[input]);
-                    let mut o = core::mem::take(&mut self.bufs[out]);
-                    self.matmul(&x[..n * m.cols], n, &m, &mut o);
-                    self.bufs[input] = x;
-                    self.bufs[out] = o;
+                    let m = &self.tensors[weight];
+                    let [x, o, tiles, xq] = arena::split(
+                        arena,
+                        [
+                            r.bufs[input].clone(),
+                            r.bufs[out].clone(),
+                            r.tiles.clone(),
+                            r.xq.clone(),
+                        ],
+                    );
+                    matmul(
+                        &self.kernels,
+                        self.opts.threads,
+                        &x[..n * m.cols],
+                        n,
+                        m,
+                        o,
+                        tiles,
+                        xq,
+                    );
                 }
                 Op::Rope {
                     buf,
                     heads,
                     inv_freq,
                 } => {
-                    if rope_for != Some(inv_freq) {
-                        self.rope_table(inv_freq, n);
-                        rope_for = Some(inv_freq);
-                    }
                     let hd = self.facts.head_dim;
                     let half = hd / 2;
-                    let x = &mut self.bufs[buf];
+                    let [x, cos, sin] =
+                        arena::split(arena, [r.bufs[buf].clone(), r.cos.clone(), r.sin.clone()]);
+                    if rope_for != Some(inv_freq) {
+                        rope_table(
+                            self.tensors[inv_freq].f32.unwrap_or(&[]),
+                            self.pos,
+                            n,
+                            cos,
+                            sin,
+                        );
+                        rope_for = Some(inv_freq);
+                    }
                     for t in 0..n {
-                        let c = &self.cos[t * half..(t + 1) * half];
-                        let s = &self.sin[t * half..(t + 1) * half];
+                        let (c, s) = (
+                            &cos[t * half..(t + 1) * half],
+                            &sin[t * half..(t + 1) * half],
+                        );
                         kernels::rope(&mut x[t * heads * hd..(t + 1) * heads * hd], hd, c, s);
                     }
                 }
@@ -284,121 +308,174 @@ impl<'a> Session<'a> {
                     k,
                     v,
                     out,
-                } => self.attention(layer, n, [q, k, v, out]),
+                } => {
+                    let [q, k, v, o, k_cache, v_cache, scores] = arena::split(
+                        arena,
+                        [
+                            r.bufs[q].clone(),
+                            r.bufs[k].clone(),
+                            r.bufs[v].clone(),
+                            r.bufs[out].clone(),
+                            r.k_cache.clone(),
+                            r.v_cache.clone(),
+                            r.scores.clone(),
+                        ],
+                    );
+                    let kv = KvCache {
+                        k: k_cache,
+                        v: v_cache,
+                        context: self.context,
+                        layer,
+                    };
+                    attention(
+                        &self.kernels,
+                        &self.facts,
+                        kv,
+                        self.pos,
+                        n,
+                        [q, k, v],
+                        o,
+                        scores,
+                    );
+                }
                 Op::SwiGlu { gate, up, out } => {
-                    let width = self.bufs[gate].len() / self.opts.batch;
-                    let g = core::mem::take(&mut self.bufs[gate]);
-                    let u = core::mem::take(&mut self.bufs[up]);
-                    let mut o = core::mem::take(&mut self.bufs[out]);
+                    let width = r.bufs[gate].len() / self.opts.batch;
+                    let [g, u, o] = arena::split(
+                        arena,
+                        [
+                            r.bufs[gate].clone(),
+                            r.bufs[up].clone(),
+                            r.bufs[out].clone(),
+                        ],
+                    );
                     kernels::swiglu(&g[..n * width], &u[..n * width], &mut o[..n * width]);
-                    self.bufs[gate] = g;
-                    self.bufs[up] = u;
-                    self.bufs[out] = o;
                 }
                 Op::Add { acc, input } => {
-                    let x = core::mem::take(&mut self.bufs[input]);
-                    for (a, b) in self.bufs[acc].iter_mut().zip(&x) {
+                    let [a, x] = arena::split(arena, [r.bufs[acc].clone(), r.bufs[input].clone()]);
+                    for (a, b) in a.iter_mut().zip(x.iter()) {
                         *a += b;
                     }
-                    self.bufs[input] = x;
                 }
                 Op::Logits { input, weight } => {
-                    let m = self.tensors[weight];
-                    let x = core::mem::take(&mut self.bufs[input]);
+                    let m = &self.tensors[weight];
                     let (first, count) = if self.opts.logits_all {
                         (0, n)
                     } else {
                         (n - 1, 1)
                     };
-                    let mut logits = core::mem::take(&mut self.logits);
-                    self.matmul(
-                        &x[first * m.cols..(first + count) * m.cols],
-                        count,
-                        &m,
-                        &mut logits,
+                    let [x, logits, tiles, xq] = arena::split(
+                        arena,
+                        [
+                            r.bufs[input].clone(),
+                            r.logits.clone(),
+                            r.tiles.clone(),
+                            r.xq.clone(),
+                        ],
                     );
-                    self.logits = logits;
-                    self.bufs[input] = x;
+                    let rows = &x[first * m.cols..(first + count) * m.cols];
+                    matmul(
+                        &self.kernels,
+                        self.opts.threads,
+                        rows,
+                        count,
+                        m,
+                        logits,
+                        tiles,
+                        xq,
+                    );
                 }
             }
         }
         self.pos += n;
     }
+}
 
-    /// `out = x · mᵀ` for `n` tokens; block-quantized weights see 8-bit activations, as in llama.cpp.
-    fn matmul(&mut self, x: &[f32], n: usize, m: &Matrix<'_>, out: &mut [f32]) {
-        let input = if q8::uses_q8(m.format) {
-            let blocks = n * m.cols / BLOCK;
-            q8::quantize(x, &mut self.xq[..blocks]);
-            Input::Q8(&self.xq[..blocks])
-        } else {
-            Input::F32(x)
-        };
-        parallel::matmul(
-            &self.kernels,
-            self.opts.threads,
-            input,
-            n,
-            m,
-            out,
-            &mut self.scratch,
-        );
-    }
+/// `out = x · mᵀ` for `n` tokens; block-quantized weights see 8-bit activations, as in llama.cpp.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    k: &Kernels,
+    threads: usize,
+    x: &[f32],
+    n: usize,
+    m: &Matrix<'_>,
+    out: &mut [f32],
+    tiles: &mut [f32],
+    xq: &mut [f32],
+) {
+    let input = if q8::uses_q8(m.format) {
+        let blocks = n * m.cols / BLOCK;
+        let xq: &mut [Q8Block] = bytemuck::cast_slice_mut(xq);
+        q8::quantize(x, &mut xq[..blocks]);
+        Input::Q8(&xq[..blocks])
+    } else {
+        Input::F32(x)
+    };
+    parallel::matmul(k, threads, input, n, m, out, tiles);
+}
 
-    /// cos/sin of each batch token's position times each inverse frequency.
-    fn rope_table(&mut self, inv_freq: usize, n: usize) {
-        let freqs = self.tensors[inv_freq].f32.unwrap_or(&[]);
-        let half = freqs.len();
-        for t in 0..n {
-            let p = (self.pos + t) as f64;
-            for (i, &f) in freqs.iter().enumerate() {
-                let angle = p * f64::from(f);
-                self.cos[t * half + i] = libm::cos(angle) as f32;
-                self.sin[t * half + i] = libm::sin(angle) as f32;
-            }
+/// cos/sin of each batch token's position (from `pos`) times each inverse frequency.
+fn rope_table(freqs: &[f32], pos: usize, n: usize, cos: &mut [f32], sin: &mut [f32]) {
+    let half = freqs.len();
+    for t in 0..n {
+        let p = (pos + t) as f64;
+        for (i, &f) in freqs.iter().enumerate() {
+            let angle = p * f64::from(f);
+            cos[t * half + i] = libm::cos(angle) as f32;
+            sin[t * half + i] = libm::sin(angle) as f32;
         }
     }
+}
 
-    /// Stores this batch's keys/values at their positions, then causal grouped-query attention.
-    fn attention(&mut self, layer: usize, n: usize, [q, k, v, out]: [usize; 4]) {
-        let f = &self.facts;
-        let (hd, kvh, heads) = (f.head_dim, f.kv_heads, f.heads);
-        let group = heads / kvh;
-        let ctx = self.context;
-        let layer_base = layer * kvh * ctx * hd;
-        for t in 0..n {
-            let p = self.pos + t;
-            for h in 0..kvh {
-                let dst = layer_base + (h * ctx + p) * hd;
-                let src = (t * kvh + h) * hd;
-                self.k_cache[dst..dst + hd].copy_from_slice(&self.bufs[k][src..src + hd]);
-                self.v_cache[dst..dst + hd].copy_from_slice(&self.bufs[v][src..src + hd]);
+/// One layer's view of the KV cache (`[layer][kv_head][position][head_dim]`).
+struct KvCache<'c> {
+    k: &'c mut [f32],
+    v: &'c mut [f32],
+    context: usize,
+    layer: usize,
+}
+
+/// Stores this batch's keys/values at their positions, then causal grouped-query attention.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    kernels: &Kernels,
+    f: &ModelFacts,
+    cache: KvCache<'_>,
+    pos: usize,
+    n: usize,
+    [q, k, v]: [&mut [f32]; 3],
+    out: &mut [f32],
+    scores: &mut [f32],
+) {
+    let (hd, kvh, heads, ctx) = (f.head_dim, f.kv_heads, f.heads, cache.context);
+    let group = heads / kvh;
+    let layer_base = cache.layer * kvh * ctx * hd;
+    for t in 0..n {
+        for h in 0..kvh {
+            let dst = layer_base + (h * ctx + pos + t) * hd;
+            let src = (t * kvh + h) * hd;
+            cache.k[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+            cache.v[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+        }
+    }
+    let scale = 1.0 / libm::sqrtf(hd as f32);
+    for t in 0..n {
+        let seen = pos + t + 1;
+        for h in 0..heads {
+            let qv = &q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+            let base = layer_base + (h / group) * ctx * hd;
+            let scores = &mut scores[..seen];
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = (kernels.dot)(qv, &cache.k[base + j * hd..base + (j + 1) * hd]) * scale;
+            }
+            kernels::softmax(scores);
+            let ov = &mut out[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+            ov.fill(0.0);
+            for (j, &w) in scores.iter().enumerate() {
+                let vv = &cache.v[base + j * hd..base + (j + 1) * hd];
+                for (a, &b) in ov.iter_mut().zip(vv) {
+                    *a += w * b;
+                }
             }
         }
-        let scale = 1.0 / libm::sqrtf(hd as f32);
-        let mut o = core::mem::take(&mut self.bufs[out]);
-        let qb = &self.bufs[q];
-        for t in 0..n {
-            let seen = self.pos + t + 1;
-            for h in 0..heads {
-                let qv = &qb[(t * heads + h) * hd..(t * heads + h + 1) * hd];
-                let base = layer_base + (h / group) * ctx * hd;
-                let scores = &mut self.scores[..seen];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    *s = (self.kernels.dot)(qv, &self.k_cache[base + j * hd..base + (j + 1) * hd])
-                        * scale;
-                }
-                kernels::softmax(scores);
-                let ov = &mut o[(t * heads + h) * hd..(t * heads + h + 1) * hd];
-                ov.fill(0.0);
-                for (j, &w) in scores.iter().enumerate() {
-                    let vv = &self.v_cache[base + j * hd..base + (j + 1) * hd];
-                    for (a, &b) in ov.iter_mut().zip(vv) {
-                        *a += w * b;
-                    }
-                }
-            }
-        }
-        self.bufs[out] = o;
     }
 }

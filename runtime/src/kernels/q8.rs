@@ -7,7 +7,8 @@ use half::f16;
 use crate::quant::{Format, BLOCK};
 
 /// One block of quantized activations.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
 pub struct Q8Block {
     /// Scale, already rounded through f16 as llama.cpp stores it.
     pub d: f32,
