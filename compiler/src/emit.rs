@@ -8,6 +8,7 @@ use kiln_runtime::exec::{MemoryPlan, SessionError, SessionOptions};
 use kiln_runtime::quant::Format;
 
 use crate::graph::{Checkpoint, Tensor};
+use crate::quant::{QuantError, QuantPlan};
 
 /// Why an artifact could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -17,12 +18,8 @@ pub enum EmitError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("--quant {quant}: the checkpoint stores {tensor} as {stored}; converting it to {quant} needs the quantizer, which kiln does not have yet (use --quant f32 or the checkpoint's own format)")]
-    NeedsQuantizer {
-        quant: &'static str,
-        tensor: String,
-        stored: &'static str,
-    },
+    #[error(transparent)]
+    Quant(#[from] QuantError),
 }
 
 /// What was written.
@@ -36,39 +33,16 @@ pub struct EmitReport {
     pub weight_bytes: Vec<(&'static str, u64)>,
 }
 
-/// Brings every tensor to the storage `quant` asks for: `F32` dequantizes everything; a block
-/// format keeps the checkpoint's own blocks bit for bit, and the embedding/output may stay `q8_0`
-/// (as llama.cpp stores them).
+/// Brings every tensor to the storage `quant` asks for, as [`QuantPlan::new`] describes: a
+/// tensor already stored in its target format keeps its bytes (bit for bit), any other is
+/// dequantized and re-quantized.
 pub fn convert(checkpoint: &Checkpoint, quant: Format) -> Result<Checkpoint, EmitError> {
-    let mut out = checkpoint.clone();
-    let mut refused = None;
-    let embed_names: Vec<String> = [
-        Some(&checkpoint.weights.embed),
-        checkpoint.weights.lm_head.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|t| t.name.clone())
-    .collect();
-    out.weights.map_tensors(|t| {
-        if t.shape.len() == 1 || t.format == quant {
-            return;
-        }
-        if quant == Format::F32 {
-            *t = t.dequantized();
-        } else if !(embed_names.contains(&t.name) && t.format == Format::Q8_0) && refused.is_none()
-        {
-            refused = Some((t.name.clone(), t.format.name()));
-        }
-    });
-    match refused {
-        Some((tensor, stored)) => Err(EmitError::NeedsQuantizer {
-            quant: quant.name(),
-            tensor,
-            stored,
-        }),
-        None => Ok(out),
-    }
+    convert_with(checkpoint, &QuantPlan::new(quant))
+}
+
+/// [`convert`] with per-tensor overrides.
+pub fn convert_with(checkpoint: &Checkpoint, plan: &QuantPlan) -> Result<Checkpoint, EmitError> {
+    Ok(plan.apply(checkpoint)?)
 }
 
 /// Appends `t` to the tensor table and returns its index.

@@ -1,7 +1,8 @@
-//! kiln compiler: imports Llama 3–family checkpoints, exports ONNX and writes `.kiln` artifacts.
+//! kiln compiler: imports Llama 3–family checkpoints, exports ONNX, quantizes weights and writes `.kiln` artifacts.
 
 pub mod emit;
 pub mod graph;
 pub mod import;
 pub mod onnx;
+pub mod quant;
 pub mod tiny;

@@ -143,6 +143,11 @@ fn check_perplexity(quant: Format, key: &str) {
         golden["perplexity"]["chunks"].as_u64().expect("chunks")
     );
     let rel = (score.ppl - want).abs() / want;
+    println!(
+        "{key}: kiln perplexity {:.4}, llama.cpp {want} ({:+.2}%)",
+        score.ppl,
+        (score.ppl - want) / want * 100.0
+    );
     assert!(
         rel <= 0.01,
         "{key}: kiln {:.4} vs llama.cpp {want} ({:.2}% off)",

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use kiln_compiler::quant::QuantPlan;
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::quant::Format;
 
@@ -18,10 +19,14 @@ pub struct Args {
     /// The device to compile for; `host` is this machine.
     #[arg(long, default_value = "host")]
     pub target: String,
-    /// Weight storage: `f32` dequantizes everything; a block format (`q4_1`, `q8_0`, `q4_0`) keeps
-    /// the checkpoint's own blocks bit for bit (embeddings may stay `q8_0`).
+    /// Weight storage (`f32`, `f16`, `q8_0`, `q4_0`, `q4_1`): tensors already stored so keep their
+    /// bytes, others are re-quantized; with a 4-bit format the embedding and output head get `q8_0`.
     #[arg(long, default_value = "f32")]
     pub quant: String,
+    /// Per-tensor storage, `PATTERN=FORMAT` (repeatable; the last match wins): a glob over names
+    /// such as `blk.0.ffn_down`, `token_embd`, `output` or the checkpoint's own, e.g. `'blk.*.ffn_down=q8_0'`.
+    #[arg(long = "override", value_name = "PATTERN=FORMAT")]
+    pub overrides: Vec<String>,
     /// Where to write the artifact.
     #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
@@ -79,8 +84,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             names.join(", ")
         )
     })?;
+    let quant_plan = args
+        .overrides
+        .iter()
+        .try_fold(QuantPlan::new(quant), |p, spec| p.with_override(spec))?;
     let checkpoint = source::import(&args.model)?;
-    let converted = kiln_compiler::emit::convert(&checkpoint, quant)?;
+    let converted = kiln_compiler::emit::convert_with(&checkpoint, &quant_plan)?;
     drop(checkpoint);
     let options = SessionOptions {
         context: args.ctx.unwrap_or(0),

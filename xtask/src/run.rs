@@ -35,6 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model: args.model.clone(),
             target: "host".into(),
             quant: args.quant.clone(),
+            overrides: Vec::new(),
             out: out.clone(),
             ctx: None,
             max_memory: None,
