@@ -7,13 +7,20 @@ mod common;
 mod counting_alloc;
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use counting_alloc::allocations;
 use kiln_runtime::artifact::Artifact;
 use kiln_runtime::exec::{MemoryPlan, SessionError, SessionOptions};
 use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
+
+/// The tests of this file run one at a time, so process-wide allocation counts see only the
+/// test being run (and the worker threads it started).
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn artifact() -> PathBuf {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
@@ -25,6 +32,7 @@ fn artifact() -> PathBuf {
 
 #[test]
 fn the_plan_is_what_a_session_allocates() {
+    let _serial = serial();
     let checkpoint = kiln_compiler::import::import(&common::smollm2_gguf()).expect("import");
     let artifact = Artifact::open(&artifact()).expect("open");
     for opts in [
@@ -63,41 +71,45 @@ fn the_plan_is_what_a_session_allocates() {
 
 #[test]
 fn decoding_a_token_allocates_nothing() {
+    let _serial = serial();
     let artifact = Artifact::open(&artifact()).expect("open");
-    let opts = SessionOptions {
-        threads: 1,
-        ..SessionOptions::default()
-    };
-    let mut session = artifact.session(opts).expect("session");
     let vocab = artifact.meta().facts.vocab_size;
-    let mut sampler = Sampler::new(
-        SamplerConfig {
-            seed: 7,
-            ..SamplerConfig::default()
-        },
-        vocab,
-    );
-    let prompt = [504, 3575, 282, 4649, 314];
-    let mut next = sampler.sample(session.forward(&prompt).expect("prefill"));
-    // Counted after a short warm-up, as a server would run one before taking requests.
-    for _ in 0..2 {
-        sampler.accept(next);
-        next = sampler.sample(session.forward(&[next]).expect("decode"));
+    for threads in [1, 2] {
+        let opts = SessionOptions {
+            threads,
+            ..SessionOptions::default()
+        };
+        let mut session = artifact.session(opts).expect("session");
+        let mut sampler = Sampler::new(
+            SamplerConfig {
+                seed: 7,
+                ..SamplerConfig::default()
+            },
+            vocab,
+        );
+        let prompt = [504, 3575, 282, 4649, 314];
+        let mut next = sampler.sample(session.forward(&prompt).expect("prefill"));
+        // Counted after a short warm-up, as a server would run one before taking requests.
+        for _ in 0..2 {
+            sampler.accept(next);
+            next = sampler.sample(session.forward(&[next]).expect("decode"));
+        }
+        let before = allocations();
+        for _ in 0..64 {
+            sampler.accept(next);
+            next = sampler.sample(session.forward(&[next]).expect("decode"));
+        }
+        assert_eq!(
+            allocations() - before,
+            0,
+            "heap allocations (any thread) while decoding 64 tokens on {threads} threads"
+        );
     }
-    let before = allocations();
-    for _ in 0..64 {
-        sampler.accept(next);
-        next = sampler.sample(session.forward(&[next]).expect("decode"));
-    }
-    assert_eq!(
-        allocations() - before,
-        0,
-        "heap allocations while decoding 64 tokens"
-    );
 }
 
 #[test]
 fn a_caller_arena_of_the_planned_size_runs_and_one_float_less_is_refused() {
+    let _serial = serial();
     let artifact = Artifact::open(&artifact()).expect("open");
     let opts = SessionOptions {
         context: 512,

@@ -4,6 +4,8 @@
 mod arena;
 mod parallel;
 mod plan;
+#[cfg(feature = "std")]
+mod pool;
 
 use arena::Arena;
 pub use plan::MemoryPlan;
@@ -68,6 +70,7 @@ pub struct Session<'a> {
     context: usize,
     arena: Arena<'a>,
     regions: Regions,
+    workers: parallel::Workers,
     pos: usize,
 }
 
@@ -142,6 +145,7 @@ impl<'a> Session<'a> {
             context,
             arena,
             regions,
+            workers: parallel::workers(opts.threads),
             pos: 0,
         })
     }
@@ -266,7 +270,7 @@ impl<'a> Session<'a> {
                     );
                     matmul(
                         &self.kernels,
-                        self.opts.threads,
+                        &self.workers,
                         &x[..n * m.cols],
                         n,
                         m,
@@ -375,7 +379,7 @@ impl<'a> Session<'a> {
                     let rows = &x[first * m.cols..(first + count) * m.cols];
                     matmul(
                         &self.kernels,
-                        self.opts.threads,
+                        &self.workers,
                         rows,
                         count,
                         m,
@@ -394,7 +398,7 @@ impl<'a> Session<'a> {
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     k: &Kernels,
-    threads: usize,
+    workers: &parallel::Workers,
     x: &[f32],
     n: usize,
     m: &Matrix<'_>,
@@ -410,7 +414,7 @@ fn matmul(
     } else {
         Input::F32(x)
     };
-    parallel::matmul(k, threads, input, n, m, out, tiles);
+    parallel::matmul(k, workers, input, n, m, out, tiles);
 }
 
 /// cos/sin of each batch token's position (from `pos`) times each inverse frequency.

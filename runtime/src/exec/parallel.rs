@@ -1,49 +1,144 @@
-//! Splits a matrix product across threads: by tokens for a batch, by rows for a single token.
+//! Splits a matrix product across the session's workers: by tokens for a batch, by rows for a
+//! single token. Each participant writes only its own part of the output and its own tile.
 
 use crate::kernels::{matmul_rows, Input, Kernels, Matrix, TILE_ROWS};
 
+/// The session's worker threads (`None`: the calling thread does everything).
+#[cfg(feature = "std")]
+pub type Workers = Option<super::pool::Pool>;
+/// Without `std` there are no threads; everything runs on the caller.
+#[cfg(not(feature = "std"))]
+pub type Workers = ();
+
+/// Workers for `threads` participants.
+pub fn workers(threads: usize) -> Workers {
+    #[cfg(feature = "std")]
+    {
+        (threads > 1).then(|| super::pool::Pool::new(threads))
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        let _ = threads;
+    }
+}
+
 /// Below this many multiply-adds a product runs on the calling thread.
 #[cfg(feature = "std")]
-const MIN_PARALLEL_WORK: usize = 1 << 18;
+const MIN_PARALLEL_WORK: usize = 1 << 16;
 
-/// `out[t] = x[t] · wᵀ` for `n` tokens; `scratch` holds `threads × TILE_ROWS × w.cols` floats.
+/// `out[t] = x[t] · wᵀ` for `n` tokens; `scratch` holds one `TILE_ROWS × w.cols` tile per participant.
 pub fn matmul(
     k: &Kernels,
-    threads: usize,
+    workers: &Workers,
     x: Input<'_>,
     n: usize,
     w: &Matrix<'_>,
     out: &mut [f32],
     scratch: &mut [f32],
 ) {
-    let m = w.rows;
-    let tile = TILE_ROWS * w.cols;
     #[cfg(feature = "std")]
-    if threads > 1 && n * m * w.cols >= MIN_PARALLEL_WORK {
-        let scratches = scratch.chunks_exact_mut(tile);
-        if n >= threads {
-            // Whole tokens per thread: each output row belongs to exactly one thread.
-            let per = n.div_ceil(threads);
-            std::thread::scope(|s| {
-                for ((i, os), sc) in out[..n * m].chunks_mut(per * m).enumerate().zip(scratches) {
-                    let count = os.len() / m;
-                    let xs = x.tokens(i * per..i * per + count, w.cols);
-                    s.spawn(move || matmul_rows(k, xs, count, w, 0..m, os, m, sc));
-                }
-            });
-        } else {
-            // One token: split the weight rows, aligned to whole tiles.
-            let per = m.div_ceil(threads).div_ceil(TILE_ROWS) * TILE_ROWS;
-            std::thread::scope(|s| {
-                for ((i, os), sc) in out[..m].chunks_mut(per).enumerate().zip(scratches) {
-                    let rows = i * per..(i * per + os.len());
-                    s.spawn(move || matmul_rows(k, x, 1, w, rows, os, 0, sc));
-                }
-            });
+    if let Some(pool) = workers {
+        if n * w.rows * w.cols >= MIN_PARALLEL_WORK {
+            return split(k, pool, x, n, w, &mut out[..n * w.rows], scratch);
         }
-        return;
     }
     #[cfg(not(feature = "std"))]
-    let _ = threads;
-    matmul_rows(k, x, n, w, 0..m, out, m, &mut scratch[..tile]);
+    let _ = workers;
+    matmul_rows(
+        k,
+        x,
+        n,
+        w,
+        0..w.rows,
+        out,
+        w.rows,
+        &mut scratch[..TILE_ROWS * w.cols],
+    );
+}
+
+/// A slice that participants write in disjoint parts.
+#[cfg(feature = "std")]
+struct Shared {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: participants only ever form non-overlapping sub-slices (see `part`).
+#[cfg(feature = "std")]
+unsafe impl Sync for Shared {}
+
+#[cfg(feature = "std")]
+impl Shared {
+    fn new(s: &mut [f32]) -> Shared {
+        Shared {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// SAFETY: the caller guarantees no two live parts overlap.
+    // Handing out `&mut` from `&self` is the point: each participant gets its own part.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, range: core::ops::Range<usize>) -> &mut [f32] {
+        debug_assert!(range.start <= range.end && range.end <= self.len);
+        // SAFETY: in bounds (checked by the caller's arithmetic), and exclusive by the contract above.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
+}
+
+#[cfg(feature = "std")]
+fn split(
+    k: &Kernels,
+    pool: &super::pool::Pool,
+    x: Input<'_>,
+    n: usize,
+    w: &Matrix<'_>,
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (m, threads, tile) = (w.rows, pool.threads(), TILE_ROWS * w.cols);
+    let (out, tiles) = (
+        Shared::new(out),
+        Shared::new(&mut scratch[..threads * tile]),
+    );
+    if n == 1 {
+        // One token: each participant takes a run of whole weight tiles.
+        let per = m.div_ceil(threads).div_ceil(TILE_ROWS) * TILE_ROWS;
+        pool.run(&|i| {
+            let rows = (i * per).min(m)..((i + 1) * per).min(m);
+            if rows.is_empty() {
+                return;
+            }
+            // SAFETY: participant `i` alone owns output rows `rows` and tile `i`.
+            let (os, sc) =
+                unsafe { (out.part(rows.clone()), tiles.part(i * tile..(i + 1) * tile)) };
+            matmul_rows(k, x, 1, w, rows, os, 0, sc);
+        });
+    } else {
+        // A batch: each participant takes whole tokens (whole output rows).
+        let per = n.div_ceil(threads);
+        pool.run(&|i| {
+            let tokens = (i * per).min(n)..((i + 1) * per).min(n);
+            if tokens.is_empty() {
+                return;
+            }
+            // SAFETY: participant `i` alone owns the output rows of `tokens` and tile `i`.
+            let (os, sc) = unsafe {
+                (
+                    out.part(tokens.start * m..tokens.end * m),
+                    tiles.part(i * tile..(i + 1) * tile),
+                )
+            };
+            matmul_rows(
+                k,
+                x.tokens(tokens.clone(), w.cols),
+                tokens.len(),
+                w,
+                0..m,
+                os,
+                m,
+                sc,
+            );
+        });
+    }
 }
