@@ -144,3 +144,48 @@ fn a_caller_arena_of_the_planned_size_runs_and_one_float_less_is_refused() {
         Ok(_) => panic!("a session accepted an arena one float too small"),
     }
 }
+
+/// Without a file system: the artifact streamed through `embedded_io::Read` into a caller's
+/// buffer, run in a caller's arena, gives the mapped artifact's logits; a short buffer is an error.
+#[test]
+fn an_artifact_read_through_embedded_io_runs_in_caller_memory() {
+    let _serial = serial();
+    let path = artifact();
+    let bytes = std::fs::read(&path).expect("read artifact");
+    let opts = SessionOptions {
+        context: 256,
+        ..SessionOptions::default()
+    };
+    let prompt = [504, 3575, 282, 4649, 314];
+    let mapped = Artifact::open(&path).expect("open");
+    let expected = mapped
+        .session(opts.clone())
+        .expect("session")
+        .forward(&prompt)
+        .expect("forward")
+        .to_vec();
+
+    let mut buffer = vec![0u64; bytes.len().div_ceil(8)];
+    let (image, parsed) =
+        kiln_runtime::artifact::read_into(&mut bytes.as_slice(), &mut buffer).expect("read_into");
+    let plan = MemoryPlan::new(&parsed.meta, &opts).expect("plan");
+    let mut arena = vec![0f32; plan.session_bytes() / 4];
+    let weights = &image[parsed.weights.clone()];
+    let mut session =
+        kiln_runtime::exec::Session::with_arena(&parsed.meta, weights, opts, &mut arena)
+            .expect("session");
+    assert_eq!(
+        session.forward(&prompt).expect("forward"),
+        expected.as_slice()
+    );
+
+    let mut short = vec![0u64; bytes.len() / 8 - 1];
+    let err = kiln_runtime::artifact::read_into(&mut bytes.as_slice(), &mut short)
+        .err()
+        .expect("a short buffer fails");
+    assert!(err.to_string().contains(&bytes.len().to_string()), "{err}");
+    let err = kiln_runtime::artifact::read_into(&mut &bytes[..bytes.len() / 2], &mut buffer)
+        .err()
+        .expect("a cut stream fails");
+    assert!(err.to_string().contains("truncated"), "{err}");
+}

@@ -1,6 +1,7 @@
 //! The `.kiln` artifact: its layout, a validating reader and (with `std`) the writer the compiler uses.
 
 pub mod format;
+mod load;
 #[cfg(feature = "std")]
 mod open;
 pub mod read;
@@ -8,6 +9,7 @@ pub mod read;
 pub mod write;
 
 pub use format::*;
+pub use load::read_into;
 #[cfg(feature = "std")]
 pub use open::Artifact;
 pub use read::{parse, tensor_bytes, ArtifactError, Parsed};

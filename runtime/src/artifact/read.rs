@@ -42,6 +42,10 @@ pub enum ArtifactError {
     Meta(String),
     #[error("tensor {name}: {what}")]
     Tensor { name: String, what: String },
+    #[error("the buffer holds {given} bytes, the artifact needs {needed}")]
+    BufferTooSmall { needed: u64, given: u64 },
+    #[error("reading the artifact failed: {0}")]
+    Read(String),
     #[error("this CPU lacks the feature {feature}, which the artifact was compiled for; compile for this target instead")]
     MissingCpuFeature { feature: String },
 }
