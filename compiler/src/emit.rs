@@ -188,11 +188,16 @@ fn layout<'c>(checkpoint: &'c Checkpoint, inv_freq: &'c Tensor) -> (Graph, Vec<&
 }
 
 /// The artifact's metadata for `graph` and `tensors` (offsets are assigned when writing).
-fn metadata(checkpoint: &Checkpoint, graph: Graph, tensors: &[&Tensor]) -> Metadata {
+fn metadata(
+    checkpoint: &Checkpoint,
+    graph: Graph,
+    tensors: &[&Tensor],
+    required_cpu_features: &[String],
+) -> Metadata {
     Metadata {
         producer: format!("kiln-compiler {}", env!("CARGO_PKG_VERSION")),
         facts: checkpoint.facts.clone(),
-        required_cpu_features: Vec::new(),
+        required_cpu_features: required_cpu_features.to_vec(),
         tensors: tensors
             .iter()
             .map(|t| TensorEntry {
@@ -215,11 +220,23 @@ pub fn memory_plan(
 ) -> Result<MemoryPlan, SessionError> {
     let inv_freq = inv_freq(checkpoint);
     let (graph, tensors) = layout(checkpoint, &inv_freq);
-    MemoryPlan::new(&metadata(checkpoint, graph, &tensors), opts)
+    MemoryPlan::new(&metadata(checkpoint, graph, &tensors, &[]), opts)
 }
 
-/// Writes `checkpoint` (already in its final storage, see [`convert`]) to `path` atomically.
+/// Writes `checkpoint` (already in its final storage, see [`convert`]) to `path` atomically,
+/// requiring no CPU feature (see [`write_artifact_for`]).
 pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport, EmitError> {
+    write_artifact_for(checkpoint, path, &[])
+}
+
+/// Writes `checkpoint` (already in its final storage, see [`convert`]) to `path` atomically,
+/// recording `required_features` (names as `kiln_runtime::cpu::has_feature` takes them): the
+/// runtime refuses the artifact on a CPU that lacks one.
+pub fn write_artifact_for(
+    checkpoint: &Checkpoint,
+    path: &Path,
+    required_features: &[String],
+) -> Result<EmitReport, EmitError> {
     let inv_freq = inv_freq(checkpoint);
     let (graph, tensors) = layout(checkpoint, &inv_freq);
     let data: Vec<TensorData> = tensors
@@ -239,7 +256,7 @@ pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport
         }
     }
     let tokenizer = checkpoint.tokenizer.to_bytes();
-    let meta = metadata(checkpoint, graph, &tensors);
+    let meta = metadata(checkpoint, graph, &tensors, required_features);
     let (n_tensors, n_ops) = (data.len(), meta.graph.ops.len());
     let bytes = write::write(
         path,

@@ -19,6 +19,8 @@ pub mod model;
 #[cfg(feature = "std")]
 pub mod perplexity;
 pub mod quant;
+#[cfg(feature = "std")]
+pub mod report;
 pub mod sampler;
 #[cfg(feature = "std")]
 pub mod tokenizer;

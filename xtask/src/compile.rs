@@ -6,23 +6,33 @@ use anyhow::Context;
 use kiln_compiler::quant::QuantPlan;
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::quant::Format;
+use kiln_targets::Target;
 
 use crate::source;
 
-/// Compile a model into a `.kiln` artifact (op list, weights, tokenizer, chat template); the
-/// peak memory the runtime will need is printed before anything is written.
+/// Compile a model into a `.kiln` artifact (op list, weights, tokenizer, chat template) for a
+/// target device; the peak memory the runtime will need is printed before anything is written.
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "The artifact requires the CPU features the target's descriptor assumes \
+(`cargo xtask targets`); the runtime refuses it on a CPU without them. Targets whose backend is \
+`ort` (jetson-orin-nano, jetson-agx-orin, qcs6490) still take a `.kiln` artifact: it runs on the \
+device's CPU, the fallback when onnxruntime's execution providers are not used."
+)]
 pub struct Args {
     /// A model card name (fetched on demand), a GGUF file or a Hugging Face checkpoint directory.
     #[arg(long)]
     pub model: String,
-    /// The device to compile for; `host` is this machine.
+    /// The device to compile for (`cargo xtask targets` lists them); `host` is this machine.
+    /// Its descriptor gives the required CPU features, the memory budget and the defaults of
+    /// `--quant` and `--ctx`.
     #[arg(long, default_value = "host")]
     pub target: String,
-    /// Weight storage (`f32`, `f16`, `q8_0`, `q4_0`, `q4_1`): tensors already stored so keep their
-    /// bytes, others are re-quantized; with a 4-bit format the embedding and output head get `q8_0`.
-    #[arg(long, default_value = "f32")]
-    pub quant: String,
+    /// Weight storage (`f32`, `f16`, `q8_0`, `q4_0`, `q4_1`; default: the target's): tensors
+    /// already stored so keep their bytes, others are re-quantized; with a 4-bit format the
+    /// embedding and output head get `q8_0`.
+    #[arg(long)]
+    pub quant: Option<String>,
     /// Per-tensor storage, `PATTERN=FORMAT` (repeatable; the last match wins): a glob over names
     /// such as `blk.0.ffn_down`, `token_embd`, `output` or the checkpoint's own, e.g. `'blk.*.ffn_down=q8_0'`.
     #[arg(long = "override", value_name = "PATTERN=FORMAT")]
@@ -30,10 +40,11 @@ pub struct Args {
     /// Where to write the artifact.
     #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
-    /// Context length the memory prediction assumes (default: the model's, at most 4096).
+    /// Context length the memory prediction assumes (default: the target's, at most the model's).
     #[arg(long = "ctx")]
     pub ctx: Option<usize>,
-    /// Refuse a model whose predicted peak memory exceeds this (e.g. `512M`, `2G`, bytes).
+    /// Refuse a model whose predicted peak memory exceeds this (e.g. `512M`, `2G`, bytes;
+    /// default: the target's memory budget).
     #[arg(long, value_parser = parse_size)]
     pub max_memory: Option<u64>,
     /// Print a JSON report instead of text.
@@ -70,17 +81,61 @@ fn mb(bytes: usize) -> f64 {
     bytes as f64 / 1e6
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Where the memory limit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    /// `--max-memory`.
+    Flag(u64),
+    /// The target descriptor's `memory.budget`.
+    Budget(u64),
+}
+
+/// `--max-memory` when given, else the target's budget, else none.
+fn memory_limit(max_memory: Option<u64>, target: &Target) -> Option<Limit> {
+    max_memory
+        .map(Limit::Flag)
+        .or(target.memory.budget.map(Limit::Budget))
+}
+
+/// Refuses, with the numbers, a predicted `peak` (bytes at a `context`-token context) over the
+/// limit for `target`.
+fn check_fits(
+    peak: u64,
+    context: usize,
+    limit: Option<Limit>,
+    target: &Target,
+) -> anyhow::Result<()> {
+    let (bytes, what) = match limit {
+        Some(Limit::Flag(bytes)) => (bytes, "the --max-memory budget".to_owned()),
+        Some(Limit::Budget(bytes)) => (bytes, format!("the {} memory budget", target.name)),
+        None => return Ok(()),
+    };
     anyhow::ensure!(
-        args.target == "host",
-        "unknown target {:?}: this kiln compiles for `host` (the machine it runs on)",
-        args.target
+        peak <= bytes,
+        "the model needs {:.1} MB at a {context}-token context, over {what} of {:.1} MB; nothing was written (try a smaller --quant or --ctx)",
+        peak as f64 / 1e6,
+        bytes as f64 / 1e6
     );
-    let quant = Format::from_name(&args.quant).with_context(|| {
+    Ok(())
+}
+
+/// The shipped descriptor called `name`; an unknown name is an error listing the known ones.
+fn resolve_target(name: &str) -> anyhow::Result<Target> {
+    kiln_targets::find(name)?.with_context(|| {
+        format!(
+            "unknown target {name:?} (one of {}; `cargo xtask targets` describes them)",
+            kiln_targets::names().join(", ")
+        )
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let target = resolve_target(&args.target)?;
+    let quant_name = args.quant.as_deref().unwrap_or(&target.defaults.quant);
+    let quant = Format::from_name(quant_name).with_context(|| {
         let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
         format!(
-            "unknown --quant {:?} (one of {})",
-            args.quant,
+            "unknown --quant {quant_name:?} (one of {})",
             names.join(", ")
         )
     })?;
@@ -92,14 +147,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let converted = kiln_compiler::emit::convert_with(&checkpoint, &quant_plan)?;
     drop(checkpoint);
     let options = SessionOptions {
-        context: args.ctx.unwrap_or(0),
+        context: args
+            .ctx
+            .unwrap_or(target.defaults.context.min(converted.facts.context_length)),
         ..SessionOptions::default()
     };
     let plan = kiln_compiler::emit::memory_plan(&converted, &options)?;
-    let fits = args
-        .max_memory
-        .is_none_or(|limit| plan.total() as u64 <= limit);
-    if !args.json || !fits {
+    let limit = memory_limit(args.max_memory, &target);
+    let fits = check_fits(plan.total() as u64, plan.context, limit, &target);
+    if !args.json || fits.is_err() {
         eprintln!(
             "peak memory at a {}-token context: {:.1} MB = weights {:.1} MB (mapped) + KV cache {:.1} MB + buffers {:.1} MB + scratch {:.1} MB + logits {:.1} MB",
             plan.context,
@@ -111,21 +167,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             mb(plan.logits)
         );
     }
-    if let Some(limit) = args.max_memory.filter(|_| !fits) {
-        anyhow::bail!(
-            "the model needs {:.1} MB at a {}-token context, over the --max-memory budget of {:.1} MB; nothing was written (try a smaller --quant or --ctx)",
-            mb(plan.total()),
-            plan.context,
-            limit as f64 / 1e6
-        );
-    }
+    fits?;
     let spinner = source::spinner(&format!("writing {}", args.out.display()));
-    let report = kiln_compiler::emit::write_artifact(&converted, &args.out);
+    let report = kiln_compiler::emit::write_artifact_for(&converted, &args.out, &target.cpu.assume);
     spinner.finish_and_clear();
     let report = report?;
     if args.json {
-        let value =
-            serde_json::json!({ "artifact": report, "memory": plan, "peak_bytes": plan.total() });
+        let value = serde_json::json!({
+            "artifact": report,
+            "memory": plan,
+            "peak_bytes": plan.total(),
+            "target": target.name,
+            "required_cpu_features": target.cpu.assume,
+        });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         let weights: Vec<String> = report
@@ -133,10 +187,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .iter()
             .map(|(f, b)| format!("{} MB {f}", b / 1_000_000))
             .collect();
+        let requires = if target.cpu.assume.is_empty() {
+            String::new()
+        } else {
+            format!(", requires {}", target.cpu.assume.join(", "))
+        };
         println!(
-            "wrote {} ({:.1} MB): {} ({} layers), {} ops, {} tensors ({})",
+            "wrote {} ({:.1} MB) for {}{requires}: {} ({} layers), {} ops, {} tensors ({})",
             report.path.display(),
             report.bytes as f64 / 1e6,
+            target.name,
             converted.facts.name,
             converted.facts.layers,
             report.ops,
@@ -149,7 +209,53 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::*;
+
+    fn target(name: &str) -> Target {
+        resolve_target(name).expect("shipped target")
+    }
+
+    #[test]
+    fn the_target_budget_is_the_limit_unless_max_memory_is_given() {
+        let qcs = target("qcs6490");
+        assert_eq!(memory_limit(None, &qcs), Some(Limit::Budget(2 << 30)));
+        assert_eq!(memory_limit(Some(5), &qcs), Some(Limit::Flag(5)));
+        assert_eq!(memory_limit(None, &target("host")), None);
+    }
+
+    #[test]
+    fn a_model_over_the_target_budget_is_refused_with_the_numbers() {
+        let qcs = target("qcs6490");
+        let limit = memory_limit(None, &qcs);
+        // SmolLM2-135M in f32 at a 131072-token context: a 6.0 GB KV cache alone
+        // (2 × 30 layers × 3 kv heads × 64 × 131072 × 4 bytes).
+        let kv = 2 * 30 * 3 * 64 * 131_072 * 4;
+        let e = check_fits(kv, 131_072, limit, &qcs).expect_err("over 2 GiB");
+        let message = e.to_string();
+        assert!(message.contains("6039.8 MB"), "{message}");
+        assert!(message.contains("131072-token"), "{message}");
+        assert!(
+            message.contains("the qcs6490 memory budget of 2147.5 MB"),
+            "{message}"
+        );
+        assert!(message.contains("nothing was written"), "{message}");
+        assert!(check_fits(2 << 30, 2048, limit, &qcs).is_ok());
+        assert!(check_fits(kv, 131_072, None, &target("host")).is_ok());
+        let e = check_fits(kv, 8, Some(Limit::Flag(1_000)), &qcs).expect_err("over the flag");
+        assert!(
+            e.to_string().contains("--max-memory budget of 0.0 MB"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_target_lists_the_known_ones() {
+        let e = resolve_target("pdp-11").expect_err("unknown").to_string();
+        assert!(e.contains("unknown target \"pdp-11\""), "{e}");
+        for name in kiln_targets::names() {
+            assert!(e.contains(name), "{e}");
+        }
+    }
 
     #[test]
     fn sizes_parse_with_decimal_and_binary_units() {

@@ -1,8 +1,11 @@
-//! `cargo xtask export`: checkpoint → standard ONNX decoder with KV cache (float32 weights).
+//! `cargo xtask export`: checkpoint → standard ONNX decoder with KV cache (float32 weights, or
+//! with `--quantized` onnxruntime's `MatMulNBits` over the checkpoint's q8_0/q4_0/q4_1 blocks).
 
 use std::path::PathBuf;
 
-use kiln_compiler::onnx::{export, ExportOptions};
+use anyhow::Context;
+use kiln_compiler::onnx::{export, export_quantized, ExportOptions};
+use kiln_runtime::quant::Format;
 
 use crate::source;
 
@@ -19,21 +22,37 @@ pub struct Args {
     /// Store the weights in `<out>.data` even under 2 GB (always done above it).
     #[arg(long)]
     pub external_data: bool,
+    /// Write projections stored in q8_0, q4_0 or q4_1 as onnxruntime's com.microsoft::MatMulNBits
+    /// over the same blocks (runs in onnxruntime only); float weights stay MatMul.
+    #[arg(long)]
+    pub quantized: bool,
+    /// Convert the weights to this format first (f32, f16, q8_0, q4_0, q4_1; 4-bit formats keep
+    /// the embedding and output head at q8_0), as `cargo xtask compile --quant` does.
+    #[arg(long)]
+    pub quant: Option<String>,
     /// Print a JSON report instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let checkpoint = source::import(&args.model)?;
+    let mut checkpoint = source::import(&args.model)?;
+    if let Some(name) = &args.quant {
+        let quant = Format::from_name(name).with_context(|| {
+            let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
+            format!("unknown --quant {name:?} (one of {})", names.join(", "))
+        })?;
+        checkpoint = kiln_compiler::emit::convert(&checkpoint, quant)?;
+    }
     let spinner = source::spinner(&format!("writing {}", args.out.display()));
-    let report = export(
-        &checkpoint,
-        &args.out,
-        &ExportOptions {
-            external_data: args.external_data,
-        },
-    );
+    let opts = ExportOptions {
+        external_data: args.external_data,
+    };
+    let report = if args.quantized {
+        export_quantized(&checkpoint, &args.out, &opts)
+    } else {
+        export(&checkpoint, &args.out, &opts)
+    };
     spinner.finish_and_clear();
     let report = report?;
     if args.json {
@@ -45,6 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "nodes": report.nodes,
                 "initializers": report.initializers,
                 "external_data": report.external,
+                "quantized": args.quantized,
             })
         );
     } else {

@@ -10,6 +10,7 @@ mod hf;
 mod pypi;
 mod run;
 mod source;
+mod targets;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ enum Command {
     Export(export::Args),
     /// Compile a model into a `.kiln` artifact for a target.
     Compile(compile::Args),
+    /// List the devices kiln compiles for (`targets/descriptors/*.toml`).
+    Targets(targets::Args),
     /// Write a tiny random Llama 3.2-shaped checkpoint (Hugging Face layout) for tests.
     GenTiny(gen_tiny::Args),
     /// Fetch, compile and run the default model (or another card) on a prompt.
@@ -46,14 +49,22 @@ enum Command {
     Test(test::Args),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
         Command::Fetch(args) => fetch::run(args),
         Command::Models(args) => fetch::list(args),
         Command::Export(args) => export::run(args),
         Command::Compile(args) => compile::run(args),
+        Command::Targets(args) => targets::run(args),
         Command::GenTiny(args) => gen_tiny::run(args),
         Command::Run(args) => run::run(args),
         Command::Test(args) => test::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", kiln_runtime::report::error_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -34,7 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         compile::run(compile::Args {
             model: args.model.clone(),
             target: "host".into(),
-            quant: args.quant.clone(),
+            quant: Some(args.quant.clone()),
             overrides: Vec::new(),
             out: out.clone(),
             ctx: None,

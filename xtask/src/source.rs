@@ -13,6 +13,9 @@ pub fn checkpoint_path(model: &str) -> anyhow::Result<PathBuf> {
     if path.exists() && !model.ends_with(".toml") {
         return Ok(path);
     }
+    if model.contains(std::path::MAIN_SEPARATOR) || model.ends_with(".gguf") {
+        anyhow::bail!("{model}: no such file or directory");
+    }
     Ok(crate::fetch::ensure_model(model)?.primary)
 }
 

@@ -2,9 +2,10 @@
 
 use std::collections::HashMap;
 
+use super::nbits::{self, Part};
 use super::proto::{
     attribute_type, tensor_shape_proto, type_proto, AttributeProto, NodeProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto, FLOAT, INT64,
+    TensorShapeProto, TypeProto, ValueInfoProto, FLOAT, INT64, UINT8,
 };
 use crate::graph::Tensor;
 
@@ -15,39 +16,62 @@ pub enum Dim {
     Symbol(&'static str),
 }
 
-/// A checkpoint tensor that becomes an f32 initializer; its bytes are produced only when the
-/// file is written, so a whole model never sits in memory as f32 at once.
+/// How a checkpoint tensor is laid out as an initializer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// f32, in the source's shape.
+    F32,
+    /// f32 `[in, out]` (the `[out, in]` source transposed) so that `MatMul(x, w)` projects.
+    F32Transposed,
+    /// One input of `MatMulNBits`, from a block-format source.
+    NBits(Part),
+}
+
+/// A checkpoint tensor that becomes an initializer; its bytes are produced only when the file
+/// is written, so a whole model never sits in memory converted at once.
 #[derive(Clone, Debug)]
 pub struct Weight<'a> {
     pub name: String,
     pub source: &'a Tensor,
-    /// Store as `[in, out]` (the `[out, in]` source transposed) so that `MatMul(x, w)` projects.
-    pub transpose: bool,
+    pub layout: Layout,
 }
 
 impl Weight<'_> {
     /// The initializer's dimensions.
     pub fn dims(&self) -> Vec<i64> {
         let dims = self.source.shape.iter().map(|&d| d as i64);
-        if self.transpose {
-            dims.rev().collect()
-        } else {
-            dims.collect()
+        match self.layout {
+            Layout::F32 => dims.collect(),
+            Layout::F32Transposed => dims.rev().collect(),
+            Layout::NBits(part) => nbits::dims(self.source, part),
         }
     }
 
-    /// Size of the f32 data in bytes.
-    pub fn byte_len(&self) -> u64 {
-        self.source.shape.iter().product::<usize>() as u64 * 4
+    /// The initializer's `TensorProto.DataType`.
+    pub fn data_type(&self) -> i32 {
+        match self.layout {
+            Layout::NBits(Part::B) => UINT8,
+            _ => FLOAT,
+        }
     }
 
-    /// The dequantized values, little-endian, in the initializer's layout.
+    /// Size of the data in bytes.
+    pub fn byte_len(&self) -> u64 {
+        match self.layout {
+            Layout::F32 | Layout::F32Transposed => {
+                self.source.shape.iter().product::<usize>() as u64 * 4
+            }
+            Layout::NBits(part) => nbits::byte_len(self.source, part),
+        }
+    }
+
+    /// The data, little-endian, in the initializer's layout.
     pub fn le_bytes(&self) -> Vec<u8> {
         let values = self.source.to_f32();
-        let values = if self.transpose {
-            values.reversed_axes().as_standard_layout().into_owned()
-        } else {
-            values
+        let values = match self.layout {
+            Layout::F32 => values,
+            Layout::F32Transposed => values.reversed_axes().as_standard_layout().into_owned(),
+            Layout::NBits(part) => return nbits::le_bytes(self.source, part),
         };
         let mut out = Vec::with_capacity(values.len() * 4);
         for v in values.iter() {
@@ -148,6 +172,32 @@ impl<'a> GraphBuilder<'a> {
         output
     }
 
+    /// A single-output node of an operator of `domain` rather than ai.onnx; its output is
+    /// the graph value `output` if given, else named after the node. Returns the output.
+    pub fn op_in(
+        &mut self,
+        domain: &str,
+        op: &str,
+        inputs: &[&str],
+        attributes: Vec<AttributeProto>,
+        output: Option<&str>,
+    ) -> String {
+        let name = self.node_name(op);
+        let output = output.map_or_else(|| format!("{name}_output_0"), str::to_owned);
+        self.push(op, name, inputs, attributes, vec![output.clone()]);
+        if let Some(node) = self.nodes.last_mut() {
+            node.domain = Some(domain.to_owned());
+        }
+        output
+    }
+
+    /// Whether any node is of `domain`.
+    pub fn uses_domain(&self, domain: &str) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.domain.as_deref() == Some(domain))
+    }
+
     /// Adds a single-output node whose output is the graph value `output`.
     pub fn op_to(
         &mut self,
@@ -230,12 +280,27 @@ impl<'a> GraphBuilder<'a> {
         self.constant(FLOAT, vec![values.len() as i64], raw, name.to_owned())
     }
 
-    /// Registers a checkpoint tensor as an initializer named `name`.
+    /// Registers a checkpoint tensor as an f32 initializer named `name`, transposed or not.
     pub fn weight(&mut self, name: &str, source: &'a Tensor, transpose: bool) -> String {
+        let layout = if transpose {
+            Layout::F32Transposed
+        } else {
+            Layout::F32
+        };
+        self.weight_as(name, source, layout)
+    }
+
+    /// Registers a checkpoint tensor as an initializer named `name` in `layout`; registering
+    /// the same tensor in the same layout again returns the first registration's name.
+    pub fn weight_as(&mut self, name: &str, source: &'a Tensor, layout: Layout) -> String {
+        let same = |w: &Weight| w.name == name && std::ptr::eq(w.source, source);
+        if self.weights.iter().any(|w| same(w) && w.layout == layout) {
+            return name.to_owned();
+        }
         self.weights.push(Weight {
             name: name.to_owned(),
             source,
-            transpose,
+            layout,
         });
         name.to_owned()
     }

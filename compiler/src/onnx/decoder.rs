@@ -5,9 +5,11 @@
 //! RoPE with cos/sin computed from `position_ids` × inverse frequencies, GQA by repeating the KV
 //! heads, a causal + padding mask, SwiGLU, and logits from the (possibly tied) output matrix.
 
-use super::builder::{attr_i, attr_ints, value_info, Dim, GraphBuilder};
+use super::builder::{attr_i, attr_ints, value_info, Dim, GraphBuilder, Layout};
+use super::nbits::{self, Part};
 use super::proto::{ValueInfoProto, FLOAT, INT64};
 use crate::graph::{Checkpoint, Tensor};
+use kiln_runtime::quant::Format;
 
 /// The ai.onnx opset the graph is written against (`ReduceMean` takes `axes` as an attribute).
 pub const OPSET: i64 = 17;
@@ -30,10 +32,13 @@ struct Shared {
     sin: String,
     /// `[batch, 1, seq, total]` booleans: which keys each query may attend to.
     allowed: String,
+    /// Block-format projections become `MatMulNBits`.
+    quantized: bool,
 }
 
-/// Builds the decoder graph, or says which part of the checkpoint is inconsistent.
-pub fn build(checkpoint: &Checkpoint) -> Result<Decoder<'_>, String> {
+/// Builds the decoder graph, or says which part of the checkpoint is inconsistent. With
+/// `quantized`, every projection whose weight is in a block format is a `MatMulNBits`.
+pub fn build(checkpoint: &Checkpoint, quantized: bool) -> Result<Decoder<'_>, String> {
     check(checkpoint)?;
     let f = &checkpoint.facts;
     let w = &checkpoint.weights;
@@ -66,9 +71,14 @@ pub fn build(checkpoint: &Checkpoint) -> Result<Decoder<'_>, String> {
 
     let mut g = GraphBuilder::default();
     g.set_scope("model/embed_tokens");
-    let embed = g.weight("model.embed_tokens.weight", &w.embed, false);
-    let mut x = g.op("Gather", &[&embed, "input_ids"], vec![attr_i("axis", 0)]);
-    let shared = Shared::build(&mut g, checkpoint);
+    let embed_name = "model.embed_tokens.weight";
+    let mut x = if quantized && w.embed.format == Format::Q8_0 {
+        gather_q8(&mut g, embed_name, &w.embed)
+    } else {
+        let embed = g.weight(embed_name, &w.embed, false);
+        g.op("Gather", &[&embed, "input_ids"], vec![attr_i("axis", 0)])
+    };
+    let shared = Shared::build(&mut g, checkpoint, quantized);
     for i in 0..f.layers {
         x = layer(&mut g, checkpoint, &shared, i, &x);
     }
@@ -76,12 +86,25 @@ pub fn build(checkpoint: &Checkpoint) -> Result<Decoder<'_>, String> {
     let norm = g.weight("model.norm.weight", &w.final_norm, false);
     let h = rms_norm(&mut g, &x, &norm, f.rms_eps);
     g.set_scope("lm_head");
-    let head = match &w.lm_head {
-        // Tied: one stored table, transposed in the graph rather than written twice.
-        None => g.op("Transpose", &[&embed], vec![attr_ints("perm", &[1, 0])]),
-        Some(t) => g.weight("lm_head.weight", t, true),
-    };
-    g.op_to("MatMul", &[&h, &head], Vec::new(), "logits");
+    let head = w.lm_head.as_ref().unwrap_or(&w.embed);
+    if quantized && nbits::bits(head.format).is_some() {
+        // Tied: the blocks the embedding gathers from, if it does.
+        let name = match w.lm_head {
+            None => embed_name,
+            Some(_) => "lm_head.weight",
+        };
+        linear(&mut g, &h, name, head, true, Some("logits"));
+    } else {
+        let head = match &w.lm_head {
+            // Tied: one stored table, transposed in the graph rather than written twice.
+            None => {
+                let embed = g.weight(embed_name, &w.embed, false);
+                g.op("Transpose", &[&embed], vec![attr_ints("perm", &[1, 0])])
+            }
+            Some(t) => g.weight("lm_head.weight", t, true),
+        };
+        g.op_to("MatMul", &[&h, &head], Vec::new(), "logits");
+    }
     Ok(Decoder {
         graph: g,
         inputs,
@@ -90,7 +113,7 @@ pub fn build(checkpoint: &Checkpoint) -> Result<Decoder<'_>, String> {
 }
 
 impl Shared {
-    fn build(g: &mut GraphBuilder, checkpoint: &Checkpoint) -> Shared {
+    fn build(g: &mut GraphBuilder, checkpoint: &Checkpoint, quantized: bool) -> Shared {
         g.set_scope("model/rotary_emb");
         let inv_freq = g.floats(
             "model.rotary_emb.inv_freq",
@@ -131,7 +154,12 @@ impl Shared {
         let axes12 = g.ints(&[1, 2]);
         let padding = g.op("Unsqueeze", &[&padding, &axes12], Vec::new());
         let allowed = g.op("And", &[&causal, &padding], Vec::new());
-        Shared { cos, sin, allowed }
+        Shared {
+            cos,
+            sin,
+            allowed,
+            quantized,
+        }
     }
 }
 
@@ -156,24 +184,24 @@ fn layer<'a>(
         &h,
         &format!("{p}.self_attn.q_proj.weight"),
         &lw.wq,
-        f.heads,
-        f.head_dim,
+        (f.heads, f.head_dim),
+        shared.quantized,
     );
     let k = heads(
         g,
         &h,
         &format!("{p}.self_attn.k_proj.weight"),
         &lw.wk,
-        f.kv_heads,
-        f.head_dim,
+        (f.kv_heads, f.head_dim),
+        shared.quantized,
     );
     let v = heads(
         g,
         &h,
         &format!("{p}.self_attn.v_proj.weight"),
         &lw.wv,
-        f.kv_heads,
-        f.head_dim,
+        (f.kv_heads, f.head_dim),
+        shared.quantized,
     );
     let q = rope(g, &q, shared);
     let k = rope(g, &k, shared);
@@ -206,8 +234,14 @@ fn layer<'a>(
     let ctx = g.op("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
     let merged = g.ints(&[0, 0, (f.heads * f.head_dim) as i64]);
     let ctx = g.op("Reshape", &[&ctx, &merged], Vec::new());
-    let wo = g.weight(&format!("{p}.self_attn.o_proj.weight"), &lw.wo, true);
-    let attn = g.op("MatMul", &[&ctx, &wo], Vec::new());
+    let attn = linear(
+        g,
+        &ctx,
+        &format!("{p}.self_attn.o_proj.weight"),
+        &lw.wo,
+        shared.quantized,
+        None,
+    );
     let x = g.op("Add", &[x, &attn], Vec::new());
 
     g.set_scope(&format!("model/layers.{i}/post_attention_layernorm"));
@@ -218,15 +252,27 @@ fn layer<'a>(
     );
     let h = rms_norm(g, &x, &norm, f.rms_eps);
     g.set_scope(&format!("model/layers.{i}/mlp"));
-    let w_gate = g.weight(&format!("{p}.mlp.gate_proj.weight"), &lw.w_gate, true);
-    let w_up = g.weight(&format!("{p}.mlp.up_proj.weight"), &lw.w_up, true);
-    let w_down = g.weight(&format!("{p}.mlp.down_proj.weight"), &lw.w_down, true);
-    let gate = g.op("MatMul", &[&h, &w_gate], Vec::new());
-    let up = g.op("MatMul", &[&h, &w_up], Vec::new());
+    let q = shared.quantized;
+    let gate = linear(
+        g,
+        &h,
+        &format!("{p}.mlp.gate_proj.weight"),
+        &lw.w_gate,
+        q,
+        None,
+    );
+    let up = linear(g, &h, &format!("{p}.mlp.up_proj.weight"), &lw.w_up, q, None);
     let sig = g.op("Sigmoid", &[&gate], Vec::new());
     let act = g.op("Mul", &[&gate, &sig], Vec::new());
     let act = g.op("Mul", &[&act, &up], Vec::new());
-    let down = g.op("MatMul", &[&act, &w_down], Vec::new());
+    let down = linear(
+        g,
+        &act,
+        &format!("{p}.mlp.down_proj.weight"),
+        &lw.w_down,
+        q,
+        None,
+    );
     g.op("Add", &[&x, &down], Vec::new())
 }
 
@@ -246,17 +292,80 @@ fn rms_norm(g: &mut GraphBuilder, x: &str, weight: &str, eps: f32) -> String {
     g.op("Mul", &[&normed, weight], Vec::new())
 }
 
+/// `x · wᵀ` for an `[out, in]` weight `w` named `name`: a `MatMulNBits` over its blocks when
+/// `quantized` and `w` is in a block format, else a `MatMul` with `w` as f32 `[in, out]`.
+/// The output is the graph value `out` if given.
+fn linear<'a>(
+    g: &mut GraphBuilder<'a>,
+    x: &str,
+    name: &str,
+    w: &'a Tensor,
+    quantized: bool,
+    out: Option<&str>,
+) -> String {
+    let Some(bits) = nbits::bits(w.format).filter(|_| quantized) else {
+        let w = g.weight(name, w, true);
+        return match out {
+            Some(out) => {
+                g.op_to("MatMul", &[x, &w], Vec::new(), out);
+                out.to_owned()
+            }
+            None => g.op("MatMul", &[x, &w], Vec::new()),
+        };
+    };
+    let base = name.strip_suffix(".weight").unwrap_or(name);
+    let b = g.weight_as(&format!("{base}.qweight"), w, Layout::NBits(Part::B));
+    let scales = g.weight_as(&format!("{base}.scales"), w, Layout::NBits(Part::Scales));
+    let mut inputs = vec![x.to_owned(), b, scales];
+    if nbits::has_zero_points(w.format) {
+        let zp = Layout::NBits(Part::ZeroPoints);
+        inputs.push(g.weight_as(&format!("{base}.zero_points"), w, zp));
+    }
+    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let attributes = vec![
+        attr_i("K", w.cols() as i64),
+        attr_i("N", w.rows() as i64),
+        attr_i("bits", bits as i64),
+        attr_i("block_size", nbits::BLOCK_SIZE as i64),
+        attr_i("accuracy_level", 0),
+    ];
+    g.op_in(nbits::DOMAIN, "MatMulNBits", &inputs, attributes, out)
+}
+
+/// The rows of `input_ids` of a `q8_0` table `[vocab, hidden]`, dequantized in the graph from
+/// the `MatMulNBits` inputs of `name` (which a tied output head shares): codes `q + 128`
+/// minus 128, times the block's scale — `d * q` exactly, as kiln computes it.
+fn gather_q8<'a>(g: &mut GraphBuilder<'a>, name: &str, table: &'a Tensor) -> String {
+    let base = name.strip_suffix(".weight").unwrap_or(name);
+    let b = g.weight_as(&format!("{base}.qweight"), table, Layout::NBits(Part::B));
+    let scales = g.weight_as(
+        &format!("{base}.scales"),
+        table,
+        Layout::NBits(Part::Scales),
+    );
+    let codes = g.op("Gather", &[&b, "input_ids"], vec![attr_i("axis", 0)]);
+    let codes = g.op("Cast", &[&codes], vec![attr_i("to", i64::from(FLOAT))]);
+    let offset = g.float(128.0);
+    let q = g.op("Sub", &[&codes, &offset], Vec::new());
+    let blocks = (table.cols() / nbits::BLOCK_SIZE) as i64;
+    let shape = g.ints(&[table.rows() as i64, blocks, 1]);
+    let scales = g.op("Reshape", &[&scales, &shape], Vec::new());
+    let d = g.op("Gather", &[&scales, "input_ids"], vec![attr_i("axis", 0)]);
+    let x = g.op("Mul", &[&q, &d], Vec::new());
+    let hidden = g.ints(&[0, 0, table.cols() as i64]);
+    g.op("Reshape", &[&x, &hidden], Vec::new())
+}
+
 /// Projects `[batch, seq, hidden]` with `w` and splits into `[batch, n, seq, head_dim]`.
 fn heads<'a>(
     g: &mut GraphBuilder<'a>,
     h: &str,
     name: &str,
     w: &'a Tensor,
-    n: usize,
-    head_dim: usize,
+    (n, head_dim): (usize, usize),
+    quantized: bool,
 ) -> String {
-    let w = g.weight(name, w, true);
-    let proj = g.op("MatMul", &[h, &w], Vec::new());
+    let proj = linear(g, h, name, w, quantized, None);
     let shape = g.ints(&[0, 0, n as i64, head_dim as i64]);
     let split = g.op("Reshape", &[&proj, &shape], Vec::new());
     g.op(

@@ -8,11 +8,14 @@
 //! - outputs `logits` f32 `[batch_size, sequence_length, vocab]`, `present.{i}.key|value` f32
 //!   `[batch_size, kv_heads, total_sequence_length, head_dim]`.
 //!
-//! Weights are dequantized to f32 initializers. A query attends to the keys up to its own index
+//! Weights are dequantized to f32 initializers; [`export_quantized`] instead writes every
+//! projection whose weight is in `q8_0`, `q4_0` or `q4_1` as onnxruntime's
+//! `com.microsoft::MatMulNBits` over the same blocks. A query attends to the keys up to its own index
 //! in the sequence (`total - seq + s`) whose `attention_mask` is 1.
 
 mod builder;
 mod decoder;
+mod nbits;
 pub mod proto;
 mod write;
 
@@ -60,7 +63,32 @@ pub fn export(
     out: &Path,
     opts: &ExportOptions,
 ) -> Result<ExportReport, OnnxError> {
-    let decoder = decoder::build(checkpoint).map_err(|what| OnnxError::Checkpoint {
+    export_with(checkpoint, out, opts, false)
+}
+
+/// [`export`], except that every projection (attention, MLP and output head) whose weight is
+/// stored in `q8_0`, `q4_0` or `q4_1` becomes a `com.microsoft::MatMulNBits` node (bits 8 or
+/// 4, block size 32, `accuracy_level` 0) over the same blocks, repacked but not requantized;
+/// `q4_1`'s minimum becomes a float zero point. Float weights stay `MatMul`s. A `q8_0`
+/// embedding table is stored as the same blocks (shared with a tied output head) and
+/// dequantized in the graph after the `Gather`; one in another format is written as f32.
+/// The model imports the `com.microsoft` opset 1, so
+/// it runs in onnxruntime.
+pub fn export_quantized(
+    checkpoint: &Checkpoint,
+    out: &Path,
+    opts: &ExportOptions,
+) -> Result<ExportReport, OnnxError> {
+    export_with(checkpoint, out, opts, true)
+}
+
+fn export_with(
+    checkpoint: &Checkpoint,
+    out: &Path,
+    opts: &ExportOptions,
+    quantized: bool,
+) -> Result<ExportReport, OnnxError> {
+    let decoder = decoder::build(checkpoint, quantized).map_err(|what| OnnxError::Checkpoint {
         path: out.to_path_buf(),
         what,
     })?;

@@ -8,6 +8,8 @@
 
 /// `TensorProto.DataType.FLOAT`.
 pub const FLOAT: i32 = 1;
+/// `TensorProto.DataType.UINT8`.
+pub const UINT8: i32 = 2;
 /// `TensorProto.DataType.INT64`.
 pub const INT64: i32 = 7;
 /// `TensorProto.DataLocation.EXTERNAL`.

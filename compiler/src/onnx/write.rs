@@ -11,9 +11,9 @@ use prost::Message;
 
 use super::builder::Weight;
 use super::decoder::{Decoder, OPSET};
+use super::nbits;
 use super::proto::{
     GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, EXTERNAL,
-    FLOAT,
 };
 use super::{ExportOptions, ExportReport, OnnxError};
 use kiln_runtime::model::ModelFacts;
@@ -75,7 +75,7 @@ pub fn write(
     })?;
     let data_name = format!("{file_name}.data");
 
-    let model = model_header(facts);
+    let model = model_header(facts, decoder.graph.uses_domain(nbits::DOMAIN));
     let graph = GraphProto {
         node: decoder.graph.nodes.clone(),
         name: Some(facts.name.clone()),
@@ -155,8 +155,9 @@ fn fits_one_message(
     len <= PROTOBUF_LIMIT
 }
 
-/// Everything in the `ModelProto` except the graph.
-fn model_header(facts: &ModelFacts) -> ModelProto {
+/// Everything in the `ModelProto` except the graph; `microsoft` imports onnxruntime's
+/// `com.microsoft` opset 1 too.
+fn model_header(facts: &ModelFacts, microsoft: bool) -> ModelProto {
     let entry = |key: &str, value: String| StringStringEntryProto {
         key: Some(key.to_owned()),
         value: Some(value),
@@ -164,10 +165,13 @@ fn model_header(facts: &ModelFacts) -> ModelProto {
     let eos: Vec<String> = facts.eog_ids.iter().map(u32::to_string).collect();
     ModelProto {
         ir_version: Some(IR_VERSION),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(OPSET),
-        }],
+        opset_import: std::iter::once((String::new(), OPSET))
+            .chain(microsoft.then(|| (nbits::DOMAIN.to_owned(), 1)))
+            .map(|(domain, version)| OperatorSetIdProto {
+                domain: Some(domain),
+                version: Some(version),
+            })
+            .collect(),
         producer_name: Some("kiln".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
         domain: None,
@@ -191,7 +195,7 @@ fn plan<'w, 'a>(weights: &'w [Weight<'a>], location: Option<&str>) -> Vec<Planne
         .map(|weight| {
             let mut header = TensorProto {
                 dims: weight.dims(),
-                data_type: Some(FLOAT),
+                data_type: Some(weight.data_type()),
                 name: Some(weight.name.clone()),
                 raw_data: None,
                 external_data: Vec::new(),
@@ -313,7 +317,8 @@ impl Drop for Staged {
 mod tests {
     use super::*;
     use crate::graph::Tensor;
-    use crate::onnx::builder::{value_info, Dim, GraphBuilder};
+    use crate::onnx::builder::{value_info, Dim, GraphBuilder, Layout};
+    use crate::onnx::proto::FLOAT;
     use kiln_runtime::quant::Format;
 
     fn facts() -> ModelFacts {
@@ -370,12 +375,12 @@ mod tests {
             ..huge.clone()
         };
         let graph = GraphProto::default();
-        let model = model_header(&facts());
+        let model = model_header(&facts(), false);
         for (t, fits) in [(&huge, false), (&small, true)] {
             let weights = [Weight {
                 name: "w".into(),
                 source: t,
-                transpose: false,
+                layout: Layout::F32,
             }];
             assert_eq!(
                 fits_one_message(&model, &graph, &[], &plan(&weights, None)),
@@ -428,7 +433,7 @@ mod tests {
             decoded,
             ModelProto {
                 graph: Some(graph),
-                ..model_header(&facts())
+                ..model_header(&facts(), false)
             }
         );
     }

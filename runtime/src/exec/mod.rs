@@ -72,6 +72,8 @@ pub struct Session<'a> {
     regions: Regions,
     workers: parallel::Workers,
     pos: usize,
+    /// Block-quantized weights meet f32 activations (see [`Session::set_float_activations`]).
+    float_activations: bool,
 }
 
 impl<'a> Session<'a> {
@@ -147,7 +149,16 @@ impl<'a> Session<'a> {
             regions,
             workers: parallel::workers(opts.threads),
             pos: 0,
+            float_activations: false,
         })
+    }
+
+    /// With `true`, block-quantized weights are dequantized tile by tile and multiplied against
+    /// the f32 activations, as onnxruntime's `MatMulNBits` does at `accuracy_level` 0, instead
+    /// of against 8-bit quantized activations as llama.cpp does (the default). Slower; for exact
+    /// comparisons with float-activation runtimes. Uses the same scratch, so memory is unchanged.
+    pub fn set_float_activations(&mut self, on: bool) {
+        self.float_activations = on;
     }
 
     /// Tokens already in the KV cache.
@@ -277,6 +288,7 @@ impl<'a> Session<'a> {
                         o,
                         tiles,
                         xq,
+                        self.float_activations,
                     );
                 }
                 Op::Rope {
@@ -386,6 +398,7 @@ impl<'a> Session<'a> {
                         logits,
                         tiles,
                         xq,
+                        self.float_activations,
                     );
                 }
             }
@@ -394,7 +407,8 @@ impl<'a> Session<'a> {
     }
 }
 
-/// `out = x · mᵀ` for `n` tokens; block-quantized weights see 8-bit activations, as in llama.cpp.
+/// `out = x · mᵀ` for `n` tokens; block-quantized weights see 8-bit activations, as in llama.cpp,
+/// unless `float_activations`.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     k: &Kernels,
@@ -405,8 +419,9 @@ fn matmul(
     out: &mut [f32],
     tiles: &mut [f32],
     xq: &mut [f32],
+    float_activations: bool,
 ) {
-    let input = if q8::uses_q8(m.format) {
+    let input = if q8::uses_q8(m.format) && !float_activations {
         let blocks = n * m.cols / BLOCK;
         let xq: &mut [Q8Block] = bytemuck::cast_slice_mut(xq);
         q8::quantize(x, &mut xq[..blocks]);

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::generate::Model;
@@ -23,7 +22,8 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Model> {
-        Model::open(&self.model).with_context(|| format!("loading {}", self.model.display()))
+        // The error names the file already.
+        Ok(Model::open(&self.model)?)
     }
 
     pub fn session_options(&self) -> SessionOptions {

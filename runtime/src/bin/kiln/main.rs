@@ -44,7 +44,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", kiln_runtime::report::error_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -1,0 +1,65 @@
+//! An artifact compiled for a target records the CPU features the target's descriptor assumes,
+//! and the runtime refuses it on a CPU that lacks one: the default model compiled for `rpi5`
+//! requires NEON, dotprod and fp16 and does not open on x86-64; compiled for `host` it requires
+//! nothing and opens.
+
+mod common;
+
+use std::path::Path;
+
+use kiln_runtime::artifact::{parse, Artifact, ArtifactError};
+use kiln_runtime::cpu::has_feature;
+use kiln_runtime::quant::Format;
+
+/// Compiles the default model (q4_1, its own storage) for the target `name` into `dir`.
+fn compile_for(dir: &Path, name: &str) -> (Vec<String>, std::path::PathBuf) {
+    let target = kiln_targets::find(name)
+        .expect("descriptor parses")
+        .expect("shipped target");
+    let checkpoint = kiln_compiler::import::import(&common::smollm2_gguf()).expect("import");
+    let converted = kiln_compiler::emit::convert(&checkpoint, Format::Q4_1).expect("convert");
+    let out = dir.join(format!("smollm2-{name}.kiln"));
+    kiln_compiler::emit::write_artifact_for(&converted, &out, &target.cpu.assume)
+        .expect("write artifact");
+    (target.cpu.assume, out)
+}
+
+fn recorded_features(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).expect("read artifact");
+    parse(&bytes).expect("parses").meta.required_cpu_features
+}
+
+/// The error under `Artifact::open`'s "path: …" wrapper.
+fn unwrap_file(e: ArtifactError) -> ArtifactError {
+    match e {
+        ArtifactError::File { source, .. } => *source,
+        other => other,
+    }
+}
+
+#[test]
+fn an_rpi5_artifact_requires_its_features_and_is_refused_where_they_are_missing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (assumed, path) = compile_for(dir.path(), "rpi5");
+    assert_eq!(assumed, ["neon", "dotprod", "fp16"]);
+    assert_eq!(recorded_features(&path), assumed);
+    let missing = assumed.iter().find(|f| !has_feature(f));
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(missing.map(String::as_str), Some("neon"));
+    match (Artifact::open(&path).map_err(unwrap_file), missing) {
+        (Err(ArtifactError::MissingCpuFeature { feature }), Some(m)) => assert_eq!(&feature, m),
+        (Ok(_), None) => {}
+        (Ok(_), Some(m)) => panic!("opened although this CPU lacks {m}"),
+        (Err(e), _) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn a_host_artifact_requires_nothing_and_opens() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (assumed, path) = compile_for(dir.path(), "host");
+    assert!(assumed.is_empty());
+    assert!(recorded_features(&path).is_empty());
+    let artifact = Artifact::open(&path).expect("opens on the host");
+    assert!(artifact.meta().required_cpu_features.is_empty());
+}
