@@ -4,9 +4,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 
 use kiln_runtime::quant::Format;
 use serde_json::Value;
@@ -25,14 +23,6 @@ fn kiln() -> Command {
         bin.display()
     );
     Command::new(bin)
-}
-
-fn artifact() -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
-    PATH.get_or_init(|| common::compile_smollm2(dir.path(), Format::Q4_1))
-        .clone()
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -55,15 +45,18 @@ fn golden_p1() -> Value {
 #[test]
 fn run_json_gives_llama_cpp_greedy_ids() {
     let case = golden_p1();
-    let out = run(kiln().arg("run").arg(artifact()).args([
-        "-p",
-        case["prompt"].as_str().expect("prompt"),
-        "-n",
-        "8",
-        "--temp",
-        "0",
-        "--json",
-    ]));
+    let out = run(kiln()
+        .arg("run")
+        .arg(common::smollm2_artifact(Format::Q4_1))
+        .args([
+            "-p",
+            case["prompt"].as_str().expect("prompt"),
+            "-n",
+            "8",
+            "--temp",
+            "0",
+            "--json",
+        ]));
     let v = stdout_json(&out);
     assert_eq!(v["prompt_ids"], case["prompt_ids"]);
     let want: Vec<Value> = case["Q4_1"]["generated_ids"].as_array().expect("ids")[..8].to_vec();
@@ -77,16 +70,19 @@ fn run_json_gives_llama_cpp_greedy_ids() {
 
 #[test]
 fn run_streams_text_and_stops_at_a_stop_string() {
-    let out = run(kiln().arg("run").arg(artifact()).args([
-        "-p",
-        "The capital of France is",
-        "-n",
-        "40",
-        "--temp",
-        "0",
-        "--stop",
-        "\n",
-    ]));
+    let out = run(kiln()
+        .arg("run")
+        .arg(common::smollm2_artifact(Format::Q4_1))
+        .args([
+            "-p",
+            "The capital of France is",
+            "-n",
+            "40",
+            "--temp",
+            "0",
+            "--stop",
+            "\n",
+        ]));
     assert!(
         out.status.success(),
         "{}",
@@ -102,11 +98,10 @@ fn run_streams_text_and_stops_at_a_stop_string() {
 #[test]
 fn tokenize_json_matches_llama_cpp_prompt_ids() {
     let case = golden_p1();
-    let out = run(kiln().arg("tokenize").arg(artifact()).args([
-        "--text",
-        case["prompt"].as_str().expect("prompt"),
-        "--json",
-    ]));
+    let out = run(kiln()
+        .arg("tokenize")
+        .arg(common::smollm2_artifact(Format::Q4_1))
+        .args(["--text", case["prompt"].as_str().expect("prompt"), "--json"]));
     assert_eq!(stdout_json(&out)["ids"], case["prompt_ids"]);
 }
 
@@ -114,7 +109,7 @@ fn tokenize_json_matches_llama_cpp_prompt_ids() {
 fn bench_json_reports_every_field() {
     let out = run(kiln()
         .arg("bench")
-        .arg(artifact())
+        .arg(common::smollm2_artifact(Format::Q4_1))
         .args(["-p", "16", "-n", "4", "-r", "1", "-t", "1", "--json"]));
     let v = stdout_json(&out);
     for key in [
@@ -131,7 +126,7 @@ fn bench_json_reports_every_field() {
 fn chat_answers_every_turn() {
     let mut child = kiln()
         .arg("chat")
-        .arg(artifact())
+        .arg(common::smollm2_artifact(Format::Q4_1))
         .args(["-n", "24", "--temp", "0"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -161,12 +156,15 @@ fn chat_answers_every_turn() {
 
 #[test]
 fn a_prompt_longer_than_the_context_is_a_clear_error() {
-    let out = run(kiln().arg("run").arg(artifact()).args([
-        "-p",
-        "one two three four five six seven eight nine ten",
-        "-c",
-        "4",
-    ]));
+    let out = run(kiln()
+        .arg("run")
+        .arg(common::smollm2_artifact(Format::Q4_1))
+        .args([
+            "-p",
+            "one two three four five six seven eight nine ten",
+            "-c",
+            "4",
+        ]));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -3,25 +3,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
-
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::generate::{generate, GenerateOptions, Model, StopReason};
-use kiln_runtime::perplexity::perplexity;
 use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
 use serde_json::Value;
-
-fn artifact(quant: Format) -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    static F32: OnceLock<PathBuf> = OnceLock::new();
-    static Q4_1: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
-    let cell = if quant == Format::F32 { &F32 } else { &Q4_1 };
-    cell.get_or_init(|| common::compile_smollm2(dir.path(), quant))
-        .clone()
-}
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
@@ -40,7 +26,7 @@ fn opts() -> SessionOptions {
 
 #[test]
 fn f32_greedy_ids_match_llama_cpp() {
-    let model = Model::open(&artifact(Format::F32)).expect("open");
+    let model = Model::open(&common::smollm2_artifact(Format::F32)).expect("open");
     for case in common::golden()["greedy"]["cases"]
         .as_array()
         .expect("cases")
@@ -89,7 +75,7 @@ fn f32_greedy_ids_match_llama_cpp() {
 
 #[test]
 fn q4_1_first_step_logits_match_llama_cpp() {
-    let model = Model::open(&artifact(Format::Q4_1)).expect("open");
+    let model = Model::open(&common::smollm2_artifact(Format::Q4_1)).expect("open");
     for case in common::golden()["greedy"]["cases"]
         .as_array()
         .expect("cases")
@@ -129,41 +115,14 @@ fn q4_1_first_step_logits_match_llama_cpp() {
     }
 }
 
-fn check_perplexity(quant: Format, key: &str) {
-    let golden = common::golden();
-    let model = Model::open(&artifact(quant)).expect("open");
-    let text =
-        std::fs::read_to_string(common::testdata().join("golden/apache-2.0.txt")).expect("text");
-    let tokens = model.encode_prompt(&text, true);
-    let ctx = golden["perplexity"]["ctx"].as_u64().expect("ctx") as usize;
-    let score = perplexity(&model, &tokens, ctx, 2, |_, _| {}).expect("perplexity");
-    let want = golden["perplexity"]["ppl"][key].as_f64().expect("ppl");
-    assert_eq!(
-        score.chunks as u64,
-        golden["perplexity"]["chunks"].as_u64().expect("chunks")
-    );
-    let rel = (score.ppl - want).abs() / want;
-    println!(
-        "{key}: kiln perplexity {:.4}, llama.cpp {want} ({:+.2}%)",
-        score.ppl,
-        (score.ppl - want) / want * 100.0
-    );
-    assert!(
-        rel <= 0.01,
-        "{key}: kiln {:.4} vs llama.cpp {want} ({:.2}% off)",
-        score.ppl,
-        rel * 100.0
-    );
-}
-
 #[test]
 fn f32_perplexity_within_1_percent_of_llama_cpp() {
-    check_perplexity(Format::F32, "F32");
+    common::check_perplexity(Format::F32, "F32");
 }
 
 #[test]
 fn q4_1_perplexity_within_1_percent_of_llama_cpp() {
-    check_perplexity(Format::Q4_1, "Q4_1");
+    common::check_perplexity(Format::Q4_1, "Q4_1");
 }
 
 /// What `kiln chat` relies on between turns: running a prompt in two parts over the KV cache
@@ -171,7 +130,7 @@ fn q4_1_perplexity_within_1_percent_of_llama_cpp() {
 /// running it whole.
 #[test]
 fn kv_cache_reuse_gives_the_logits_of_a_fresh_prefill() {
-    let model = Model::open(&artifact(Format::F32)).expect("open");
+    let model = Model::open(&common::smollm2_artifact(Format::F32)).expect("open");
     let chat = &common::golden()["greedy"]["cases"][2];
     let prompt = ids(&chat["prompt_ids"]);
     let mut fresh = model.session(opts()).expect("session");
@@ -197,8 +156,8 @@ fn kv_cache_reuse_gives_the_logits_of_a_fresh_prefill() {
 #[test]
 fn q4_1_artifact_keeps_the_gguf_blocks_bit_exact() {
     let gguf = kiln_compiler::import::gguf::GgufFile::open(&common::smollm2_gguf()).expect("gguf");
-    let artifact =
-        kiln_runtime::artifact::Artifact::open(&artifact(Format::Q4_1)).expect("artifact");
+    let artifact = kiln_runtime::artifact::Artifact::open(&common::smollm2_artifact(Format::Q4_1))
+        .expect("artifact");
     let mut compared = 0;
     for entry in &artifact.meta().tensors {
         let Some(info) = gguf.tensors.get(&entry.name) else {

@@ -6,8 +6,7 @@ mod common;
 #[path = "../../runtime/tests/counting_alloc/mod.rs"]
 mod counting_alloc;
 
-use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 
 use counting_alloc::allocations;
 use kiln_runtime::artifact::Artifact;
@@ -22,19 +21,11 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn artifact() -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
-    PATH.get_or_init(|| common::compile_smollm2(dir.path(), Format::Q4_1))
-        .clone()
-}
-
 #[test]
 fn the_plan_is_what_a_session_allocates() {
     let _serial = serial();
     let checkpoint = kiln_compiler::import::import(&common::smollm2_gguf()).expect("import");
-    let artifact = Artifact::open(&artifact()).expect("open");
+    let artifact = Artifact::open(&common::smollm2_artifact(Format::Q4_1)).expect("open");
     for opts in [
         SessionOptions::default(),
         SessionOptions {
@@ -72,7 +63,7 @@ fn the_plan_is_what_a_session_allocates() {
 #[test]
 fn decoding_a_token_allocates_nothing() {
     let _serial = serial();
-    let artifact = Artifact::open(&artifact()).expect("open");
+    let artifact = Artifact::open(&common::smollm2_artifact(Format::Q4_1)).expect("open");
     let vocab = artifact.meta().facts.vocab_size;
     for threads in [1, 2] {
         let opts = SessionOptions {
@@ -110,7 +101,7 @@ fn decoding_a_token_allocates_nothing() {
 #[test]
 fn a_caller_arena_of_the_planned_size_runs_and_one_float_less_is_refused() {
     let _serial = serial();
-    let artifact = Artifact::open(&artifact()).expect("open");
+    let artifact = Artifact::open(&common::smollm2_artifact(Format::Q4_1)).expect("open");
     let opts = SessionOptions {
         context: 512,
         ..SessionOptions::default()
@@ -150,7 +141,7 @@ fn a_caller_arena_of_the_planned_size_runs_and_one_float_less_is_refused() {
 #[test]
 fn an_artifact_read_through_embedded_io_runs_in_caller_memory() {
     let _serial = serial();
-    let path = artifact();
+    let path = common::smollm2_artifact(Format::Q4_1);
     let bytes = std::fs::read(&path).expect("read artifact");
     let opts = SessionOptions {
         context: 256,

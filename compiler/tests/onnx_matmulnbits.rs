@@ -11,7 +11,7 @@ use kiln_compiler::onnx::{export, export_quantized, ExportOptions};
 use kiln_runtime::artifact::Artifact;
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::quant::Format;
-use onnx_common::{max_abs_diff, ort_logits, temp_dir, Steps};
+use onnx_common::{kiln_logits, max_abs_diff, ort_logits, temp_dir, Steps};
 
 /// Same weights, f32 activations on both sides: only summation order (and, for `q4_1`, the
 /// rounding of `(q + m/d) * d` against `d * q + m`) differs.
@@ -76,13 +76,7 @@ fn smollm2_matmulnbits_logits_match_kiln() {
             })
             .expect("session");
         session.set_float_activations(true);
-        let mut kiln = vec![session
-            .forward(&steps.prompt_ids)
-            .expect("prefill")
-            .to_vec()];
-        for &id in &steps.next_ids {
-            kiln.push(session.forward(&[id]).expect("decode").to_vec());
-        }
+        let kiln = kiln_logits(&mut session, &steps);
 
         let diff = max_abs_diff(&ort, &kiln);
         println!(

@@ -10,7 +10,7 @@ use kiln_compiler::onnx::{export, ExportOptions};
 use kiln_runtime::artifact::Artifact;
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::quant::Format;
-use onnx_common::{argmax, max_abs_diff, ort_logits, temp_dir, tract_logits, Steps};
+use onnx_common::{argmax, kiln_logits, max_abs_diff, ort_logits, temp_dir, tract_logits, Steps};
 
 /// f32 end to end; the three runtimes only differ in summation order.
 const TOLERANCE: f32 = 1e-3;
@@ -75,13 +75,7 @@ fn smollm2_logits_agree_across_onnxruntime_tract_and_kiln() {
             ..SessionOptions::default()
         })
         .expect("session");
-    let mut kiln = vec![session
-        .forward(&steps.prompt_ids)
-        .expect("prefill")
-        .to_vec()];
-    for &id in &steps.next_ids {
-        kiln.push(session.forward(&[id]).expect("decode").to_vec());
-    }
+    let kiln = kiln_logits(&mut session, &steps);
 
     let ort_tract = max_abs_diff(&ort, &tract);
     let ort_kiln = max_abs_diff(&ort, &kiln);

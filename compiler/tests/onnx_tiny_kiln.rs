@@ -10,7 +10,7 @@ use kiln_compiler::onnx::{export, ExportOptions};
 use kiln_runtime::artifact::Artifact;
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::quant::Format;
-use onnx_common::{max_abs_diff, ort_logits, Steps};
+use onnx_common::{kiln_logits, max_abs_diff, ort_logits, Steps};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -51,13 +51,7 @@ fn tiny_llama3_checkpoint_kiln_matches_onnxruntime() {
             ..SessionOptions::default()
         })
         .expect("session");
-    let mut kiln = vec![session
-        .forward(&steps.prompt_ids)
-        .expect("prefill")
-        .to_vec()];
-    for &id in &steps.next_ids {
-        kiln.push(session.forward(&[id]).expect("decode").to_vec());
-    }
+    let kiln = kiln_logits(&mut session, &steps);
     let diff = max_abs_diff(&ort, &kiln);
     let spread = ort.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
     println!("tiny llama3: max |logit| {spread:.3}, kiln vs onnxruntime max abs diff {diff:e}");

@@ -5,72 +5,27 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
 
 use kiln_runtime::artifact::Artifact;
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::generate::Model;
-use kiln_runtime::perplexity::perplexity;
 use kiln_runtime::quant::Format;
-
-/// One artifact per format, compiled once for all tests of this file.
-fn artifact(quant: Format) -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    static BUILT: OnceLock<Mutex<HashMap<Format, PathBuf>>> = OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
-    let mut built = BUILT
-        .get_or_init(Mutex::default)
-        .lock()
-        .expect("artifact cache");
-    built
-        .entry(quant)
-        .or_insert_with(|| common::compile_smollm2(dir.path(), quant))
-        .clone()
-}
-
-fn check_perplexity(quant: Format, key: &str) {
-    let golden = common::golden();
-    let model = Model::open(&artifact(quant)).expect("open");
-    let text =
-        std::fs::read_to_string(common::testdata().join("golden/apache-2.0.txt")).expect("text");
-    let tokens = model.encode_prompt(&text, true);
-    let ctx = golden["perplexity"]["ctx"].as_u64().expect("ctx") as usize;
-    let score = perplexity(&model, &tokens, ctx, 2, |_, _| {}).expect("perplexity");
-    let want = golden["perplexity"]["ppl"][key].as_f64().expect("ppl");
-    assert_eq!(
-        score.chunks as u64,
-        golden["perplexity"]["chunks"].as_u64().expect("chunks")
-    );
-    let rel = (score.ppl - want).abs() / want;
-    println!(
-        "{key}: kiln {:.4} vs llama.cpp {want} ({:+.2}%)",
-        score.ppl,
-        (score.ppl - want) / want * 100.0
-    );
-    assert!(
-        rel <= 0.01,
-        "{key}: kiln {:.4} vs llama.cpp {want} ({:.2}% off)",
-        score.ppl,
-        rel * 100.0
-    );
-}
 
 #[test]
 fn q8_0_perplexity_within_1_percent_of_llama_cpp() {
-    check_perplexity(Format::Q8_0, "Q8_0");
+    common::check_perplexity(Format::Q8_0, "Q8_0");
 }
 
 /// llama.cpp stores the tied embedding/output as `Q6_K` in its `Q4_0` file; kiln has no `Q6_K`
 /// and keeps it `q8_0`. Every other matrix is `q4_0` in both.
 #[test]
 fn q4_0_perplexity_within_1_percent_of_llama_cpp() {
-    check_perplexity(Format::Q4_0, "Q4_0");
+    common::check_perplexity(Format::Q4_0, "Q4_0");
 }
 
 #[test]
 fn q4_0_artifact_keeps_norms_f32_and_the_embedding_q8_0() {
-    let artifact = Artifact::open(&artifact(Format::Q4_0)).expect("artifact");
+    let artifact = Artifact::open(&common::smollm2_artifact(Format::Q4_0)).expect("artifact");
     let mut counts: HashMap<Format, usize> = HashMap::new();
     for entry in &artifact.meta().tensors {
         let want = if entry.shape.len() == 1 {
@@ -91,7 +46,7 @@ fn q4_0_artifact_keeps_norms_f32_and_the_embedding_q8_0() {
 /// the same values to within f16 rounding, so its first-step logits must agree closely.
 #[test]
 fn f16_first_step_logits_match_llama_cpp_f32() {
-    let model = Model::open(&artifact(Format::F16)).expect("open");
+    let model = Model::open(&common::smollm2_artifact(Format::F16)).expect("open");
     for case in common::golden()["greedy"]["cases"]
         .as_array()
         .expect("cases")

@@ -1,7 +1,13 @@
 //! Shared by the compiler's integration tests: where the test assets are, and building artifacts.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use kiln_runtime::generate::Model;
+use kiln_runtime::perplexity::perplexity;
+use kiln_runtime::quant::Format;
 
 /// The kiln cache (`$KILN_HOME`, default `~/.cache/kiln`).
 pub fn kiln_home() -> PathBuf {
@@ -39,7 +45,7 @@ pub fn golden() -> serde_json::Value {
 }
 
 /// Imports the default model and writes it as an artifact in `quant` under `dir`.
-pub fn compile_smollm2(dir: &Path, quant: kiln_runtime::quant::Format) -> PathBuf {
+pub fn compile_smollm2(dir: &Path, quant: Format) -> PathBuf {
     let checkpoint = kiln_compiler::import::import(&smollm2_gguf()).expect("import");
     let converted = kiln_compiler::emit::convert(&checkpoint, quant).expect("convert");
     let out = dir.join(format!("smollm2-{}.kiln", quant.name()));
@@ -50,4 +56,47 @@ pub fn compile_smollm2(dir: &Path, quant: kiln_runtime::quant::Format) -> PathBu
 /// Python for the peer checks: `$KILN_PYTHON`, else `python3`.
 pub fn python() -> String {
     std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// The default model compiled to `quant`, once per test binary.
+pub fn smollm2_artifact(quant: Format) -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static BUILT: OnceLock<Mutex<HashMap<Format, PathBuf>>> = OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
+    let mut built = BUILT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    built
+        .entry(quant)
+        .or_insert_with(|| compile_smollm2(dir.path(), quant))
+        .clone()
+}
+
+/// Asserts kiln's perplexity of the golden text (llama.cpp's window and chunk count) on the
+/// `quant` artifact is within 1 % of llama.cpp's figure under `key`.
+pub fn check_perplexity(quant: Format, key: &str) {
+    let golden = golden();
+    let model = Model::open(&smollm2_artifact(quant)).expect("open");
+    let text = std::fs::read_to_string(testdata().join("golden/apache-2.0.txt")).expect("text");
+    let tokens = model.encode_prompt(&text, true);
+    let ctx = golden["perplexity"]["ctx"].as_u64().expect("ctx") as usize;
+    let score = perplexity(&model, &tokens, ctx, 2, |_, _| {}).expect("perplexity");
+    let want = golden["perplexity"]["ppl"][key].as_f64().expect("ppl");
+    assert_eq!(
+        score.chunks as u64,
+        golden["perplexity"]["chunks"].as_u64().expect("chunks")
+    );
+    let rel = (score.ppl - want).abs() / want;
+    println!(
+        "{key}: kiln perplexity {:.4}, llama.cpp {want} ({:+.2}%)",
+        score.ppl,
+        (score.ppl - want) / want * 100.0
+    );
+    assert!(
+        rel <= 0.01,
+        "{key}: kiln {:.4} vs llama.cpp {want} ({:.2}% off)",
+        score.ppl,
+        rel * 100.0
+    );
 }

@@ -197,3 +197,15 @@ pub fn temp_dir() -> tempfile::TempDir {
         .tempdir()
         .expect("temp dir")
 }
+
+/// kiln's logits of the last position of every step: the prefill, then each decode id.
+pub fn kiln_logits(session: &mut kiln_runtime::exec::Session<'_>, steps: &Steps) -> Vec<Vec<f32>> {
+    let mut rows = vec![session
+        .forward(&steps.prompt_ids)
+        .expect("prefill")
+        .to_vec()];
+    for &id in &steps.next_ids {
+        rows.push(session.forward(&[id]).expect("decode").to_vec());
+    }
+    rows
+}
