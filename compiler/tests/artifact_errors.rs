@@ -2,6 +2,8 @@
 //! error naming the file and the problem, never a panic; a failed write leaves no temporary file
 //! and does not touch what is already at the destination.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use kiln_compiler::graph::{Checkpoint, LayerWeights, LlamaWeights, Tensor};
@@ -250,19 +252,7 @@ fn open_error(path: &Path, phrases: &[&str]) -> String {
         Ok(_) => panic!("{} opened but should have been refused", path.display()),
         Err(e) => e.to_string(),
     };
-    println!("{message}");
-    assert!(
-        message.contains(&path.display().to_string()),
-        "message does not name the file {}: {message}",
-        path.display()
-    );
-    for phrase in phrases {
-        assert!(
-            message.contains(phrase),
-            "message lacks {phrase:?}: {message}"
-        );
-    }
-    message
+    common::assert_names_file(message, path, phrases)
 }
 
 #[test]

@@ -238,18 +238,7 @@ fn expect_import_error(path: &Path, phrases: &[&str]) -> String {
         ),
         Err(e) => e.to_string(),
     };
-    println!("{message}");
-    assert!(
-        message.contains(&path.display().to_string()),
-        "message does not name the file {}: {message}",
-        path.display()
-    );
-    for phrase in phrases {
-        assert!(
-            message.contains(phrase),
-            "message lacks {phrase:?}: {message}"
-        );
-    }
+    let message = common::assert_names_file(message, path, phrases);
     let after = std::fs::read(path).ok();
     assert!(before == after, "{} changed during import", path.display());
     message

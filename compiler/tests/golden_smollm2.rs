@@ -7,15 +7,6 @@ use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::generate::{generate, GenerateOptions, Model, StopReason};
 use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
-use serde_json::Value;
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
 
 fn opts() -> SessionOptions {
     SessionOptions {
@@ -32,13 +23,13 @@ fn f32_greedy_ids_match_llama_cpp() {
         .expect("cases")
     {
         let name = case["name"].as_str().expect("name");
-        let prompt_ids = ids(&case["prompt_ids"]);
+        let prompt_ids = common::ids(&case["prompt_ids"]);
         assert_eq!(
             model.encode_prompt(case["prompt"].as_str().expect("prompt"), true),
             prompt_ids,
             "{name}: prompt tokenization"
         );
-        let mut expected = ids(&case["F32"]["generated_ids"]);
+        let mut expected = common::ids(&case["F32"]["generated_ids"]);
         // llama.cpp lists the end-of-generation id it stopped at; kiln reports it as the stop reason.
         let stopped = expected
             .last()
@@ -83,7 +74,7 @@ fn q4_1_first_step_logits_match_llama_cpp() {
         let name = case["name"].as_str().expect("name");
         let mut session = model.session(opts()).expect("session");
         let logits = session
-            .forward(&ids(&case["prompt_ids"]))
+            .forward(&common::ids(&case["prompt_ids"]))
             .expect("forward")
             .to_vec();
         let top1 = (0..logits.len())
@@ -132,7 +123,7 @@ fn q4_1_perplexity_within_1_percent_of_llama_cpp() {
 fn kv_cache_reuse_gives_the_logits_of_a_fresh_prefill() {
     let model = Model::open(&common::smollm2_artifact(Format::F32)).expect("open");
     let chat = &common::golden()["greedy"]["cases"][2];
-    let prompt = ids(&chat["prompt_ids"]);
+    let prompt = common::ids(&chat["prompt_ids"]);
     let mut fresh = model.session(opts()).expect("session");
     let whole = fresh.forward(&prompt).expect("forward").to_vec();
     let mut reused = model.session(opts()).expect("session");

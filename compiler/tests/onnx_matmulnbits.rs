@@ -18,26 +18,12 @@ use onnx_common::{kiln_logits, max_abs_diff, ort_logits, temp_dir, Steps};
 const TOLERANCE: f32 = 1e-3;
 const DECODE_STEPS: usize = 8;
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
 #[test]
 fn smollm2_matmulnbits_logits_match_kiln() {
-    let golden = common::golden();
-    let case = golden["greedy"]["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .find(|c| c["name"] == "p1")
-        .expect("golden case p1");
-    let generated = ids(&case["F32"]["generated_ids"]);
+    let case = common::golden_case("p1");
+    let generated = common::ids(&case["F32"]["generated_ids"]);
     let steps = Steps {
-        prompt_ids: ids(&case["prompt_ids"]),
+        prompt_ids: common::ids(&case["prompt_ids"]),
         next_ids: generated[..DECODE_STEPS].to_vec(),
         position_offset: 0,
     };

@@ -100,3 +100,40 @@ pub fn check_perplexity(quant: Format, key: &str) {
         rel * 100.0
     );
 }
+
+/// Token ids from a golden JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// The golden greedy case named `name` (`p1`, `p2`, `chat`).
+pub fn golden_case(name: &str) -> serde_json::Value {
+    golden()["greedy"]["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("golden case {name}"))
+}
+
+/// Asserts an error `message` names `path` and says each of `phrases`; returns it.
+pub fn assert_names_file(message: String, path: &Path, phrases: &[&str]) -> String {
+    println!("{message}");
+    assert!(
+        message.contains(&path.display().to_string()),
+        "message does not name the file {}: {message}",
+        path.display()
+    );
+    for phrase in phrases {
+        assert!(
+            message.contains(phrase),
+            "message lacks {phrase:?}: {message}"
+        );
+    }
+    message
+}
