@@ -77,7 +77,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let keep = common.min(ids.len() - 1);
         session.rewind(keep);
         cached.truncate(keep);
-        sampler.reset();
         let reply = generate(
             &model,
             &mut session,
