@@ -46,50 +46,66 @@ pub fn uses_q8(format: Format) -> bool {
     matches!(format, Format::Q8_0 | Format::Q4_0 | Format::Q4_1)
 }
 
-/// Σ a·b over one block, in integers (written so compilers turn it into vector multiply-adds).
-#[inline(always)]
-fn block_dot(a: &[i8; BLOCK], b: &[i8; BLOCK]) -> i32 {
-    let mut acc = 0i32;
-    for j in 0..BLOCK {
-        acc += i32::from(a[j]) * i32::from(b[j]);
-    }
-    acc
+/// The integer part of a block dot product; the float scaling around it is shared, so every
+/// implementation gives bit-identical results (integer sums do not depend on their order).
+pub trait BlockDot {
+    /// `Σ w[j]·a[j]` for 32 signed bytes `w` (a `q8_0` block's quants).
+    fn signed(w: &[u8], a: &[i8; BLOCK]) -> i32;
+    /// `Σ nibble[j]·a[j]` for the 32 unsigned nibbles of a 4-bit block, in ggml's order.
+    fn nibbles(qs: &[u8], a: &[i8; BLOCK]) -> i32;
+    /// `Σ a[j]`.
+    fn sum(a: &[i8; BLOCK]) -> i32;
 }
 
-/// The 32 nibbles of a 4-bit block in value order, minus `offset`.
-#[inline(always)]
-fn unpack_nibbles(qs: &[u8], offset: i8) -> [i8; BLOCK] {
-    let mut out = [0i8; BLOCK];
-    for j in 0..BLOCK / 2 {
-        out[j] = (qs[j] & 0x0f) as i8 - offset;
-        out[j + BLOCK / 2] = (qs[j] >> 4) as i8 - offset;
+/// Portable integer block dots, written so compilers vectorize them.
+pub struct Scalar;
+
+impl BlockDot for Scalar {
+    #[inline(always)]
+    fn signed(w: &[u8], a: &[i8; BLOCK]) -> i32 {
+        w.iter()
+            .zip(a)
+            .map(|(&w, &a)| i32::from(w as i8) * i32::from(a))
+            .sum()
     }
-    out
+
+    #[inline(always)]
+    fn nibbles(qs: &[u8], a: &[i8; BLOCK]) -> i32 {
+        let (lo, hi) = a.split_at(BLOCK / 2);
+        qs.iter()
+            .zip(lo.iter().zip(hi))
+            .map(|(&q, (&l, &h))| {
+                i32::from(q & 0x0f) * i32::from(l) + i32::from(q >> 4) * i32::from(h)
+            })
+            .sum()
+    }
+
+    #[inline(always)]
+    fn sum(a: &[i8; BLOCK]) -> i32 {
+        a.iter().map(|&v| i32::from(v)).sum()
+    }
 }
 
 /// Dot product of one stored weight row with quantized activations.
 #[inline(always)]
-pub fn dot_row(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
+pub fn dot_row_with<D: BlockDot>(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
     let mut sum = 0f32;
     match format {
         Format::Q8_0 => {
             for (b, q) in row.chunks_exact(34).zip(x) {
-                let mut w = [0i8; BLOCK];
-                for (o, &v) in w.iter_mut().zip(&b[2..]) {
-                    *o = v as i8;
-                }
-                sum += block_dot(&w, &q.qs) as f32 * (half_at(b, 0) * q.d);
+                sum += D::signed(&b[2..], &q.qs) as f32 * (half_at(b, 0) * q.d);
             }
         }
         Format::Q4_0 => {
             for (b, q) in row.chunks_exact(18).zip(x) {
-                let acc = block_dot(&unpack_nibbles(&b[2..], 8), &q.qs);
+                // Σ (nibble − 8)·a, with the offset taken out of the integer sum.
+                let acc = D::nibbles(&b[2..], &q.qs) - 8 * D::sum(&q.qs);
                 sum += acc as f32 * (half_at(b, 0) * q.d);
             }
         }
         Format::Q4_1 => {
             for (b, q) in row.chunks_exact(20).zip(x) {
-                let acc = block_dot(&unpack_nibbles(&b[4..], 0), &q.qs);
+                let acc = D::nibbles(&b[4..], &q.qs);
                 sum += half_at(b, 0) * q.d * acc as f32 + half_at(b, 2) * q.s;
             }
         }
@@ -97,6 +113,11 @@ pub fn dot_row(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
         Format::F32 | Format::F16 => {}
     }
     sum
+}
+
+/// [`dot_row_with`] on the portable block dots (the reference kernel).
+pub fn dot_row(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
+    dot_row_with::<Scalar>(format, row, x)
 }
 
 #[cfg(test)]
