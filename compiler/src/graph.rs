@@ -6,7 +6,7 @@
 use kiln_runtime::model::ModelFacts;
 use kiln_runtime::quant::Format;
 use kiln_runtime::tokenizer::TokenizerData;
-use ndarray::{Array2, ArrayView1};
+use ndarray::Array2;
 
 /// One weight tensor in a storage format, rows contiguous.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,11 +98,6 @@ impl Tensor {
     }
 }
 
-/// Values of a 1-D f32 view as a tensor.
-pub fn vector(name: &str, values: ArrayView1<f32>) -> Tensor {
-    Tensor::from_f32(name, vec![values.len()], &values.to_vec())
-}
-
 /// The weights of one decoder layer.
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
@@ -183,11 +178,6 @@ impl LlamaWeights {
         if let Some(t) = &mut self.lm_head {
             f(t);
         }
-    }
-
-    /// The output projection (the embedding when tied).
-    pub fn output(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 }
 
