@@ -5,7 +5,9 @@ use std::path::Path;
 
 use crate::artifact::{Artifact, ArtifactError};
 use crate::chat::{ChatError, ChatTemplate};
+use crate::decoder::Decoder;
 use crate::exec::{Session, SessionError, SessionOptions};
+use crate::model::ModelFacts;
 use crate::sampler::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer, TokenizerData, TokenizerError};
 
@@ -26,11 +28,24 @@ pub enum GenerateError {
     EmptyPrompt,
     #[error("the text has {tokens} tokens, fewer than one window of {ctx} (at least 4)")]
     TooShort { tokens: usize, ctx: usize },
+    #[cfg(feature = "ort")]
+    #[error(transparent)]
+    Ort(#[from] crate::onnxrt::OrtError),
+    #[error("this needs kiln's own backend and a .kiln artifact, not an ONNX model")]
+    NotNative,
 }
 
-/// An artifact with its tokenizer ready.
+/// What executes the model.
+enum Backend {
+    Native(Artifact),
+    #[cfg(feature = "ort")]
+    Ort(crate::onnxrt::OrtModel),
+}
+
+/// A loaded model (a `.kiln` artifact, or an ONNX model kiln exported) with its tokenizer ready.
 pub struct Model {
-    artifact: Artifact,
+    backend: Backend,
+    facts: ModelFacts,
     tokenizer: Tokenizer,
 }
 
@@ -45,26 +60,49 @@ impl Model {
         let data = TokenizerData::from_bytes(artifact.tokenizer_bytes())?;
         let tokenizer = Tokenizer::new(&data)?;
         Ok(Model {
-            artifact,
+            facts: artifact.meta().facts.clone(),
+            backend: Backend::Native(artifact),
             tokenizer,
         })
     }
 
-    pub fn artifact(&self) -> &Artifact {
-        &self.artifact
+    /// Uses an ONNX model loaded into onnxruntime; its facts and tokenizer come from the
+    /// metadata kiln's exporter writes.
+    #[cfg(feature = "ort")]
+    pub fn from_ort(model: crate::onnxrt::OrtModel) -> Result<Model, GenerateError> {
+        let data = TokenizerData::from_bytes(model.tokenizer_bytes())?;
+        let tokenizer = Tokenizer::new(&data)?;
+        Ok(Model {
+            facts: model.facts().clone(),
+            backend: Backend::Ort(model),
+            tokenizer,
+        })
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
-    pub fn facts(&self) -> &crate::model::ModelFacts {
-        &self.artifact.meta().facts
+    pub fn facts(&self) -> &ModelFacts {
+        &self.facts
     }
 
-    /// A fresh session (KV cache and buffers allocated now).
+    /// A fresh session of kiln's own executor (KV cache and buffers allocated now).
     pub fn session(&self, opts: SessionOptions) -> Result<Session<'_>, GenerateError> {
-        Ok(self.artifact.session(opts)?)
+        match &self.backend {
+            Backend::Native(artifact) => Ok(artifact.session(opts)?),
+            #[cfg(feature = "ort")]
+            Backend::Ort(_) => Err(GenerateError::NotNative),
+        }
+    }
+
+    /// A fresh decoder on whichever backend holds the model (caches allocated now).
+    pub fn decoder(&self, opts: SessionOptions) -> Result<Box<dyn Decoder + '_>, GenerateError> {
+        match &self.backend {
+            Backend::Native(artifact) => Ok(Box::new(artifact.session(opts)?)),
+            #[cfg(feature = "ort")]
+            Backend::Ort(model) => Ok(Box::new(model.session(&opts)?)),
+        }
     }
 
     /// The model's chat template, compiled.
@@ -144,7 +182,7 @@ pub struct GenerateOptions {
 /// calling `on_text` with each piece of text as soon as it is final.
 pub fn generate(
     model: &Model,
-    session: &mut Session<'_>,
+    session: &mut dyn Decoder,
     sampler: &mut Sampler,
     prompt: &[u32],
     opts: &GenerateOptions,

@@ -11,11 +11,15 @@ pub mod artifact;
 pub mod chat;
 #[cfg(feature = "std")]
 pub mod cpu;
+#[cfg(feature = "std")]
+pub mod decoder;
 pub mod exec;
 #[cfg(feature = "std")]
 pub mod generate;
 pub mod kernels;
 pub mod model;
+#[cfg(feature = "ort")]
+pub mod onnxrt;
 #[cfg(feature = "std")]
 pub mod perplexity;
 pub mod quant;

@@ -4,6 +4,11 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
+/// ONNX `metadata_props` key of the facts (JSON) in a model kiln exported.
+pub const ONNX_FACTS_KEY: &str = "kiln.facts";
+/// ONNX `metadata_props` key of the tokenizer (kiln's binary codec, base64) in a model kiln exported.
+pub const ONNX_TOKENIZER_KEY: &str = "kiln.tokenizer";
+
 /// Hugging Face `rope_scaling` of type `llama3` (Llama 3.1 / 3.2).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Llama3RopeScaling {

@@ -36,7 +36,7 @@ pub fn perplexity(
         logits_all: true,
         threads,
     };
-    let mut session = model.session(opts)?;
+    let mut session = model.decoder(opts)?;
     let vocab = model.facts().vocab_size;
     let first = n_ctx / 2;
     let (mut nll, mut count) = (0f64, 0usize);

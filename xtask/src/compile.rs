@@ -120,7 +120,7 @@ fn check_fits(
 }
 
 /// The shipped descriptor called `name`; an unknown name is an error listing the known ones.
-fn resolve_target(name: &str) -> anyhow::Result<Target> {
+pub fn resolve_target(name: &str) -> anyhow::Result<Target> {
     kiln_targets::find(name)?.with_context(|| {
         format!(
             "unknown target {name:?} (one of {}; `cargo xtask targets` describes them)",

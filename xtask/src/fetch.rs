@@ -23,6 +23,8 @@ Examples:
   cargo xtask fetch llama3-tokenizer         another shipped card (see --list)
   cargo xtask fetch ./my-card.toml           a card of your own
   cargo xtask fetch --json llama-3.2-1b-instruct
+  cargo xtask fetch onnxruntime              libonnxruntime for `kiln --backend ort`
+  cargo xtask fetch onnxruntime --target rpi5   the same for the target's CPU
 
 Environment:
   KILN_HOME     cache directory [default: ~/.cache/kiln]
@@ -50,6 +52,9 @@ pub struct Args {
     /// Hash the files already in the cache again; fetch any that no longer match.
     #[arg(long)]
     pub verify: bool,
+    /// With CARD `onnxruntime`: the device whose CPU the library is for (default: host).
+    #[arg(long, default_value = "host")]
+    pub target: String,
 }
 
 /// Arguments of `cargo xtask models`.
@@ -93,6 +98,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.list {
         return list(ListArgs { json: args.json });
     }
+    if args.card == "onnxruntime" {
+        return fetch_onnxruntime(&args);
+    }
     let model = if args.verify {
         Fetcher::from_env(true)?.fetch(&resolve_card(&args.card)?)?
     } else {
@@ -110,6 +118,30 @@ pub fn run(args: Args) -> Result<()> {
             model.downloaded,
             if model.downloaded == 1 { "" } else { "s" },
             model.primary.display()
+        );
+    }
+    Ok(())
+}
+
+/// `cargo xtask fetch onnxruntime --target T`.
+fn fetch_onnxruntime(args: &Args) -> Result<()> {
+    let target = crate::compile::resolve_target(&args.target)?;
+    let arch = target.arch().to_owned();
+    let path = crate::onnxruntime::ensure(&arch)?;
+    if args.json {
+        let value = json!({
+            "library": path,
+            "version": crate::onnxruntime::VERSION,
+            "arch": arch,
+            "target": target.name,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "onnxruntime {} for {arch} ({}): {}",
+            crate::onnxruntime::VERSION,
+            target.name,
+            path.display()
         );
     }
     Ok(())

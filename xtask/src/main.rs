@@ -7,6 +7,7 @@ mod export;
 mod fetch;
 mod gen_tiny;
 mod hf;
+mod onnxruntime;
 mod pypi;
 mod run;
 mod source;

@@ -60,15 +60,27 @@ pub fn fetch(
 
 /// Runs `python -m pip download --no-deps package==version -d into` and returns the wheel.
 pub fn pip_download(python: &OsString, src: &PypiSource, into: &Path) -> Result<PathBuf> {
+    pip_download_for(python, src, &[], into)
+}
+
+/// [`pip_download`] with extra pip arguments, e.g. `--platform` to get another machine's wheel.
+pub fn pip_download_for(
+    python: &OsString,
+    src: &PypiSource,
+    extra: &[&str],
+    into: &Path,
+) -> Result<PathBuf> {
     let requirement = format!("{}=={}", src.package, src.version);
     eprintln!(
-        "running {} -m pip download --no-deps {requirement}",
-        python.to_string_lossy()
+        "running {} -m pip download --no-deps {}{requirement}",
+        python.to_string_lossy(),
+        extra.iter().map(|a| format!("{a} ")).collect::<String>()
     );
     let status = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
         .args(["--disable-pip-version-check", "-d"])
         .arg(into)
+        .args(extra)
         .arg(&requirement)
         .status()
         .with_context(|| {
@@ -97,7 +109,7 @@ pub fn pip_download(python: &OsString, src: &PypiSource, into: &Path) -> Result<
 
 /// Streams `file.path` out of `wheel` into `dir/local`, through a temporary file that is
 /// renamed into place only when the sha256 matches the card.
-fn extract(wheel: &Path, file: &CardFile, local: &str, dir: &Path) -> Result<FileRecord> {
+pub fn extract(wheel: &Path, file: &CardFile, local: &str, dir: &Path) -> Result<FileRecord> {
     let Some(expected) = file.sha256.as_deref() else {
         bail!("{}: a file from PyPI needs a sha256 in the card", file.path);
     };

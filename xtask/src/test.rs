@@ -1,5 +1,6 @@
 //! `cargo xtask test`: everything the test suite needs (the default model, Meta's tokenizer,
-//! the Python peers it compares against), then `cargo test --release --workspace`.
+//! the onnxruntime library, the Python peers it compares against), then
+//! `cargo test --release --workspace`.
 
 use std::ffi::OsString;
 use std::process::Command;
@@ -30,6 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     install_peers(&python)?;
     let gguf = crate::fetch::ensure_model("smollm2-135m-instruct")?.primary;
     let tokenizer = crate::fetch::ensure_model("llama3-tokenizer")?.primary;
+    let onnxruntime = crate::onnxruntime::ensure(std::env::consts::ARCH)?;
     let llama_models = python_output(
         &python,
         "import llama_models, os; print(os.path.dirname(llama_models.__file__))",
@@ -42,6 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .env("KILN_TEST_LLAMA3_TOKENIZER", tokenizer)
         .env("KILN_TEST_LLAMA_MODELS", llama_models.trim())
         .env("KILN_PYTHON", &python)
+        .env("KILN_TEST_ORT_DYLIB", onnxruntime)
         .status()
         .context("running cargo test")?;
     if !status.success() {

@@ -92,5 +92,11 @@ fn export_with(
         path: out.to_path_buf(),
         what,
     })?;
-    write::write(&decoder, &checkpoint.facts, out, opts)
+    write::write(
+        &decoder,
+        &checkpoint.facts,
+        &checkpoint.tokenizer.to_bytes(),
+        out,
+        opts,
+    )
 }

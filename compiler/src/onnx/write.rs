@@ -7,6 +7,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use base64::prelude::{Engine, BASE64_STANDARD};
 use prost::Message;
 
 use super::builder::Weight;
@@ -16,7 +17,9 @@ use super::proto::{
     GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, EXTERNAL,
 };
 use super::{ExportOptions, ExportReport, OnnxError};
-use kiln_runtime::model::ModelFacts;
+use kiln_runtime::model::{
+    ModelFacts, ONNX_FACTS_KEY as FACTS_KEY, ONNX_TOKENIZER_KEY as TOKENIZER_KEY,
+};
 
 /// ONNX IR version matching opset 17 (ONNX 1.12).
 const IR_VERSION: i64 = 8;
@@ -59,6 +62,7 @@ struct DataFile {
 pub fn write(
     decoder: &Decoder,
     facts: &ModelFacts,
+    tokenizer: &[u8],
     out: &Path,
     opts: &ExportOptions,
 ) -> Result<ExportReport, OnnxError> {
@@ -75,7 +79,7 @@ pub fn write(
     })?;
     let data_name = format!("{file_name}.data");
 
-    let model = model_header(facts, decoder.graph.uses_domain(nbits::DOMAIN));
+    let model = model_header(facts, tokenizer, decoder.graph.uses_domain(nbits::DOMAIN));
     let graph = GraphProto {
         node: decoder.graph.nodes.clone(),
         name: Some(facts.name.clone()),
@@ -156,8 +160,9 @@ fn fits_one_message(
 }
 
 /// Everything in the `ModelProto` except the graph; `microsoft` imports onnxruntime's
-/// `com.microsoft` opset 1 too.
-fn model_header(facts: &ModelFacts, microsoft: bool) -> ModelProto {
+/// `com.microsoft` opset 1 too. The facts (JSON) and tokenizer (kiln's binary codec, base64)
+/// ride along in `metadata_props`, so `kiln --backend ort` needs the `.onnx` file alone.
+fn model_header(facts: &ModelFacts, tokenizer: &[u8], microsoft: bool) -> ModelProto {
     let entry = |key: &str, value: String| StringStringEntryProto {
         key: Some(key.to_owned()),
         value: Some(value),
@@ -183,6 +188,8 @@ fn model_header(facts: &ModelFacts, microsoft: bool) -> ModelProto {
             entry("model.context_length", facts.context_length.to_string()),
             // Every end-of-generation id, not only EOS (llama.cpp stops at all of them).
             entry("model.eos_token_ids", eos.join(",")),
+            entry(FACTS_KEY, serde_json::to_string(facts).unwrap_or_default()),
+            entry(TOKENIZER_KEY, BASE64_STANDARD.encode(tokenizer)),
         ],
     }
 }
@@ -375,7 +382,7 @@ mod tests {
             ..huge.clone()
         };
         let graph = GraphProto::default();
-        let model = model_header(&facts(), false);
+        let model = model_header(&facts(), b"", false);
         for (t, fits) in [(&huge, false), (&small, true)] {
             let weights = [Weight {
                 name: "w".into(),
@@ -404,7 +411,8 @@ mod tests {
             outputs: vec![value_info("y", FLOAT, &[Dim::Fixed(3), Dim::Fixed(2)])],
         };
         let out = dir.path().join("m.onnx");
-        let report = write(&decoder, &facts(), &out, &ExportOptions::default()).expect("write");
+        let report =
+            write(&decoder, &facts(), b"", &out, &ExportOptions::default()).expect("write");
         let bytes = std::fs::read(&out).expect("read back");
         assert_eq!(report.bytes, bytes.len() as u64);
         let decoded = ModelProto::decode(bytes.as_slice()).expect("decode");
@@ -433,7 +441,7 @@ mod tests {
             decoded,
             ModelProto {
                 graph: Some(graph),
-                ..model_header(&facts(), false)
+                ..model_header(&facts(), b"", false)
             }
         );
     }

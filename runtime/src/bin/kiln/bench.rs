@@ -41,7 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         batch: args.n_prompt.max(1),
         ..args.model.session_options()
     };
-    let mut session = model.session(opts)?;
+    let mut session = model.decoder(opts)?;
     let mut runs = Vec::new();
     for _ in 0..args.reps.max(1) {
         session.rewind(0);
@@ -79,7 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "n_prompt": args.n_prompt,
                 "n_gen": args.n_gen,
                 "reps": runs.len(),
-                "kernels": session.kernels_name(),
+                "backend": session.backend_name(),
             })
         );
     } else {
@@ -90,9 +90,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         println!("decode: {tg:.1} tokens/s ({} tokens)", args.n_gen);
         println!(
-            "peak RSS: {rss:.1} MB; threads {}; kernels {}",
+            "peak RSS: {rss:.1} MB; threads {}; {}",
             args.model.threads(),
-            session.kernels_name()
+            session.backend_name()
         );
     }
     Ok(())

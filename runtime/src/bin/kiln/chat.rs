@@ -26,7 +26,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let template = model.chat_template()?;
-    let mut session = model.session(args.model.session_options())?;
+    let mut session = model.decoder(args.model.session_options())?;
     let mut sampler = Sampler::new(args.sampling.config(), model.facts().vocab_size);
     let opts = GenerateOptions {
         max_tokens: args.n_predict,
@@ -79,7 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cached.truncate(keep);
         let reply = generate(
             &model,
-            &mut session,
+            session.as_mut(),
             &mut sampler,
             &ids[keep..],
             &opts,

@@ -2,16 +2,42 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use anyhow::Context;
+use clap::{Args, ValueEnum};
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::generate::Model;
+use kiln_runtime::onnxrt::{Ep, OrtModel, OrtOptions};
 use kiln_runtime::sampler::SamplerConfig;
+
+/// Which engine runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// By the file: `.onnx` → ort, anything else → native.
+    Auto,
+    /// kiln's own executor over a `.kiln` artifact.
+    Native,
+    /// onnxruntime over an ONNX model written by `cargo xtask export`.
+    Ort,
+}
 
 /// The model and how to run it.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// The compiled model (`.kiln`).
+    /// The model: a compiled `.kiln` artifact, or an `.onnx` from `cargo xtask export` (ort backend).
     pub model: PathBuf,
+    /// The engine: kiln's own (native) or onnxruntime (ort).
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// onnxruntime execution providers in order of preference, comma-separated: cpu, xnnpack,
+    /// cuda, tensorrt, qnn, nnapi, coreml, openvino, acl (ort backend; default cpu).
+    #[arg(long, value_delimiter = ',')]
+    pub ep: Vec<String>,
+    /// Run on the CPU when a requested execution provider is not in the library (default: fail).
+    #[arg(long)]
+    pub ep_fallback: bool,
+    /// The libonnxruntime to load (default: $ORT_DYLIB_PATH, then the kiln cache, then the system's).
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
     /// Worker threads (default: the number of physical cores, as llama.cpp).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -22,8 +48,42 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<Model> {
-        // The error names the file already.
-        Ok(Model::open(&self.model)?)
+        let ort = match self.backend {
+            Backend::Ort => true,
+            Backend::Native => false,
+            Backend::Auto => self.model.extension().is_some_and(|e| e == "onnx"),
+        };
+        if !ort {
+            // The error names the file already.
+            return Ok(Model::open(&self.model)?);
+        }
+        let eps = self
+            .ep
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| {
+                Ep::parse(e).with_context(|| {
+                    let known: Vec<&str> = Ep::ALL.iter().map(|e| e.key()).collect();
+                    format!(
+                        "unknown execution provider {e:?} (one of {})",
+                        known.join(", ")
+                    )
+                })
+            })
+            .collect::<anyhow::Result<Vec<Ep>>>()?;
+        let opts = OrtOptions {
+            library: self.ort_lib.clone(),
+            eps,
+            fallback_to_cpu: self.ep_fallback,
+            threads: self.threads(),
+        };
+        let model = OrtModel::load(&self.model, &opts)?;
+        eprintln!(
+            "kiln: {} running {}",
+            model.describe(),
+            self.model.display()
+        );
+        Ok(Model::from_ort(model)?)
     }
 
     pub fn session_options(&self) -> SessionOptions {

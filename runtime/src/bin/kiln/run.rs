@@ -42,7 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let model = args.model.load()?;
     let prompt_ids = model.encode_prompt(&prompt, !args.no_special);
-    let mut session = model.session(args.model.session_options())?;
+    let mut session = model.decoder(args.model.session_options())?;
     let mut sampler = Sampler::new(args.sampling.config(), model.facts().vocab_size);
     let opts = GenerateOptions {
         max_tokens: args.n_predict,
@@ -52,7 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let json = args.json;
     let out = generate(
         &model,
-        &mut session,
+        session.as_mut(),
         &mut sampler,
         &prompt_ids,
         &opts,
