@@ -63,3 +63,17 @@ fn a_host_artifact_requires_nothing_and_opens() {
     let artifact = Artifact::open(&path).expect("opens on the host");
     assert!(artifact.meta().required_cpu_features.is_empty());
 }
+
+#[test]
+fn every_descriptor_execution_provider_is_one_the_ort_backend_knows() {
+    for target in kiln_targets::all().expect("descriptors") {
+        for ep in &target.execution_providers {
+            assert!(
+                kiln_runtime::onnxrt::Ep::parse(ep.key()).is_some(),
+                "{}: {} is not a `kiln --ep` name",
+                target.name,
+                ep.key()
+            );
+        }
+    }
+}

@@ -63,6 +63,18 @@ pub enum ExecutionProvider {
     TensorRt,
     /// Qualcomm AI Engine Direct (Hexagon NPU).
     Qnn,
+    /// XNNPACK's optimized CPU kernels (Arm and x86).
+    Xnnpack,
+    /// Android's Neural Networks API.
+    Nnapi,
+    /// Apple's Core ML.
+    #[serde(rename = "coreml")]
+    CoreMl,
+    /// Intel OpenVINO.
+    #[serde(rename = "openvino")]
+    OpenVino,
+    /// Arm Compute Library.
+    Acl,
     /// onnxruntime's own CPU kernels.
     Cpu,
 }
@@ -74,7 +86,27 @@ impl ExecutionProvider {
             ExecutionProvider::Cuda => "CUDA",
             ExecutionProvider::TensorRt => "TensorRT",
             ExecutionProvider::Qnn => "QNN",
+            ExecutionProvider::Xnnpack => "XNNPACK",
+            ExecutionProvider::Nnapi => "NNAPI",
+            ExecutionProvider::CoreMl => "CoreML",
+            ExecutionProvider::OpenVino => "OpenVINO",
+            ExecutionProvider::Acl => "ACL",
             ExecutionProvider::Cpu => "CPU",
+        }
+    }
+
+    /// The name in descriptors and on `kiln --ep`, e.g. `tensorrt`.
+    pub fn key(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cuda => "cuda",
+            ExecutionProvider::TensorRt => "tensorrt",
+            ExecutionProvider::Qnn => "qnn",
+            ExecutionProvider::Xnnpack => "xnnpack",
+            ExecutionProvider::Nnapi => "nnapi",
+            ExecutionProvider::CoreMl => "coreml",
+            ExecutionProvider::OpenVino => "openvino",
+            ExecutionProvider::Acl => "acl",
+            ExecutionProvider::Cpu => "cpu",
         }
     }
 }
