@@ -3,9 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use kiln_compiler::quant::QuantPlan;
 use kiln_runtime::exec::SessionOptions;
-use kiln_runtime::quant::Format;
 use kiln_targets::Target;
 
 use crate::source;
@@ -130,21 +128,31 @@ pub fn resolve_target(name: &str) -> anyhow::Result<Target> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let compiled = compile(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&compiled.report)?);
+    } else {
+        println!("{}", compiled.summary);
+    }
+    Ok(())
+}
+
+/// What [`compile`] wrote: the report `--json` prints, and the line printed otherwise.
+pub struct Compiled {
+    pub report: serde_json::Value,
+    pub summary: String,
+}
+
+/// Compiles as `cargo xtask compile` does, printing only the peak-memory line and the spinner
+/// (stderr); the caller prints the result.
+pub fn compile(args: &Args) -> anyhow::Result<Compiled> {
     let target = resolve_target(&args.target)?;
-    let quant_name = args.quant.as_deref().unwrap_or(&target.defaults.quant);
-    let quant = Format::from_name(quant_name).with_context(|| {
-        let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
-        format!(
-            "unknown --quant {quant_name:?} (one of {})",
-            names.join(", ")
-        )
-    })?;
-    let quant_plan = args
-        .overrides
-        .iter()
-        .try_fold(QuantPlan::new(quant), |p, spec| p.with_override(spec))?;
+    let quant_plan = crate::quantize::plan(
+        args.quant.as_deref().unwrap_or(&target.defaults.quant),
+        &args.overrides,
+    )?;
     let checkpoint = source::import(&args.model)?;
-    let converted = kiln_compiler::emit::convert_with(&checkpoint, &quant_plan)?;
+    let converted = crate::quantize::convert(&checkpoint, &quant_plan)?;
     drop(checkpoint);
     let options = SessionOptions {
         context: args
@@ -152,19 +160,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or(target.defaults.context.min(converted.facts.context_length)),
         ..SessionOptions::default()
     };
-    let plan = kiln_compiler::emit::memory_plan(&converted, &options)?;
+    let plan = kiln_compiler::emit::memory_plan(&converted, &options)?
+        .with_tokenizer(converted.tokenizer.to_bytes().len());
     let limit = memory_limit(args.max_memory, &target);
     let fits = check_fits(plan.total() as u64, plan.context, limit, &target);
     if !args.json || fits.is_err() {
         eprintln!(
-            "peak memory at a {}-token context: {:.1} MB = weights {:.1} MB (mapped) + KV cache {:.1} MB + buffers {:.1} MB + scratch {:.1} MB + logits {:.1} MB",
+            "peak memory at a {}-token context: {:.1} MB = weights {:.1} MB (mapped) + KV cache {:.1} MB + buffers {:.1} MB (packed by lifetime; {:.1} MB unpacked) + scratch {:.1} MB + logits {:.1} MB + process {:.1} MB (binary, libraries, tokenizer tables)",
             plan.context,
             mb(plan.total()),
             mb(plan.weights),
             mb(plan.kv_cache),
             mb(plan.buffers),
+            mb(plan.buffers_sum),
             mb(plan.scratch),
-            mb(plan.logits)
+            mb(plan.logits),
+            mb(plan.overhead)
         );
     }
     fits?;
@@ -172,39 +183,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let report = kiln_compiler::emit::write_artifact_for(&converted, &args.out, &target.cpu.assume);
     spinner.finish_and_clear();
     let report = report?;
-    if args.json {
-        let value = serde_json::json!({
-            "artifact": report,
-            "memory": plan,
-            "peak_bytes": plan.total(),
-            "target": target.name,
-            "required_cpu_features": target.cpu.assume,
-        });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+    let weights: Vec<String> = report
+        .weight_bytes
+        .iter()
+        .map(|(f, b)| format!("{} MB {f}", b / 1_000_000))
+        .collect();
+    let requires = if target.cpu.assume.is_empty() {
+        String::new()
     } else {
-        let weights: Vec<String> = report
-            .weight_bytes
-            .iter()
-            .map(|(f, b)| format!("{} MB {f}", b / 1_000_000))
-            .collect();
-        let requires = if target.cpu.assume.is_empty() {
-            String::new()
-        } else {
-            format!(", requires {}", target.cpu.assume.join(", "))
-        };
-        println!(
-            "wrote {} ({:.1} MB) for {}{requires}: {} ({} layers), {} ops, {} tensors ({})",
-            report.path.display(),
-            report.bytes as f64 / 1e6,
-            target.name,
-            converted.facts.name,
-            converted.facts.layers,
-            report.ops,
-            report.tensors,
-            weights.join(", ")
-        );
-    }
-    Ok(())
+        format!(", requires {}", target.cpu.assume.join(", "))
+    };
+    let summary = format!(
+        "wrote {} ({:.1} MB) for {}{requires}: {} ({} layers), {} ops, {} tensors ({})",
+        report.path.display(),
+        report.bytes as f64 / 1e6,
+        target.name,
+        converted.facts.name,
+        converted.facts.layers,
+        report.ops,
+        report.tensors,
+        weights.join(", ")
+    );
+    let report = serde_json::json!({
+        "artifact": report,
+        "memory": plan,
+        "peak_bytes": plan.total(),
+        "target": target.name,
+        "required_cpu_features": target.cpu.assume,
+    });
+    Ok(Compiled { report, summary })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `cargo xtask`: kiln's host pipeline. One module per subcommand; `main` only parses the
 //! command line and dispatches.
 
+mod build;
 mod cache;
 mod compile;
 mod export;
@@ -9,6 +10,7 @@ mod gen_tiny;
 mod hf;
 mod onnxruntime;
 mod pypi;
+mod quantize;
 mod run;
 mod source;
 mod targets;
@@ -40,6 +42,11 @@ enum Command {
     Export(export::Args),
     /// Compile a model into a `.kiln` artifact for a target.
     Compile(compile::Args),
+    /// Quantize a model (q8_0, q4_0, q4_1, per-tensor overrides) into a `.kiln` artifact for
+    /// this machine or a MatMulNBits ONNX decoder for onnxruntime.
+    Quantize(quantize::Args),
+    /// Cross-compile the `kiln` runtime and compile a model for a device, into `dist/<target>/`.
+    Build(build::Args),
     /// List the devices kiln compiles for (`targets/descriptors/*.toml`).
     Targets(targets::Args),
     /// Write a tiny random Llama 3.2-shaped checkpoint (Hugging Face layout) for tests.
@@ -56,6 +63,8 @@ fn main() -> std::process::ExitCode {
         Command::Models(args) => fetch::list(args),
         Command::Export(args) => export::run(args),
         Command::Compile(args) => compile::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::Build(args) => build::run(args),
         Command::Targets(args) => targets::run(args),
         Command::GenTiny(args) => gen_tiny::run(args),
         Command::Run(args) => run::run(args),

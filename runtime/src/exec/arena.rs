@@ -25,9 +25,10 @@ impl Arena<'_> {
     }
 }
 
-/// Mutable views of `ranges` of `arena`, in the order given. The planner gives every region
-/// its own range and the artifact reader refuses ops that name one buffer twice, so the ranges
-/// never overlap; should they, the overlapping views come back empty rather than aliased.
+/// Mutable views of `ranges` of `arena`, in the order given. The planner gives every buffer an
+/// op touches its own floats while that op runs, and the artifact reader refuses ops that name
+/// one buffer twice, so the ranges never overlap; should they, the overlapping views come back
+/// empty rather than aliased.
 pub fn split<'s, const N: usize>(
     arena: &'s mut [f32],
     ranges: [Range<usize>; N],
