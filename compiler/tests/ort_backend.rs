@@ -20,20 +20,15 @@ use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
 use prost::Message;
 
-/// The onnxruntime library under test: `$KILN_TEST_ORT_DYLIB` (set by `cargo xtask test`), else
-/// the one in `$KILN_PYTHON`'s onnxruntime wheel.
-fn ort_library() -> PathBuf {
-    if let Some(path) = std::env::var_os("KILN_TEST_ORT_DYLIB") {
-        return PathBuf::from(path);
-    }
+/// The `capi` directory of `$KILN_PYTHON`'s onnxruntime wheel (a peer `cargo xtask test` installs).
+fn wheel_capi_dir() -> PathBuf {
     let out = std::process::Command::new(common::python())
         .args([
             "-c",
-            "import onnxruntime, os, glob; d = os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'); \
-             print(sorted(glob.glob(os.path.join(d, 'libonnxruntime.so.*')))[-1])",
+            "import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'))",
         ])
         .output()
-        .expect("run python to find onnxruntime (set KILN_TEST_ORT_DYLIB or KILN_PYTHON)");
+        .expect("run python to find onnxruntime (set KILN_PYTHON)");
     assert!(
         out.status.success(),
         "no onnxruntime wheel in {} (cargo xtask test installs it): {}",
@@ -41,6 +36,26 @@ fn ort_library() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The onnxruntime library under test: `$KILN_TEST_ORT_DYLIB` (set by `cargo xtask test` to the
+/// one `cargo xtask fetch onnxruntime` installs), else the one in the Python wheel.
+fn ort_library() -> PathBuf {
+    if let Some(path) = std::env::var_os("KILN_TEST_ORT_DYLIB") {
+        return PathBuf::from(path);
+    }
+    let dir = wheel_capi_dir();
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("list the wheel's capi directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so."))
+        })
+        .collect();
+    libs.sort();
+    libs.pop()
+        .unwrap_or_else(|| panic!("no libonnxruntime.so.* in {}", dir.display()))
 }
 
 fn ort_options(eps: Vec<Ep>) -> OrtOptions {
@@ -205,7 +220,7 @@ fn bad_libraries_providers_and_models_are_clear_errors() {
     );
 
     // A real shared library that is not onnxruntime.
-    let foreign = ort_library().with_file_name("libonnxruntime_providers_shared.so");
+    let foreign = wheel_capi_dir().join("libonnxruntime_providers_shared.so");
     let opts = OrtOptions {
         library: Some(foreign.clone()),
         ..ort_options(Vec::new())

@@ -85,7 +85,8 @@ impl Ep {
         }
     }
 
-    fn dispatch(self) -> ExecutionProviderDispatch {
+    /// `ort`'s registration of this provider, failing (not skipping) when it cannot start.
+    pub(super) fn dispatch(self) -> ExecutionProviderDispatch {
         let dispatch = match self {
             Ep::Cpu => ep::CPU::default().build(),
             Ep::Xnnpack => ep::XNNPACK::default().build(),
@@ -134,11 +135,6 @@ pub fn choose(wanted: &[Ep], available: &[String], fallback: bool) -> Result<Vec
         eprintln!("note: execution provider {}: {why}; falling back", e.name());
     }
     Ok(chosen)
-}
-
-/// `ort`'s registrations for `eps`, in order.
-pub fn dispatch(eps: &[Ep]) -> Vec<ExecutionProviderDispatch> {
-    eps.iter().map(|e| e.dispatch()).collect()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use super::OrtError;
 
 /// The oldest onnxruntime kiln's `ort` bindings accept (`api-22`).
-pub const MIN_VERSION: (u32, u32) = (1, 22);
+const MIN_VERSION: (u32, u32) = (1, 22);
 
 const HOW_TO_GET: &str =
     "get one with `cargo xtask fetch onnxruntime` (PyPI's onnxruntime wheel), \

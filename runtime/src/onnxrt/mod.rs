@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use base64::prelude::{Engine, BASE64_STANDARD};
 
 pub use ep::Ep;
-pub use library::MIN_VERSION;
 pub use session::OrtSession;
 
 use crate::exec::SessionOptions;
@@ -64,6 +63,12 @@ impl OrtModel {
     /// Loads `libonnxruntime`, registers the providers and loads `path` (an ONNX model written by
     /// `cargo xtask export`, float or with `MatMulNBits`).
     pub fn load(path: &Path, opts: &OrtOptions) -> Result<OrtModel, OrtError> {
+        if !path.is_file() {
+            return Err(OrtError::Model {
+                path: path.to_path_buf(),
+                why: "no such file".into(),
+            });
+        }
         let library::Loaded { version, env, .. } = library::load(opts.library.as_deref())?;
         let available = library::available_providers()?;
         let eps = ep::choose(&opts.eps, &available, opts.fallback_to_cpu)?;
@@ -71,20 +76,21 @@ impl OrtModel {
             path: path.to_path_buf(),
             why,
         };
-        let mut builder = ::ort::session::Session::builder(&env)
-            .map_err(|e| model_err(e.to_string()))?
-            .with_execution_providers(ep::dispatch(&eps))
-            .map_err(|e| OrtError::Provider {
-                ep: eps.first().map_or("CPU", |e| e.name()),
-                why: e.to_string(),
-            })?;
+        let mut builder =
+            ::ort::session::Session::builder(&env).map_err(|e| model_err(e.to_string()))?;
+        // One at a time, so a provider that fails to start is the one named.
+        for &e in &eps {
+            builder = builder
+                .with_execution_providers([e.dispatch()])
+                .map_err(|why| OrtError::Provider {
+                    ep: e.name(),
+                    why: why.to_string(),
+                })?;
+        }
         if opts.threads > 0 {
             builder = builder
                 .with_intra_threads(opts.threads)
                 .map_err(|e| model_err(e.to_string()))?;
-        }
-        if !path.is_file() {
-            return Err(model_err("no such file".into()));
         }
         let session = builder
             .commit_from_file(path)
@@ -131,16 +137,6 @@ impl OrtModel {
     /// The tokenizer in kiln's binary codec.
     pub fn tokenizer_bytes(&self) -> &[u8] {
         &self.tokenizer
-    }
-
-    /// The loaded library's version, e.g. `1.32.0`.
-    pub fn version(&self) -> &str {
-        &self.version
-    }
-
-    /// The providers registered, in order of preference (CPU last, implied).
-    pub fn providers(&self) -> &[Ep] {
-        &self.eps
     }
 
     /// e.g. `onnxruntime 1.32.0 [CUDA, CPU]`.
