@@ -3,6 +3,7 @@
 pub mod emit;
 pub mod graph;
 pub mod import;
+pub mod lower;
 pub mod onnx;
 pub mod quant;
 pub mod tiny;

@@ -34,8 +34,9 @@ dequantized and re-quantized with ggml's reference arithmetic, so kiln's q4_1 of
 tensor is that tensor. To compile for a device other than this machine, use
 `cargo xtask compile --target` (`cargo xtask targets` lists them).")]
 pub struct Args {
-    /// The model: a card name (fetched on demand; `cargo xtask models` lists them), a GGUF file
-    /// or a Hugging Face checkpoint directory (`config.json` + `*.safetensors`).
+    /// The model: a card name (fetched on demand; `cargo xtask models` lists them), a GGUF file,
+    /// a Hugging Face checkpoint directory (`config.json` + `*.safetensors`) or a float ONNX
+    /// decoder (lowered back through tract).
     #[arg(long)]
     pub model: String,
     /// Storage of the weight matrices: q8_0 (8-bit), q4_0 or q4_1 (4-bit; the embedding and the
@@ -102,15 +103,6 @@ pub fn convert(checkpoint: &Checkpoint, plan: &QuantPlan) -> anyhow::Result<Chec
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if Path::new(&args.model)
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
-    {
-        bail!(
-            "--model {}: kiln does not read ONNX models back; quantize the checkpoint it was exported from (a model card, a .gguf file or a Hugging Face directory)",
-            args.model
-        );
-    }
     match output_kind(&args.out)? {
         Output::Kiln => compile::run(compile::Args {
             model: args.model,

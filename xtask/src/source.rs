@@ -1,7 +1,8 @@
-//! `--model` resolution shared by the subcommands: a path to a checkpoint, or a model card
-//! (fetched into the cache on demand).
+//! `--model` resolution shared by the subcommands: a path to a checkpoint (GGUF, Hugging Face
+//! directory, or an ONNX decoder lowered back through tract), or a model card (fetched into
+//! the cache on demand).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,7 +14,7 @@ pub fn checkpoint_path(model: &str) -> anyhow::Result<PathBuf> {
     if path.exists() && !model.ends_with(".toml") {
         return Ok(path);
     }
-    if model.contains(std::path::MAIN_SEPARATOR) || model.ends_with(".gguf") {
+    if model.contains(std::path::MAIN_SEPARATOR) || model.ends_with(".gguf") || is_onnx(&path) {
         anyhow::bail!("{model}: no such file or directory");
     }
     Ok(crate::fetch::ensure_model(model)?.primary)
@@ -23,10 +24,20 @@ pub fn checkpoint_path(model: &str) -> anyhow::Result<PathBuf> {
 pub fn import(model: &str) -> anyhow::Result<Checkpoint> {
     let path = checkpoint_path(model)?;
     let spinner = spinner(&format!("importing {}", path.display()));
-    let checkpoint = kiln_compiler::import::import(&path)
-        .with_context(|| format!("importing {}", path.display()));
+    let checkpoint = if is_onnx(&path) {
+        kiln_compiler::lower::import_onnx(&path).map_err(anyhow::Error::from)
+    } else {
+        kiln_compiler::import::import(&path).map_err(anyhow::Error::from)
+    }
+    .with_context(|| format!("importing {}", path.display()));
     spinner.finish_and_clear();
     checkpoint
+}
+
+/// An ONNX decoder (`.onnx`), which is lowered rather than imported.
+fn is_onnx(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
 }
 
 /// A spinner on stderr for a step of unknown length.
