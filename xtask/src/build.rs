@@ -294,7 +294,7 @@ fn detect(triple: &str) -> anyhow::Result<Toolchain> {
 }
 
 /// The workspace root (this crate's parent).
-fn workspace_root() -> &'static Path {
+pub fn workspace_root() -> &'static Path {
     let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
     xtask.parent().unwrap_or(xtask)
 }
@@ -333,7 +333,31 @@ fn build_kiln(toolchain: &Toolchain, triple: &str, target_dir: &Path) -> anyhow:
     Ok(target_dir.join(triple).join("release").join("kiln"))
 }
 
+/// What [`build`] wrote.
+pub struct Built {
+    /// The cross-built `kiln`.
+    pub binary: PathBuf,
+    /// The model compiled for the target.
+    pub artifact: PathBuf,
+    /// The JSON report `--json` prints.
+    pub report: serde_json::Value,
+    /// The lines printed without `--json`.
+    pub summary: String,
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let built = build(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&built.report)?);
+    } else {
+        println!("{}", built.summary);
+    }
+    Ok(())
+}
+
+/// Cross-builds `kiln` and compiles the model as `cargo xtask build` does, with progress on
+/// stderr only; the caller prints the result.
+pub fn build(args: &Args) -> anyhow::Result<Built> {
     let target = compile::resolve_target(&args.target)?;
     let triple = target.triple.clone();
     let toolchain = detect(&triple)?;
@@ -352,6 +376,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| workspace_root().join("dist").join(&target.name));
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let artifact = out_dir.join(artifact_name(&args.model, &quant)?);
+    let artifact_path = artifact.clone();
 
     eprintln!(
         "[2/3] compiling {} ({quant}) for {}",
@@ -387,8 +412,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     eprintln!("      {binary_line} ({build_s:.1} s)");
 
-    if args.json {
-        let value = serde_json::json!({
+    let report = serde_json::json!({
             "target": target.name,
             "triple": triple,
             "dist": out_dir,
@@ -402,12 +426,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             },
             "model": compiled.report,
             "seconds": { "compile": compile_s, "build": build_s },
-        });
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    } else {
-        println!("{}\n{binary_line}", compiled.summary);
-    }
-    Ok(())
+    });
+    Ok(Built {
+        binary,
+        artifact: artifact_path,
+        report,
+        summary: format!("{}\n{binary_line}", compiled.summary),
+    })
 }
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //! command line and dispatches.
 
 mod build;
+mod bundle;
 mod cache;
 mod compile;
 mod export;
 mod fetch;
+mod flash;
 mod gen_tiny;
 mod hf;
 mod onnxruntime;
@@ -47,6 +49,10 @@ enum Command {
     Quantize(quantize::Args),
     /// Cross-compile the `kiln` runtime and compile a model for a device, into `dist/<target>/`.
     Build(build::Args),
+    /// Package `kiln`, a model and a systemd unit for a device into one archive.
+    Bundle(bundle::Args),
+    /// Install a bundle on a device over ssh, or into a mounted root file system.
+    Flash(flash::Args),
     /// List the devices kiln compiles for (`targets/descriptors/*.toml`).
     Targets(targets::Args),
     /// Write a tiny random Llama 3.2-shaped checkpoint (Hugging Face layout) for tests.
@@ -65,6 +71,8 @@ fn main() -> std::process::ExitCode {
         Command::Compile(args) => compile::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Build(args) => build::run(args),
+        Command::Bundle(args) => bundle::run(args),
+        Command::Flash(args) => flash::run(args),
         Command::Targets(args) => targets::run(args),
         Command::GenTiny(args) => gen_tiny::run(args),
         Command::Run(args) => run::run(args),

@@ -5,6 +5,7 @@ mod chat;
 mod common;
 mod perplexity;
 mod run;
+mod serve;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,8 @@ enum Command {
     Tokenize(tokenize::Args),
     /// Measure prompt and decode speed.
     Bench(bench::Args),
+    /// Serve the model over HTTP (llama.cpp / OpenAI completion and chat endpoints).
+    Serve(serve::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +43,7 @@ fn main() -> std::process::ExitCode {
         Command::Perplexity(a) => perplexity::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
