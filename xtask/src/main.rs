@@ -1,6 +1,7 @@
 //! `cargo xtask`: kiln's host pipeline. One module per subcommand; `main` only parses the
 //! command line and dispatches.
 
+mod bench;
 mod build;
 mod bundle;
 mod cache;
@@ -61,6 +62,8 @@ enum Command {
     Run(run::Args),
     /// Fetch the test assets and Python peers, then run the whole test suite.
     Test(test::Args),
+    /// Benchmark kiln against llama.cpp (prompt, decode, time to first token, peak RSS).
+    Bench(bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -77,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::GenTiny(args) => gen_tiny::run(args),
         Command::Run(args) => run::run(args),
         Command::Test(args) => test::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,7 +1,16 @@
-//! `kiln bench`: prompt and decode speed through the same session path as `kiln run`.
+//! `kiln bench`: prompt and decode speed, time to first token and peak memory through the same
+//! session path as `kiln run`, as a median with its spread over repetitions.
+//!
+//! Each repetition, as llama-bench does with `-d`: the cache holds `--depth` tokens (filled
+//! once, untimed), then `-p` random prompt tokens are run in one pass (prompt speed; time to
+//! first token includes picking that token), the cache is cut back to `--depth` and `-n` tokens
+//! are decoded one at a time (decode speed at positions `depth..depth + n`). One untimed
+//! warm-up pass comes first, so page faults of the mapped weights are not measured.
 
 use std::time::Instant;
 
+use anyhow::ensure;
+use kiln_runtime::decoder::Decoder;
 use kiln_runtime::exec::SessionOptions;
 
 use crate::common::ModelArgs;
@@ -16,7 +25,10 @@ pub struct Args {
     /// Generated tokens.
     #[arg(short = 'n', long = "n-gen", default_value_t = 64)]
     n_gen: usize,
-    /// Repetitions; the median is reported.
+    /// Tokens already in the cache when the prompt and the decode steps run (speed at depth).
+    #[arg(short = 'd', long, default_value_t = 0)]
+    depth: usize,
+    /// Repetitions; the median and the spread (min, max, standard deviation) are reported.
     #[arg(short = 'r', long, default_value_t = 3)]
     reps: usize,
     /// Print one JSON object.
@@ -24,78 +36,166 @@ pub struct Args {
     json: bool,
 }
 
-struct Run {
-    prompt_s: f64,
-    decode_s: f64,
+/// Median and spread of one figure over the repetitions.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+    /// Sample standard deviation (0 for one repetition).
+    stddev: f64,
+    samples: Vec<f64>,
+}
+
+impl Stats {
+    /// The statistics of `samples` (at least one).
+    fn of(samples: Vec<f64>) -> Stats {
+        let mut sorted = samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
+        let mean = sorted.iter().sum::<f64>() / n as f64;
+        let stddev = if n > 1 {
+            (sorted.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Stats {
+            median,
+            min: sorted[0],
+            max: sorted[n - 1],
+            stddev,
+            samples,
+        }
+    }
+
+    /// `412.3 tokens/s (min 405.1, max 420.2, sd 6.1)` for `unit` `tokens/s`.
+    fn describe(&self, unit: &str) -> String {
+        format!(
+            "{:.1} {unit} (min {:.1}, max {:.1}, sd {:.1})",
+            self.median, self.min, self.max, self.stddev
+        )
+    }
+}
+
+/// One repetition's figures.
+struct Rep {
+    prompt_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    ttft_ms: f64,
+    peak_rss_mb: f64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    ensure!(args.n_prompt >= 1, "-p must be at least 1 token");
+    ensure!(args.n_gen >= 1, "-n must be at least 1 token");
+    ensure!(args.reps >= 1, "--reps must be at least 1");
     let model = args.model.load()?;
     let vocab = model.facts().vocab_size as u32;
-    // A fixed pseudo-random prompt, as llama-bench uses random tokens.
-    let prompt: Vec<u32> = (0..args.n_prompt as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
-        .collect();
+    // Fixed pseudo-random tokens, as llama-bench uses random tokens.
+    let tokens = |n: usize, salt: u32| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_add(salt).wrapping_mul(2_654_435_761) >> 7) % vocab)
+            .collect()
+    };
+    let prompt = tokens(args.n_prompt, 0);
     let opts = SessionOptions {
-        context: args.model.ctx.unwrap_or(args.n_prompt + args.n_gen + 1),
-        batch: args.n_prompt.max(1),
+        context: args
+            .model
+            .ctx
+            .unwrap_or(args.depth + args.n_prompt.max(args.n_gen) + 1),
+        batch: args.n_prompt,
         ..args.model.session_options()
     };
     let mut session = model.decoder(opts)?;
-    let mut runs = Vec::new();
-    for _ in 0..args.reps.max(1) {
-        session.rewind(0);
-        let t0 = Instant::now();
-        let mut next = argmax(session.forward(&prompt)?);
-        let prompt_s = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        for _ in 0..args.n_gen {
-            next = argmax(session.forward(&[next])?);
-        }
-        runs.push(Run {
-            prompt_s,
-            decode_s: t1.elapsed().as_secs_f64(),
-        });
+    if args.depth > 0 {
+        session.forward(&tokens(args.depth, 1 << 20))?;
     }
-    let median = |f: &dyn Fn(&Run) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let prompt_s = median(&|r| r.prompt_s);
-    let decode_s = median(&|r| r.decode_s);
-    let pp = args.n_prompt as f64 / prompt_s;
-    let tg = args.n_gen as f64 / decode_s;
-    let rss = peak_rss_mb();
+    // Warm-up: the prompt pass and one decode step, untimed.
+    let next = argmax(session.forward(&prompt)?);
+    session.rewind(args.depth);
+    session.forward(&[next])?;
+    let mut reps = Vec::with_capacity(args.reps);
+    for _ in 0..args.reps {
+        reps.push(rep(session.as_mut(), &args, &prompt)?);
+    }
+    let stat = |f: fn(&Rep) -> f64| Stats::of(reps.iter().map(f).collect());
+    let pp = stat(|r| r.prompt_tokens_per_s);
+    let tg = stat(|r| r.decode_tokens_per_s);
+    let ttft = stat(|r| r.ttft_ms);
+    let rss = stat(|r| r.peak_rss_mb);
     if args.json {
         println!(
             "{}",
             serde_json::json!({
-                "prompt_tokens_per_s": pp,
-                "decode_tokens_per_s": tg,
-                "ttft_ms": prompt_s * 1e3,
-                "peak_rss_mb": rss,
+                "prompt_tokens_per_s": pp.median,
+                "decode_tokens_per_s": tg.median,
+                "ttft_ms": ttft.median,
+                "peak_rss_mb": rss.median,
+                "spread": {
+                    "prompt_tokens_per_s": pp,
+                    "decode_tokens_per_s": tg,
+                    "ttft_ms": ttft,
+                    "peak_rss_mb": rss,
+                },
                 "threads": args.model.threads(),
                 "n_prompt": args.n_prompt,
                 "n_gen": args.n_gen,
-                "reps": runs.len(),
+                "depth": args.depth,
+                "reps": args.reps,
                 "backend": session.backend_name(),
             })
         );
     } else {
+        let after = match args.depth {
+            0 => String::new(),
+            d => format!(" after {d} cached"),
+        };
         println!(
-            "prompt: {pp:.1} tokens/s ({} tokens, time to first token {:.1} ms)",
-            args.n_prompt,
-            prompt_s * 1e3
+            "median of {} repetition{}; {}, {} threads",
+            args.reps,
+            if args.reps == 1 { "" } else { "s" },
+            session.backend_name(),
+            args.model.threads()
         );
-        println!("decode: {tg:.1} tokens/s ({} tokens)", args.n_gen);
         println!(
-            "peak RSS: {rss:.1} MB; threads {}; {}",
-            args.model.threads(),
-            session.backend_name()
+            "prompt: {}, {} tokens{after}",
+            pp.describe("tokens/s"),
+            args.n_prompt
         );
+        println!("time to first token: {}", ttft.describe("ms"));
+        println!(
+            "decode: {}, {} tokens{after}",
+            tg.describe("tokens/s"),
+            args.n_gen
+        );
+        println!("peak RSS: {}", rss.describe("MB"));
     }
     Ok(())
+}
+
+/// One timed repetition over a cache holding `args.depth` tokens (and maybe more, cut off).
+fn rep(session: &mut dyn Decoder, args: &Args, prompt: &[u32]) -> anyhow::Result<Rep> {
+    session.rewind(args.depth);
+    let t0 = Instant::now();
+    let mut next = argmax(session.forward(prompt)?);
+    let prompt_s = t0.elapsed().as_secs_f64();
+    session.rewind(args.depth);
+    let t1 = Instant::now();
+    for _ in 0..args.n_gen {
+        next = argmax(session.forward(&[next])?);
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    Ok(Rep {
+        prompt_tokens_per_s: args.n_prompt as f64 / prompt_s,
+        decode_tokens_per_s: args.n_gen as f64 / decode_s,
+        ttft_ms: prompt_s * 1e3,
+        peak_rss_mb: peak_rss_mb(),
+    })
 }
 
 fn argmax(logits: &[f32]) -> u32 {
@@ -106,7 +206,7 @@ fn argmax(logits: &[f32]) -> u32 {
         .map_or(0, |(i, _)| i as u32)
 }
 
-/// Peak resident set size (VmHWM) in MB, 0 when the kernel does not say.
+/// Peak resident set size so far (VmHWM) in MB, 0 when the kernel does not say.
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -117,4 +217,32 @@ fn peak_rss_mb() -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        let s = Stats::of(vec![4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(s.median, 2.5);
+        assert_eq!((s.min, s.max), (1.0, 4.0));
+        assert_eq!(
+            s.samples,
+            vec![4.0, 1.0, 3.0, 2.0],
+            "samples keep their order"
+        );
+        assert!((s.stddev - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn one_sample_has_no_spread() {
+        let s = Stats::of(vec![7.5]);
+        assert_eq!((s.median, s.min, s.max, s.stddev), (7.5, 7.5, 7.5, 0.0));
+        assert_eq!(
+            Stats::of(vec![3.0, 9.0, 6.0]).describe("ms"),
+            "6.0 ms (min 3.0, max 9.0, sd 3.0)"
+        );
+    }
 }
