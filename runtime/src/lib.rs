@@ -27,4 +27,6 @@ pub mod quant;
 pub mod report;
 pub mod sampler;
 #[cfg(feature = "std")]
+pub mod stats;
+#[cfg(feature = "std")]
 pub mod tokenizer;

@@ -21,6 +21,7 @@ use kiln_compiler::import::gguf::GgufFile;
 use kiln_compiler::onnx::{export_quantized, ExportOptions};
 use kiln_runtime::artifact::{Artifact, Metadata, Op};
 use kiln_runtime::quant::Format;
+use kiln_runtime::stats::Stats;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -182,63 +183,6 @@ impl Engine {
 impl Serialize for Engine {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.name())
-    }
-}
-
-/// Median and spread of one figure over the repetitions.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-    /// Sample standard deviation (0 for one repetition).
-    stddev: f64,
-    samples: Vec<f64>,
-}
-
-impl Stats {
-    /// The statistics of `samples` (at least one).
-    fn of(samples: Vec<f64>) -> Stats {
-        let mut sorted = samples.clone();
-        sorted.sort_by(f64::total_cmp);
-        let n = sorted.len();
-        let median = if n % 2 == 1 {
-            sorted[n / 2]
-        } else {
-            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-        };
-        let mean = sorted.iter().sum::<f64>() / n as f64;
-        let stddev = if n > 1 {
-            (sorted.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
-        } else {
-            0.0
-        };
-        Stats {
-            median,
-            min: sorted[0],
-            max: sorted[n - 1],
-            stddev,
-            samples,
-        }
-    }
-
-    /// Half the min–max range, in percent of the median.
-    fn spread_pct(&self) -> f64 {
-        if self.median == 0.0 {
-            0.0
-        } else {
-            (self.max - self.min) / 2.0 / self.median.abs() * 100.0
-        }
-    }
-
-    /// `412.3 ±0.9%`.
-    fn cell(&self, decimals: usize) -> String {
-        format!(
-            "{:.d$} ±{:.1}%",
-            self.median,
-            self.spread_pct(),
-            d = decimals
-        )
     }
 }
 
@@ -1270,23 +1214,6 @@ mod tests {
             assert!(e.contains(want), "{e}");
         }
         assert!(Cli::try_parse_from(["bench", "--backend", "tract"]).is_err());
-    }
-
-    #[test]
-    fn median_and_spread() {
-        let s = Stats::of(vec![4.0, 1.0, 3.0, 2.0]);
-        assert_eq!(s.median, 2.5);
-        assert_eq!((s.min, s.max), (1.0, 4.0));
-        assert_eq!(s.samples, vec![4.0, 1.0, 3.0, 2.0]);
-        assert!((s.stddev - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
-        assert_eq!(s.spread_pct(), 60.0);
-        let one = Stats::of(vec![200.0]);
-        assert_eq!(
-            (one.median, one.stddev, one.spread_pct()),
-            (200.0, 0.0, 0.0)
-        );
-        let three = Stats::of(vec![98.0, 100.0, 102.0]);
-        assert_eq!(three.cell(1), "100.0 ±2.0%");
     }
 
     fn rows() -> Vec<Row> {

@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::ensure;
 use kiln_runtime::decoder::Decoder;
 use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::stats::Stats;
 
 use crate::common::ModelArgs;
 
@@ -34,52 +35,6 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-}
-
-/// Median and spread of one figure over the repetitions.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-    /// Sample standard deviation (0 for one repetition).
-    stddev: f64,
-    samples: Vec<f64>,
-}
-
-impl Stats {
-    /// The statistics of `samples` (at least one).
-    fn of(samples: Vec<f64>) -> Stats {
-        let mut sorted = samples.clone();
-        sorted.sort_by(f64::total_cmp);
-        let n = sorted.len();
-        let median = if n % 2 == 1 {
-            sorted[n / 2]
-        } else {
-            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-        };
-        let mean = sorted.iter().sum::<f64>() / n as f64;
-        let stddev = if n > 1 {
-            (sorted.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
-        } else {
-            0.0
-        };
-        Stats {
-            median,
-            min: sorted[0],
-            max: sorted[n - 1],
-            stddev,
-            samples,
-        }
-    }
-
-    /// `412.3 tokens/s (min 405.1, max 420.2, sd 6.1)` for `unit` `tokens/s`.
-    fn describe(&self, unit: &str) -> String {
-        format!(
-            "{:.1} {unit} (min {:.1}, max {:.1}, sd {:.1})",
-            self.median, self.min, self.max, self.stddev
-        )
-    }
 }
 
 /// One repetition's figures.
@@ -217,32 +172,4 @@ fn peak_rss_mb() -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
-        let s = Stats::of(vec![4.0, 1.0, 3.0, 2.0]);
-        assert_eq!(s.median, 2.5);
-        assert_eq!((s.min, s.max), (1.0, 4.0));
-        assert_eq!(
-            s.samples,
-            vec![4.0, 1.0, 3.0, 2.0],
-            "samples keep their order"
-        );
-        assert!((s.stddev - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
-    }
-
-    #[test]
-    fn one_sample_has_no_spread() {
-        let s = Stats::of(vec![7.5]);
-        assert_eq!((s.median, s.min, s.max, s.stddev), (7.5, 7.5, 7.5, 0.0));
-        assert_eq!(
-            Stats::of(vec![3.0, 9.0, 6.0]).describe("ms"),
-            "6.0 ms (min 3.0, max 9.0, sd 3.0)"
-        );
-    }
 }
