@@ -265,7 +265,12 @@ impl<'a> Session<'a> {
                     let [x, o] = arena::split(arena, [r.bufs[input].clone(), r.bufs[out].clone()]);
                     for t in 0..n {
                         let row = t * width..(t + 1) * width;
-                        kernels::rms_norm(&x[row.clone()], w, self.facts.rms_eps, &mut o[row]);
+                        (self.kernels.rms_norm)(
+                            &x[row.clone()],
+                            w,
+                            self.facts.rms_eps,
+                            &mut o[row],
+                        );
                     }
                 }
                 Op::MatMul { input, weight, out } => {
@@ -364,7 +369,7 @@ impl<'a> Session<'a> {
                             r.bufs[out].clone(),
                         ],
                     );
-                    kernels::swiglu(&g[..n * width], &u[..n * width], &mut o[..n * width]);
+                    (self.kernels.swiglu)(&g[..n * width], &u[..n * width], &mut o[..n * width]);
                 }
                 Op::Add { acc, input } => {
                     let [a, x] = arena::split(arena, [r.bufs[acc].clone(), r.bufs[input].clone()]);
@@ -424,7 +429,7 @@ fn matmul(
     let input = if q8::uses_q8(m.format) && !float_activations {
         let blocks = n * m.cols / BLOCK;
         let xq: &mut [Q8Block] = bytemuck::cast_slice_mut(xq);
-        q8::quantize(x, &mut xq[..blocks]);
+        (k.quantize)(x, &mut xq[..blocks]);
         Input::Q8(&xq[..blocks])
     } else {
         Input::F32(x)
@@ -486,14 +491,11 @@ fn attention(
             for (j, s) in scores.iter_mut().enumerate() {
                 *s = (kernels.dot)(qv, &cache.k[base + j * hd..base + (j + 1) * hd]) * scale;
             }
-            kernels::softmax(scores);
+            (kernels.softmax)(scores);
             let ov = &mut out[(t * heads + h) * hd..(t * heads + h + 1) * hd];
             ov.fill(0.0);
             for (j, &w) in scores.iter().enumerate() {
-                let vv = &cache.v[base + j * hd..base + (j + 1) * hd];
-                for (a, &b) in ov.iter_mut().zip(vv) {
-                    *a += w * b;
-                }
+                (kernels.axpy)(w, &cache.v[base + j * hd..base + (j + 1) * hd], ov);
             }
         }
     }

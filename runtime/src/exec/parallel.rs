@@ -1,5 +1,6 @@
 //! Splits a matrix product across the session's workers: by tokens for a batch, by rows for a
-//! single token. Each participant writes only its own part of the output and its own tile.
+//! single token, in chunks that participants take from a counter. Each chunk's output is
+//! written by the participant that took it; each participant has its own scratch tile.
 
 use crate::kernels::{matmul_rows, Input, Kernels, Matrix, TILE_ROWS};
 
@@ -21,6 +22,10 @@ pub fn workers(threads: usize) -> Workers {
         let _ = threads;
     }
 }
+
+/// Chunks of work per participant in a parallel product.
+#[cfg(feature = "std")]
+const CHUNKS_PER_THREAD: usize = 4;
 
 /// Below this many multiply-adds a product runs on the calling thread.
 #[cfg(feature = "std")]
@@ -101,44 +106,56 @@ fn split(
         Shared::new(out),
         Shared::new(&mut scratch[..threads * tile]),
     );
+    // Participants take chunks from a counter until none is left, so a worker whose core is
+    // busy elsewhere costs nothing (see `Pool::run`); a few chunks per participant balance the
+    // load without splitting the work too finely.
+    let next = core::sync::atomic::AtomicUsize::new(0);
+    let take = || next.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     if n == 1 {
-        // One token: each participant takes a run of whole weight tiles.
-        let per = m.div_ceil(threads).div_ceil(TILE_ROWS) * TILE_ROWS;
+        // One token: chunks of whole row tiles.
+        let per = m.div_ceil(CHUNKS_PER_THREAD * threads).div_ceil(TILE_ROWS) * TILE_ROWS;
         pool.run(&|i| {
-            let rows = (i * per).min(m)..((i + 1) * per).min(m);
-            if rows.is_empty() {
-                return;
+            // SAFETY: each participant index runs at most once per step, so tile `i` is its own.
+            let sc = unsafe { tiles.part(i * tile..(i + 1) * tile) };
+            loop {
+                let start = (take() * per).min(m);
+                let rows = start..(start + per).min(m);
+                if rows.is_empty() {
+                    return;
+                }
+                // SAFETY: the counter hands each chunk (output rows `rows`) to one participant.
+                let os = unsafe { out.part(rows.clone()) };
+                matmul_rows(k, x, 1, w, rows, os, 0, sc);
             }
-            // SAFETY: participant `i` alone owns output rows `rows` and tile `i`.
-            let (os, sc) =
-                unsafe { (out.part(rows.clone()), tiles.part(i * tile..(i + 1) * tile)) };
-            matmul_rows(k, x, 1, w, rows, os, 0, sc);
         });
     } else {
-        // A batch: each participant takes whole tokens (whole output rows).
-        let per = n.div_ceil(threads);
+        // A batch: chunks of whole tokens (whole output rows), in whole token tiles of the
+        // kernels where the batch allows.
+        let tt = crate::kernels::TILE_TOKENS;
+        let per = n.div_ceil(CHUNKS_PER_THREAD * threads).div_ceil(tt) * tt;
         pool.run(&|i| {
-            let tokens = (i * per).min(n)..((i + 1) * per).min(n);
-            if tokens.is_empty() {
-                return;
+            // SAFETY: each participant index runs at most once per step, so tile `i` is its own.
+            let sc = unsafe { tiles.part(i * tile..(i + 1) * tile) };
+            loop {
+                let start = (take() * per).min(n);
+                let tokens = start..(start + per).min(n);
+                if tokens.is_empty() {
+                    return;
+                }
+                // SAFETY: the counter hands each chunk (the output rows of `tokens`) to one
+                // participant.
+                let os = unsafe { out.part(tokens.start * m..tokens.end * m) };
+                matmul_rows(
+                    k,
+                    x.tokens(tokens.clone(), w.cols),
+                    tokens.len(),
+                    w,
+                    0..m,
+                    os,
+                    m,
+                    sc,
+                );
             }
-            // SAFETY: participant `i` alone owns the output rows of `tokens` and tile `i`.
-            let (os, sc) = unsafe {
-                (
-                    out.part(tokens.start * m..tokens.end * m),
-                    tiles.part(i * tile..(i + 1) * tile),
-                )
-            };
-            matmul_rows(
-                k,
-                x.tokens(tokens.clone(), w.cols),
-                tokens.len(),
-                w,
-                0..m,
-                os,
-                m,
-                sc,
-            );
         });
     }
 }

@@ -1,7 +1,12 @@
 //! A persistent worker pool: threads start with the session, wake for each parallel step,
 //! spin briefly, then park. Running a step allocates nothing, so decoding stays allocation-free.
+//!
+//! A step does not wait for workers that are not running: the caller runs the job itself, then
+//! closes the step, and a worker that wakes after that (its core was busy with another process)
+//! skips it. Jobs therefore share their work dynamically (participants take chunks from a
+//! counter until none is left), so whoever takes part finishes the step.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -12,12 +17,24 @@ const SPINS: usize = 20_000;
 /// The job of the current step, with its lifetime erased (see the SAFETY note in [`Pool::run`]).
 type Job = *const (dyn Fn(usize) + Sync);
 
+/// [`Shared::gate`]: the step's generation in the high 32 bits, then "closed", then the count
+/// of workers that joined the step and have not finished it.
+const CLOSED: u64 = 1 << 31;
+const ACTIVE: u64 = CLOSED - 1;
+
+fn generation(gate: u64) -> u64 {
+    gate >> 32
+}
+
 struct Shared {
-    /// Bumped once per step; workers run the job when they see a new value.
-    generation: AtomicUsize,
-    /// Workers still running the current step.
-    busy: AtomicUsize,
+    /// Generation, closed flag and active workers of the current step, in one word so that a
+    /// worker joins only the step it saw and only while it is open.
+    gate: AtomicU64,
     shutdown: AtomicBool,
+    /// Workers parked on `wake` (or about to park): only then does a step need to notify.
+    sleepers: AtomicUsize,
+    /// The caller is parked on `done` (or about to park): only then does the last worker notify.
+    caller_waits: AtomicBool,
     job: Mutex<Option<SendJob>>,
     wake: Condvar,
     done: Condvar,
@@ -40,9 +57,10 @@ impl Pool {
     /// A pool of `threads` participants: the caller plus `threads - 1` workers.
     pub fn new(threads: usize) -> Pool {
         let shared = Arc::new(Shared {
-            generation: AtomicUsize::new(0),
-            busy: AtomicUsize::new(0),
+            gate: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            caller_waits: AtomicBool::new(false),
             job: Mutex::new(None),
             wake: Condvar::new(),
             done: Condvar::new(),
@@ -62,31 +80,41 @@ impl Pool {
         self.workers.len() + 1
     }
 
-    /// Runs `job(i)` for every participant `i` (the caller is 0) and returns when all are done.
+    /// Runs `job(0)` on the caller and `job(i)` on each worker `i` that wakes before the caller
+    /// is done with its own call; returns when every call made has returned. Each index is used
+    /// by one call at most, so it can select per-participant scratch; the job must share its
+    /// work dynamically, as any subset of participants (always including the caller) may run.
     pub fn run(&self, job: &(dyn Fn(usize) + Sync)) {
         let s = &*self.shared;
-        // SAFETY: only the lifetime is erased. Workers dereference the pointer between seeing
-        // the new generation and decrementing `busy`, and this function does not return before
-        // `busy` is back to zero, so `job` outlives every use.
+        // SAFETY: only the lifetime is erased. Workers dereference the pointer only after
+        // joining the step while it is open, and this function closes the step and waits for
+        // every joined worker to leave before it returns, so `job` outlives every use.
         let erased: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(job) };
         *lock(&s.job) = Some(SendJob(erased));
-        s.busy.store(self.workers.len(), Ordering::Release);
-        s.generation.fetch_add(1, Ordering::AcqRel);
-        {
+        let next = (generation(s.gate.load(Ordering::Relaxed)) + 1) & 0xffff_ffff;
+        s.gate.store(next << 32, Ordering::SeqCst);
+        // A worker registers in `sleepers` under the lock before it re-checks the generation
+        // and parks; with both sides SeqCst, either it sees the new generation or we see it.
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = lock(&s.job);
             s.wake.notify_all();
         }
         job(0);
+        if s.gate.fetch_or(CLOSED, Ordering::SeqCst) & ACTIVE == 0 {
+            return;
+        }
         for _ in 0..SPINS {
-            if s.busy.load(Ordering::Acquire) == 0 {
+            if s.gate.load(Ordering::Acquire) & ACTIVE == 0 {
                 return;
             }
             std::hint::spin_loop();
         }
         let mut guard = lock(&s.done_lock);
-        while s.busy.load(Ordering::Acquire) != 0 {
+        s.caller_waits.store(true, Ordering::SeqCst);
+        while s.gate.load(Ordering::SeqCst) & ACTIVE != 0 {
             guard = s.done.wait(guard).unwrap_or_else(|e| e.into_inner());
         }
+        s.caller_waits.store(false, Ordering::Relaxed);
     }
 }
 
@@ -112,28 +140,56 @@ fn worker(s: &Shared, index: usize) {
     let mut seen = 0;
     loop {
         let mut spins = 0;
-        while s.generation.load(Ordering::Acquire) == seen && !s.shutdown.load(Ordering::Acquire) {
+        while generation(s.gate.load(Ordering::Acquire)) == seen
+            && !s.shutdown.load(Ordering::Acquire)
+        {
             if spins < SPINS {
                 spins += 1;
                 std::hint::spin_loop();
                 continue;
             }
             let guard = lock(&s.job);
-            if s.generation.load(Ordering::Acquire) == seen && !s.shutdown.load(Ordering::Acquire) {
+            s.sleepers.fetch_add(1, Ordering::SeqCst);
+            if generation(s.gate.load(Ordering::SeqCst)) == seen
+                && !s.shutdown.load(Ordering::Acquire)
+            {
                 drop(s.wake.wait(guard).unwrap_or_else(|e| e.into_inner()));
+            } else {
+                drop(guard);
             }
+            s.sleepers.fetch_sub(1, Ordering::SeqCst);
         }
         if s.shutdown.load(Ordering::Acquire) {
             return;
         }
-        seen = s.generation.load(Ordering::Acquire);
+        // Join the step we saw, if it is still open.
+        let mut gate = s.gate.load(Ordering::SeqCst);
+        seen = generation(gate);
+        let joined = loop {
+            if generation(gate) != seen || gate & CLOSED != 0 {
+                break false;
+            }
+            match s
+                .gate
+                .compare_exchange_weak(gate, gate + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break true,
+                Err(now) => gate = now,
+            }
+        };
+        if !joined {
+            continue;
+        }
         let job = *lock(&s.job);
         if let Some(SendJob(job)) = job {
-            // SAFETY: `Pool::run` published this pointer for the current generation and waits
-            // for `busy` to reach zero before its referent can go away.
+            // SAFETY: `Pool::run` published this pointer before opening the step we joined,
+            // and waits for every joined worker to leave before its referent can go away.
             unsafe { (*job)(index) };
         }
-        if s.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // The caller sets `caller_waits` under `done_lock` before re-checking the count and
+        // parking; with both sides SeqCst, either it sees zero or we see it waiting.
+        let before = s.gate.fetch_sub(1, Ordering::SeqCst);
+        if before & ACTIVE == 1 && before & CLOSED != 0 && s.caller_waits.load(Ordering::SeqCst) {
             let _guard = lock(&s.done_lock);
             s.done.notify_one();
         }
@@ -144,16 +200,31 @@ fn worker(s: &Shared, index: usize) {
 mod tests {
     use super::*;
 
+    /// Chunks taken from a counter are all done once per step, whoever joins, and no index
+    /// runs twice at once.
     #[test]
-    fn every_participant_runs_every_step() {
+    fn every_chunk_runs_once_per_step() {
         let pool = Pool::new(3);
-        let hits: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
-        for _ in 0..1000 {
+        let chunks: Vec<AtomicUsize> = (0..64).map(|_| AtomicUsize::new(0)).collect();
+        let busy: Vec<AtomicBool> = (0..3).map(|_| AtomicBool::new(false)).collect();
+        for step in 0..2000 {
+            let next = AtomicUsize::new(0);
             pool.run(&|i| {
-                hits[i].fetch_add(1, Ordering::Relaxed);
+                assert!(
+                    !busy[i].swap(true, Ordering::AcqRel),
+                    "index {i} ran twice at once"
+                );
+                loop {
+                    let c = next.fetch_add(1, Ordering::Relaxed);
+                    if c >= chunks.len() {
+                        break;
+                    }
+                    chunks[c].fetch_add(1, Ordering::Relaxed);
+                }
+                busy[i].store(false, Ordering::Release);
             });
+            assert!(chunks.iter().all(|c| c.load(Ordering::Relaxed) == step + 1));
         }
-        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1000));
     }
 
     #[test]

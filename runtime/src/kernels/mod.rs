@@ -5,13 +5,20 @@
 mod generic;
 pub mod q8;
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
+mod vnni;
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
 mod x86;
 
 use crate::quant::{Format, BLOCK};
 use q8::Q8Block;
 
-/// Rows of a weight matrix handled together by [`Kernels::dot4`].
+/// Rows of a weight matrix handled together by [`Kernels::dot4`] (and by the optimized block
+/// kernels): parallel splits by rows keep to multiples of it.
 pub const TILE_ROWS: usize = 4;
+
+/// Tokens the optimized block kernels handle together: parallel splits of a batch by tokens
+/// keep to multiples of it.
+pub const TILE_TOKENS: usize = 4;
 
 /// The kernel table.
 #[derive(Clone, Copy)]
@@ -22,9 +29,23 @@ pub struct Kernels {
     pub dot: fn(&[f32], &[f32]) -> f32,
     /// Four dot products of the rows of `w` (`4 × x.len()`) with `x`.
     pub dot4: fn(&[f32], &[f32]) -> [f32; TILE_ROWS],
-    /// One block-quantized weight row against 8-bit activations.
-    pub dot_q8: fn(Format, &[u8], &[Q8Block]) -> f32,
+    /// Block-quantized weight rows against 8-bit activations of a batch of tokens; the
+    /// arguments and the result are those of [`q8::gemm`], the reference.
+    pub gemm_q8: GemmQ8,
+    /// Quantizes activations to 8-bit blocks, bit-identical to [`q8::quantize`].
+    pub quantize: fn(&[f32], &mut [Q8Block]),
+    /// [`rms_norm`].
+    pub rms_norm: fn(&[f32], &[f32], f32, &mut [f32]),
+    /// [`swiglu`].
+    pub swiglu: fn(&[f32], &[f32], &mut [f32]),
+    /// [`softmax`].
+    pub softmax: fn(&mut [f32]),
+    /// [`axpy`]: `y += a·x`.
+    pub axpy: fn(f32, &[f32], &mut [f32]),
 }
+
+/// `(format, weight rows, row count, activations, tokens, out, out stride, scratch)`, see [`q8::gemm`].
+pub type GemmQ8 = fn(Format, &[u8], usize, &[Q8Block], usize, &mut [f32], usize, &mut [f32]);
 
 impl Kernels {
     /// The reference kernels.
@@ -33,7 +54,12 @@ impl Kernels {
             name: "generic",
             dot: generic::dot,
             dot4: generic::dot4,
-            dot_q8: q8::dot_row,
+            gemm_q8: q8::gemm,
+            quantize: q8::quantize,
+            rms_norm,
+            swiglu,
+            softmax,
+            axpy,
         }
     }
 
@@ -49,6 +75,17 @@ impl Kernels {
         x86::overwrite(&mut k);
         k
     }
+}
+
+/// Variants of [`Kernels::gemm_q8`] this CPU runs (tile shapes, prefetching), by name, for
+/// benchmarks that compare them in one run; empty where there are none.
+#[doc(hidden)]
+pub fn gemm_q8_variants() -> alloc::vec::Vec<(&'static str, GemmQ8)> {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    if Kernels::detect().name == "x86-64 avx512-vnni" {
+        return vnni::variants();
+    }
+    alloc::vec::Vec::new()
 }
 
 /// A weight matrix as the kernels read it.
@@ -132,14 +169,17 @@ pub fn matmul_rows(
 ) {
     let cols = w.cols;
     if let Input::Q8(xq) = x {
-        let (rb, bpr) = (w.row_bytes(), cols / BLOCK);
-        for r in rows.clone() {
-            let row = &w.bytes[r * rb..(r + 1) * rb];
-            for t in 0..n {
-                out[t * out_stride + r - rows.start] =
-                    (k.dot_q8)(w.format, row, &xq[t * bpr..(t + 1) * bpr]);
-            }
-        }
+        let rb = w.row_bytes();
+        (k.gemm_q8)(
+            w.format,
+            &w.bytes[rows.start * rb..rows.end * rb],
+            rows.len(),
+            &xq[..n * (cols / BLOCK)],
+            n,
+            out,
+            out_stride,
+            scratch,
+        );
         return;
     }
     let Input::F32(x) = x else { return };
@@ -192,6 +232,13 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// `y += a·x`.
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
 /// Rotate-half RoPE on each head of `x` (`heads × head_dim`) with this position's cos/sin pairs.
 pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     let half = head_dim / 2;
@@ -201,6 +248,269 @@ pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
             let (x0, x1) = (a[i], b[i]);
             a[i] = x0 * cos[i] - x1 * sin[i];
             b[i] = x1 * cos[i] + x0 * sin[i];
+        }
+    }
+}
+
+/// Test helpers shared by the kernel tests: random weights and activations, and every kernel
+/// table this CPU can run.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use alloc::vec;
+    use alloc::vec::Vec;
+    use half::f16;
+
+    /// xorshift64*, so a proptest case is reproducible from its seed.
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        pub fn byte(&mut self) -> u8 {
+            (self.next() >> 56) as u8
+        }
+        /// Uniform in `[-1, 1)`.
+        pub fn unit(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+    }
+
+    /// `rows` random rows of `blocks` blocks of `format`: random quants (every byte value,
+    /// `i8::MIN` included), finite scales of either sign over three decades, random mins.
+    pub fn weights(rng: &mut Rng, format: Format, rows: usize, blocks: usize) -> Vec<u8> {
+        let bb = format.block_bytes();
+        let mut w = vec![0u8; rows * blocks * bb];
+        for b in w.chunks_exact_mut(bb) {
+            for q in b.iter_mut() {
+                *q = rng.byte();
+            }
+            let mut half = |at: usize, rng: &mut Rng| {
+                let v = rng.unit() * libm::powf(10.0, -1.0 - 2.0 * rng.unit().abs());
+                b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            };
+            half(0, rng);
+            if format == Format::Q4_1 {
+                half(2, rng);
+            }
+        }
+        w
+    }
+
+    /// `n` tokens of `cols` random activations (some blocks all zero, some large), quantized.
+    pub fn activations(rng: &mut Rng, n: usize, cols: usize) -> (Vec<f32>, Vec<Q8Block>) {
+        let mut x = vec![0f32; n * cols];
+        for block in x.chunks_exact_mut(BLOCK) {
+            let scale = match rng.byte() % 16 {
+                0 => 0.0,
+                1 => 100.0,
+                2 => 1e-38,
+                _ => 1.0,
+            };
+            for v in block.iter_mut() {
+                *v = rng.unit() * scale;
+            }
+        }
+        let mut q = vec![Q8Block::default(); n * cols / BLOCK];
+        q8::quantize(&x, &mut q);
+        (x, q)
+    }
+
+    /// The optimized tables this CPU runs (each x86 level separately), not the generic one.
+    pub fn optimized() -> Vec<Kernels> {
+        #[allow(unused_mut)]
+        let mut v = Vec::new();
+        #[cfg(all(feature = "std", target_arch = "x86_64"))]
+        v.extend(x86::levels());
+        for (name, gemm) in gemm_q8_variants().into_iter().skip(1) {
+            let mut k = Kernels::detect();
+            k.name = name;
+            k.gemm_q8 = gemm;
+            v.push(k);
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use alloc::vec;
+    use proptest::prelude::*;
+
+    /// Every optimized block-quantized product against the reference, on ragged shapes (rows
+    /// not a multiple of the tile, tokens not a multiple of the tile, odd block counts), within
+    /// [`q8::error_budget`] of each output.
+    fn check_gemm(format: Format, rows: usize, blocks: usize, n: usize, pad: usize, seed: u64) {
+        let mut rng = testing::Rng(seed | 1);
+        let w = weights(&mut rng, format, rows, blocks);
+        let (_, x) = activations(&mut rng, n, blocks * BLOCK);
+        let stride = rows + pad;
+        let mut want = vec![f32::NAN; n * stride];
+        q8::gemm(format, &w, rows, &x, n, &mut want, stride, &mut []);
+        let rb = w.len() / rows;
+        for k in optimized() {
+            let mut got = vec![f32::NAN; n * stride];
+            let mut scratch = vec![0f32; TILE_ROWS * blocks * BLOCK];
+            (k.gemm_q8)(format, &w, rows, &x, n, &mut got, stride, &mut scratch);
+            for t in 0..n {
+                let xt = &x[t * blocks..(t + 1) * blocks];
+                for r in 0..stride {
+                    let (g, e) = (got[t * stride + r], want[t * stride + r]);
+                    if r >= rows {
+                        assert!(g.is_nan(), "{}: wrote padding at ({t}, {r})", k.name);
+                        continue;
+                    }
+                    let terms = q8::abs_terms(format, &w[r * rb..(r + 1) * rb], xt);
+                    let budget = q8::error_budget(blocks, terms);
+                    assert!(
+                        (g - e).abs() <= budget,
+                        "{} {format:?} {rows}x{blocks} blocks, {n} tokens: ({t}, {r}) {g} vs {e}, budget {budget}",
+                        k.name
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn gemm_q4_0_matches_the_reference(rows in 1usize..14, blocks in 1usize..12, n in 1usize..10, pad in 0usize..3, seed: u64) {
+            check_gemm(Format::Q4_0, rows, blocks, n, pad, seed);
+        }
+
+        #[test]
+        fn gemm_q4_1_matches_the_reference(rows in 1usize..14, blocks in 1usize..12, n in 1usize..10, pad in 0usize..3, seed: u64) {
+            check_gemm(Format::Q4_1, rows, blocks, n, pad, seed);
+        }
+
+        #[test]
+        fn gemm_q8_0_matches_the_reference(rows in 1usize..14, blocks in 1usize..12, n in 1usize..10, pad in 0usize..3, seed: u64) {
+            check_gemm(Format::Q8_0, rows, blocks, n, pad, seed);
+        }
+
+        /// Quantizing activations is bit-identical in every table (llama.cpp's rounding).
+        #[test]
+        fn quantize_is_bit_identical(blocks in 1usize..40, seed: u64) {
+            let mut rng = testing::Rng(seed | 1);
+            let (x, want) = activations(&mut rng, 1, blocks * BLOCK);
+            for k in optimized() {
+                let mut got = vec![Q8Block::default(); blocks];
+                (k.quantize)(&x, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    prop_assert_eq!(g.qs, w.qs, "{}", k.name);
+                    prop_assert_eq!(g.d.to_bits(), w.d.to_bits(), "{}", k.name);
+                    prop_assert_eq!(g.s.to_bits(), w.s.to_bits(), "{}", k.name);
+                }
+            }
+        }
+    }
+
+    fn floats(rng: &mut testing::Rng, len: usize, scale: f32) -> alloc::vec::Vec<f32> {
+        (0..len).map(|_| rng.unit() * scale).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Dot products sum the same products in another order: within
+        /// `(len/16 + 24)·ε·Σ|a·b|` of the reference.
+        #[test]
+        fn dot_matches_the_reference(len in 0usize..300, seed: u64) {
+            let mut rng = testing::Rng(seed | 1);
+            let (a, b) = (floats(&mut rng, len, 3.0), floats(&mut rng, len, 3.0));
+            let want = generic::dot(&a, &b);
+            let terms: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+            let budget = (len / 16 + 24) as f32 * f32::EPSILON * terms;
+            for k in optimized() {
+                let got = (k.dot)(&a, &b);
+                prop_assert!((got - want).abs() <= budget, "{}: {got} vs {want}", k.name);
+            }
+        }
+
+        /// RMSNorm: the mean square is summed in another order, so each output is within
+        /// `(len/16 + 24)·ε` of the reference, relatively.
+        #[test]
+        fn rms_norm_matches_the_reference(len in 1usize..700, seed: u64) {
+            let mut rng = testing::Rng(seed | 1);
+            let (x, w) = (floats(&mut rng, len, 4.0), floats(&mut rng, len, 2.0));
+            let mut want = alloc::vec![0f32; len];
+            rms_norm(&x, &w, 1e-5, &mut want);
+            let rel = (len / 16 + 24) as f32 * f32::EPSILON;
+            for k in optimized() {
+                let mut got = alloc::vec![f32::NAN; len];
+                (k.rms_norm)(&x, &w, 1e-5, &mut got);
+                for (g, e) in got.iter().zip(&want) {
+                    prop_assert!((g - e).abs() <= rel * e.abs(), "{}: {g} vs {e}", k.name);
+                }
+            }
+        }
+
+        /// SwiGLU with a vector `e^x` (2 ulp): each output within 8 ulp of the reference.
+        #[test]
+        fn swiglu_matches_the_reference(len in 0usize..700, seed: u64) {
+            let mut rng = testing::Rng(seed | 1);
+            let (g, u) = (floats(&mut rng, len, 30.0), floats(&mut rng, len, 2.0));
+            let mut want = alloc::vec![0f32; len];
+            swiglu(&g, &u, &mut want);
+            for k in optimized() {
+                let mut got = alloc::vec![f32::NAN; len];
+                (k.swiglu)(&g, &u, &mut got);
+                for (a, e) in got.iter().zip(&want) {
+                    prop_assert!((a - e).abs() <= 8.0 * f32::EPSILON * e.abs() + f32::MIN_POSITIVE, "{}: {a} vs {e}", k.name);
+                }
+            }
+        }
+
+        /// Softmax: `e^x` within 2 ulp and the sum in another order: each probability within
+        /// `(len/16 + 32)·ε` of the reference, relatively.
+        #[test]
+        fn softmax_matches_the_reference(len in 1usize..600, seed: u64) {
+            let mut rng = testing::Rng(seed | 1);
+            let x = floats(&mut rng, len, 20.0);
+            let mut want = x.clone();
+            softmax(&mut want);
+            let rel = (len / 16 + 32) as f32 * f32::EPSILON;
+            for k in optimized() {
+                let mut got = x.clone();
+                (k.softmax)(&mut got);
+                for (g, e) in got.iter().zip(&want) {
+                    prop_assert!((g - e).abs() <= rel * e + f32::MIN_POSITIVE, "{}: {g} vs {e}", k.name);
+                }
+            }
+        }
+
+        /// `y += a·x`, fused or not: within one rounding of `|a·x| + |y|`.
+        #[test]
+        fn axpy_matches_the_reference(len in 0usize..300, seed: u64) {
+            let mut rng = testing::Rng(seed | 1);
+            let (a, x, y) = (rng.unit(), floats(&mut rng, len, 3.0), floats(&mut rng, len, 3.0));
+            let mut want = y.clone();
+            axpy(a, &x, &mut want);
+            for k in optimized() {
+                let mut got = y.clone();
+                (k.axpy)(a, &x, &mut got);
+                for ((g, e), (xi, yi)) in got.iter().zip(&want).zip(x.iter().zip(&y)) {
+                    let budget = 2.0 * f32::EPSILON * ((a * xi).abs() + yi.abs());
+                    prop_assert!((g - e).abs() <= budget, "{}: {g} vs {e}", k.name);
+                }
+            }
+        }
+    }
+
+    /// SmolLM2's shapes, where a tile covers whole rows and tokens, once each.
+    #[test]
+    fn gemm_at_smollm2_shapes() {
+        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            check_gemm(format, 64, 18, 5, 0, 7);
+            check_gemm(format, 24, 48, 1, 0, 9);
         }
     }
 }

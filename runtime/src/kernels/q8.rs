@@ -37,8 +37,25 @@ pub fn quantize(x: &[f32], out: &mut [Q8Block]) {
     }
 }
 
+/// The f16 with bits `h` as f32, exactly as `half` converts it (NaNs stay NaNs), without
+/// branches: the exponent and mantissa move to f32 positions, then one multiplication by 2¹¹²
+/// rebiases the exponent (and normalizes subnormals exactly); infinities and NaNs are set apart.
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let em = u32::from(h & 0x7fff);
+    let sign = u32::from(h & 0x8000) << 16;
+    let finite = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
+    let bits = if em >= 0x7c00 {
+        0x7f80_0000 | (em & 0x3ff) << 13
+    } else {
+        finite.to_bits()
+    };
+    f32::from_bits(bits | sign)
+}
+
+#[inline(always)]
 fn half_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
 }
 
 /// Whether `format` multiplies against [`Q8Block`] activations.
@@ -120,9 +137,86 @@ pub fn dot_row(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
     dot_row_with::<Scalar>(format, row, x)
 }
 
+/// The reference matrix product: `out[t * out_stride + r] = row r of w · token t of x` for the
+/// `rows` rows stored in `w` and the `n` tokens of `x` (each `x.len() / n` blocks), one
+/// [`dot_row`] each. `scratch` is unused here (optimized kernels may stage weights in it).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    format: Format,
+    w: &[u8],
+    rows: usize,
+    x: &[Q8Block],
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    _scratch: &mut [f32],
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let (rb, nb) = (w.len() / rows, x.len() / n);
+    for r in 0..rows {
+        let row = &w[r * rb..(r + 1) * rb];
+        for t in 0..n {
+            out[t * out_stride + r] = dot_row(format, row, &x[t * nb..(t + 1) * nb]);
+        }
+    }
+}
+
+/// `Σ |terms|` of `row · x`: `|d_w·d_x|·Σ|q_w·q_x|` per block over the element products (with
+/// `q_w` the signed quant, `nibble − 8` for `q4_0`), plus `|m·s|` for `q4_1`. Every partial sum
+/// a kernel may form (one block, part of a block, several blocks) is bounded by it, so it
+/// scales the rounding error of any summation order.
+pub fn abs_terms(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
+    let mut sum = 0f32;
+    let bb = format.block_bytes();
+    for (b, q) in row.chunks_exact(bb).zip(x) {
+        let d = (half_at(b, 0) * q.d).abs();
+        let quant = |j: usize| -> i32 {
+            match format {
+                Format::Q8_0 => i32::from(b[2 + j] as i8),
+                Format::Q4_0 => i32::from(b[2 + j % 16] >> (4 * (j / 16)) & 0x0f) - 8,
+                _ => i32::from(b[4 + j % 16] >> (4 * (j / 16)) & 0x0f),
+            }
+        };
+        let products: i32 = (0..BLOCK)
+            .map(|j| (quant(j) * i32::from(q.qs[j])).abs())
+            .sum();
+        sum += products as f32 * d;
+        if format == Format::Q4_1 {
+            sum += (half_at(b, 2) * q.s).abs();
+        }
+    }
+    sum
+}
+
+/// How far an optimized kernel may be from [`dot_row`] for a row of `blocks` blocks whose
+/// terms sum to `abs_terms` in absolute value. Both sum the same products, each rounded at most
+/// twice, in different orders: the reference adds up to two terms per block one after the
+/// other (`2·blocks` additions), an optimized kernel fewer (lanes, then a reduction), so the
+/// worst case is about `(2.5·blocks + 8)·u·Σ|terms|` with the unit roundoff `u = ε/2`. The
+/// budget is `(2·blocks + 16)·ε·Σ|terms|` (SmolLM2's 576 columns: 6.2e-6 of `Σ|terms|`).
+pub fn error_budget(blocks: usize, abs_terms: f32) -> f32 {
+    (2 * blocks + 16) as f32 * f32::EPSILON * abs_terms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The branchless conversion equals `half`'s on every f16 (NaNs stay NaNs).
+    #[test]
+    fn f16_conversion_matches_half() {
+        for h in 0..=u16::MAX {
+            let want = f16::from_bits(h).to_f32();
+            let got = f16_to_f32(h);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}");
+            }
+        }
+    }
 
     /// The quantized dot product stays within 8-bit rounding error of the exact one.
     #[test]

@@ -3,7 +3,7 @@
 use std::arch::x86_64::*;
 
 use super::q8::{self, BlockDot, Q8Block};
-use super::{generic, Kernels, TILE_ROWS};
+use super::{generic, vnni, Kernels, TILE_ROWS};
 use crate::quant::Format;
 use crate::quant::BLOCK;
 
@@ -81,19 +81,271 @@ impl BlockDot for Avx2 {
     }
 }
 
+/// [`q8::gemm`] one row and token at a time on the AVX2 block dots.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-fn dot_q8_avx2(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
-    q8::dot_row_with::<Avx2>(format, row, x)
+fn gemm_q8_avx2(
+    format: Format,
+    w: &[u8],
+    rows: usize,
+    x: &[Q8Block],
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    _scratch: &mut [f32],
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let (rb, nb) = (w.len() / rows, x.len() / n);
+    for r in 0..rows {
+        let row = &w[r * rb..(r + 1) * rb];
+        for t in 0..n {
+            out[t * out_stride + r] =
+                q8::dot_row_with::<Avx2>(format, row, &x[t * nb..(t + 1) * nb]);
+        }
+    }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn dot_q8_avx512(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
-    q8::dot_row_with::<Avx2>(format, row, x)
+/// [`q8::quantize`] with AVX-512, bit-identical to it: the same scalar scale arithmetic, the
+/// same products, and `roundf`'s half-away-from-zero rounding rebuilt from truncation (the
+/// fraction `x − trunc(x)` is exact); NaN products become 0 as `as i8` makes them.
+#[target_feature(enable = "avx512f,avx512bw,f16c,avx2,fma")]
+fn quantize_avx512(x: &[f32], out: &mut [Q8Block]) {
+    /// Through f16 and back, rounding to nearest even as `half` does.
+    #[inline(always)]
+    fn round_f16(v: f32) -> f32 {
+        // SAFETY: F16C is enabled on the enclosing function, which runs after detecting it.
+        unsafe {
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+                _mm_set_ss(v),
+            )))
+        }
+    }
+    for (block, q) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+        // SAFETY: `block` holds 32 floats (two 16-lane loads) and `q.qs` 32 bytes (two 16-byte
+        // stores); AVX-512F/BW were detected before this table entry was installed.
+        unsafe {
+            let v = [
+                _mm512_loadu_ps(block.as_ptr()),
+                _mm512_loadu_ps(block.as_ptr().add(16)),
+            ];
+            let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+            let abs = |v: __m512| {
+                _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), magnitude))
+            };
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(v[0]), abs(v[1])));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = _mm512_setzero_si512();
+            for (h, &v) in v.iter().enumerate() {
+                let p = _mm512_mul_ps(v, _mm512_set1_ps(id));
+                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+                let away =
+                    _mm512_cmp_ps_mask::<_CMP_GE_OQ>(abs(_mm512_sub_ps(p, t)), _mm512_set1_ps(0.5));
+                let one = _mm512_castsi512_ps(_mm512_or_si512(
+                    _mm512_castps_si512(_mm512_set1_ps(1.0)),
+                    _mm512_andnot_si512(magnitude, _mm512_castps_si512(p)),
+                ));
+                // Saturate as `as i8` does (a subnormal scale makes `id` infinite).
+                let r = _mm512_min_ps(
+                    _mm512_max_ps(_mm512_mask_add_ps(t, away, t, one), _mm512_set1_ps(-128.0)),
+                    _mm512_set1_ps(127.0),
+                );
+                let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(p, p);
+                let i = _mm512_maskz_cvtps_epi32(ordered, r);
+                sum = _mm512_add_epi32(sum, i);
+                _mm_storeu_si128(
+                    q.qs.as_mut_ptr().add(16 * h).cast(),
+                    _mm512_cvtsepi32_epi8(i),
+                );
+            }
+            q.d = round_f16(d);
+            q.s = round_f16(_mm512_reduce_add_epi32(sum) as f32 * d);
+        }
+    }
 }
 
+/// The lanes of `x[at..]` still in bounds, at most 16.
+#[inline(always)]
+fn tail_mask(len: usize, at: usize) -> __mmask16 {
+    let left = (len - at).min(16);
+    ((1u32 << left) - 1) as __mmask16
+}
+
+/// `e^x` per lane: `2^n·p(r)` with `n = round(x·log₂e)`, `r = x − n·ln 2` (in two parts) and
+/// Cephes' degree-7 polynomial for `expf`, within 2 ulp of `libm::expf`; saturates to +∞ above
+/// 88.7 and to 0 far below −87.
+#[inline(always)]
+fn exp512(x: __m512) -> __m512 {
+    // SAFETY: register arithmetic, only inlined into functions compiled for AVX-512F and
+    // installed after detecting it.
+    unsafe {
+        let x = _mm512_max_ps(
+            _mm512_min_ps(x, _mm512_set1_ps(88.8)),
+            _mm512_set1_ps(-104.0),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(core::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let p = _mm512_fmadd_ps(
+            p,
+            _mm512_mul_ps(r, r),
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        _mm512_scalef_ps(p, n)
+    }
+}
+
+/// `Σ a·b` with four 16-lane accumulators and a tree reduction.
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    generic::dot(a, b)
+    let len = a.len().min(b.len());
+    // SAFETY: every load is masked to `..len` of both slices; AVX-512F was detected.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= len {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let at = i + 16 * k;
+                *acc = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(at)),
+                    _mm512_loadu_ps(b.as_ptr().add(at)),
+                    *acc,
+                );
+            }
+            i += 64;
+        }
+        while i < len {
+            let m = tail_mask(len, i);
+            acc[0] = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)),
+                _mm512_maskz_loadu_ps(m, b.as_ptr().add(i)),
+                acc[0],
+            );
+            i += 16;
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_reduce_add_ps(sum)
+    }
+}
+
+/// [`super::rms_norm`] with the sum of squares in 16 lanes.
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn rms_norm_avx512(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let len = x.len().min(weight.len()).min(out.len());
+    // SAFETY: loads and stores are masked to `..len` of each slice; AVX-512F was detected.
+    unsafe {
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < len {
+            let v = _mm512_maskz_loadu_ps(tail_mask(len, i), x.as_ptr().add(i));
+            acc = _mm512_fmadd_ps(v, v, acc);
+            i += 16;
+        }
+        let mean_sq = _mm512_reduce_add_ps(acc) / x.len() as f32;
+        let scale = _mm512_set1_ps(1.0 / (mean_sq + eps).sqrt());
+        let mut i = 0;
+        while i < len {
+            let m = tail_mask(len, i);
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            let w = _mm512_maskz_loadu_ps(m, weight.as_ptr().add(i));
+            let o = _mm512_mul_ps(_mm512_mul_ps(v, scale), w);
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, o);
+            i += 16;
+        }
+    }
+}
+
+/// [`super::swiglu`] with a vector `e^x`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let len = gate.len().min(up.len()).min(out.len());
+    // SAFETY: loads and stores are masked to `..len` of each slice; AVX-512F was detected.
+    unsafe {
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < len {
+            let m = tail_mask(len, i);
+            let g = _mm512_maskz_loadu_ps(m, gate.as_ptr().add(i));
+            let u = _mm512_maskz_loadu_ps(m, up.as_ptr().add(i));
+            let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            let o = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u);
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, o);
+            i += 16;
+        }
+    }
+}
+
+/// [`super::softmax`] with a vector `e^x`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn softmax_avx512(x: &mut [f32]) {
+    let len = x.len();
+    if len == 0 {
+        return;
+    }
+    // SAFETY: loads and stores are masked to `..len`; AVX-512F was detected.
+    unsafe {
+        let p = x.as_mut_ptr();
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < len {
+            let m = tail_mask(len, i);
+            max = _mm512_mask_max_ps(max, m, max, _mm512_maskz_loadu_ps(m, p.add(i)));
+            i += 16;
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+        let mut sum = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < len {
+            let m = tail_mask(len, i);
+            let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), max));
+            sum = _mm512_mask_add_ps(sum, m, sum, e);
+            _mm512_mask_storeu_ps(p.add(i), m, e);
+            i += 16;
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        let mut i = 0;
+        while i < len {
+            let m = tail_mask(len, i);
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), inv);
+            _mm512_mask_storeu_ps(p.add(i), m, v);
+            i += 16;
+        }
+    }
+}
+
+/// `y += a·x`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
+    let len = x.len().min(y.len());
+    // SAFETY: loads and stores are masked to `..len` of both slices; AVX-512F was detected.
+    unsafe {
+        let av = _mm512_set1_ps(a);
+        let mut i = 0;
+        while i < len {
+            let m = tail_mask(len, i);
+            let v = _mm512_fmadd_ps(
+                av,
+                _mm512_maskz_loadu_ps(m, x.as_ptr().add(i)),
+                _mm512_maskz_loadu_ps(m, y.as_ptr().add(i)),
+            );
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), m, v);
+            i += 16;
+        }
+    }
 }
 
 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -101,34 +353,99 @@ fn dot4_avx512(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
     generic::dot4(w, x)
 }
 
+/// The AVX2 table over `base`'s entries (the caller has detected AVX2 and FMA).
+fn avx2_table(base: &Kernels) -> Kernels {
+    // SAFETY: these functions only need avx2/fma, which the caller detected.
+    Kernels {
+        name: "x86-64 avx2",
+        dot: |a, b| unsafe { dot_avx2(a, b) },
+        dot4: |w, x| unsafe { dot4_avx2(w, x) },
+        gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { gemm_q8_avx2(f, w, r, x, n, o, s, sc) },
+        ..*base
+    }
+}
+
 /// Replaces table entries with the widest versions this CPU runs.
 pub fn overwrite(k: &mut Kernels) {
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-    {
-        // SAFETY: these functions only need avx512f/avx512bw/avx2/fma, which were just detected.
-        *k = Kernels {
-            name: "x86-64 avx512",
-            dot: |a, b| unsafe { dot_avx512(a, b) },
-            dot4: |w, x| unsafe { dot4_avx512(w, x) },
-            dot_q8: |f, r, x| unsafe { dot_q8_avx512(f, r, x) },
-        };
-    } else if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        // SAFETY: these functions only need avx2/fma, which were just detected.
-        *k = Kernels {
-            name: "x86-64 avx2",
-            dot: |a, b| unsafe { dot_avx2(a, b) },
-            dot4: |w, x| unsafe { dot4_avx2(w, x) },
-            dot_q8: |f, r, x| unsafe { dot_q8_avx2(f, r, x) },
-        };
+    use std::arch::is_x86_feature_detected as has;
+    if !(has!("avx2") && has!("fma")) {
+        return;
+    }
+    *k = avx2_table(k);
+    if has!("avx512f") && has!("avx512bw") {
+        k.name = "x86-64 avx512";
+        // SAFETY: these functions only need avx512f/avx2/fma, which were just detected.
+        k.dot = |a, b| unsafe { dot_avx512(a, b) };
+        k.dot4 = |w, x| unsafe { dot4_avx512(w, x) };
+        k.rms_norm = |x, w, e, o| unsafe { rms_norm_avx512(x, w, e, o) };
+        k.swiglu = |g, u, o| unsafe { swiglu_avx512(g, u, o) };
+        k.softmax = |x| unsafe { softmax_avx512(x) };
+        k.axpy = |a, x, y| unsafe { axpy_avx512(a, x, y) };
+        if has!("f16c") {
+            // SAFETY: needs avx512f/bw, f16c, avx2 and fma: all detected.
+            k.quantize = |x, q| unsafe { quantize_avx512(x, q) };
+        }
+        if has!("avx512vl") && has!("avx512vnni") && has!("f16c") {
+            k.name = "x86-64 avx512-vnni";
+            // SAFETY: `vnni::gemm` needs avx512f/bw/vl/vnni, f16c, avx2 and fma: all detected.
+            k.gemm_q8 = |f, w, r, x, n, o, s, sc| unsafe { vnni::gemm(f, w, r, x, n, o, s, sc) };
+        }
+    }
+}
+
+/// Each x86 level this CPU runs, as its own table (for tests).
+#[cfg(test)]
+pub fn levels() -> Vec<Kernels> {
+    let mut k = Kernels::generic();
+    overwrite(&mut k);
+    match k.name {
+        "generic" => Vec::new(),
+        "x86-64 avx2" => vec![k],
+        _ => vec![avx2_table(&Kernels::generic()), k],
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector `e^x` stays within 2 ulp of `libm::expf` where the result is normal, and
+    /// saturates where it is not.
+    #[test]
+    fn exp512_is_within_two_ulp() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn run(x: &[f32; 16]) -> [f32; 16] {
+            let mut out = [0f32; 16];
+            // SAFETY: 16 floats each way; AVX-512F was detected.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), exp512(_mm512_loadu_ps(x.as_ptr()))) };
+            out
+        }
+        let mut x = -87.0f32;
+        while x < 88.5 {
+            let xs: [f32; 16] = core::array::from_fn(|i| x + i as f32 * 1.3e-3);
+            // SAFETY: AVX-512F was detected above.
+            let got = unsafe { run(&xs) };
+            for (g, &x) in got.iter().zip(&xs) {
+                let want = libm::expf(x);
+                let ulps = (g.to_bits() as i64 - want.to_bits() as i64).unsigned_abs();
+                assert!(ulps <= 2, "exp({x}) = {g}, libm {want}");
+            }
+            x += 0.0173;
+        }
+        // SAFETY: AVX-512F was detected above.
+        let edges = unsafe {
+            run(&[
+                100.0, -100.0, -200.0, 0.0, 1.0, -1.0, 88.7, -87.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                0.0, 0.0,
+            ])
+        };
+        assert_eq!(edges[0], f32::INFINITY);
+        assert!(edges[1] < 1e-43 && edges[2] == 0.0);
+        assert_eq!((edges[3], edges[4]), (1.0, core::f32::consts::E));
+    }
 
     /// The AVX2 block dots equal the portable ones exactly, over the full value ranges.
     #[test]
