@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use counting_alloc::allocations;
 use kiln_runtime::artifact::Artifact;
-use kiln_runtime::exec::{MemoryPlan, SessionError, SessionOptions};
+use kiln_runtime::exec::{KvType, MemoryPlan, SessionError, SessionOptions};
 use kiln_runtime::generate::Model;
 use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
@@ -40,12 +40,14 @@ fn the_plan_is_what_a_session_allocates() {
             batch: 256,
             logits_all: true,
             threads: 2,
+            kv_type: KvType::F32,
         },
         SessionOptions {
             context: 8192,
             batch: 1,
             logits_all: false,
             threads: 4,
+            kv_type: KvType::F16,
         },
     ] {
         let predicted = kiln_compiler::emit::memory_plan(&checkpoint, &opts).expect("plan");

@@ -147,8 +147,10 @@ fn matmulnbits_export_perplexity_is_within_1_percent_of_native_and_llama_cpp() {
     .expect("model");
     let native = Model::open(&common::smollm2_artifact(Format::Q4_1)).expect("open");
     let tokens = ort.encode_prompt(&text, true);
-    let on_ort = perplexity(&ort, &tokens, ctx, 2, |_, _| {}).expect("ort perplexity");
-    let on_native = perplexity(&native, &tokens, ctx, 2, |_, _| {}).expect("native perplexity");
+    let two_threads = common::two_threads();
+    let on_ort = perplexity(&ort, &tokens, ctx, &two_threads, |_, _| {}).expect("ort perplexity");
+    let on_native =
+        perplexity(&native, &tokens, ctx, &two_threads, |_, _| {}).expect("native perplexity");
     let llama_cpp = golden["perplexity"]["ppl"]["Q4_1"].as_f64().expect("ppl");
     println!(
         "q4_1 perplexity: ort {:.4}, kiln {:.4}, llama.cpp {llama_cpp}",

@@ -15,12 +15,13 @@ pub struct Perplexity {
     pub scored_tokens: usize,
 }
 
-/// Scores `tokens` in windows of `n_ctx`; `on_chunk(i, running_ppl)` reports progress.
+/// Scores `tokens` in windows of `n_ctx`; `on_chunk(i, running_ppl)` reports progress. Threads
+/// and the KV cache type come from `base`; context, batch and logits are set here.
 pub fn perplexity(
     model: &Model,
     tokens: &[u32],
     n_ctx: usize,
-    threads: usize,
+    base: &SessionOptions,
     mut on_chunk: impl FnMut(usize, f64),
 ) -> Result<Perplexity, GenerateError> {
     let chunks = tokens.len() / n_ctx.max(1);
@@ -34,7 +35,7 @@ pub fn perplexity(
         context: n_ctx,
         batch: n_ctx,
         logits_all: true,
-        threads,
+        ..base.clone()
     };
     let mut session = model.decoder(opts)?;
     let vocab = model.facts().vocab_size;

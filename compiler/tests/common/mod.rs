@@ -73,6 +73,14 @@ pub fn smollm2_artifact(quant: Format) -> PathBuf {
         .clone()
 }
 
+/// Session options with two threads (CI's cores) and the rest default.
+pub fn two_threads() -> kiln_runtime::exec::SessionOptions {
+    kiln_runtime::exec::SessionOptions {
+        threads: 2,
+        ..Default::default()
+    }
+}
+
 /// Asserts kiln's perplexity of the golden text (llama.cpp's window and chunk count) on the
 /// `quant` artifact is within 1 % of llama.cpp's figure under `key`.
 pub fn check_perplexity(quant: Format, key: &str) {
@@ -81,7 +89,7 @@ pub fn check_perplexity(quant: Format, key: &str) {
     let text = std::fs::read_to_string(testdata().join("golden/apache-2.0.txt")).expect("text");
     let tokens = model.encode_prompt(&text, true);
     let ctx = golden["perplexity"]["ctx"].as_u64().expect("ctx") as usize;
-    let score = perplexity(&model, &tokens, ctx, 2, |_, _| {}).expect("perplexity");
+    let score = perplexity(&model, &tokens, ctx, &two_threads(), |_, _| {}).expect("perplexity");
     let want = golden["perplexity"]["ppl"][key].as_f64().expect("ppl");
     assert_eq!(
         score.chunks as u64,

@@ -2,6 +2,7 @@
 //! that all live in one arena, allocated (or handed in by the caller) when the session is created.
 
 mod arena;
+mod attention;
 mod parallel;
 mod plan;
 #[cfg(feature = "std")]
@@ -32,8 +33,39 @@ pub struct SessionOptions {
     pub batch: usize,
     /// Keep the logits of every token of a pass (perplexity), not only the last.
     pub logits_all: bool,
-    /// Worker threads for the matrix products (1 = the calling thread only).
+    /// Worker threads for the matrix products and attention (1 = the calling thread only).
     pub threads: usize,
+    /// How the KV cache stores keys and values.
+    pub kv_type: KvType,
+}
+
+/// How the KV cache stores keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// Half precision, as llama.cpp's default: half the memory and half the bytes each decoded
+    /// token reads from the cache.
+    #[default]
+    F16,
+    /// Single precision.
+    F32,
+}
+
+impl KvType {
+    /// Bytes per cached value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        }
+    }
+
+    /// The name llama.cpp's `--cache-type-k` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::F32 => "f32",
+        }
+    }
 }
 
 impl Default for SessionOptions {
@@ -43,6 +75,7 @@ impl Default for SessionOptions {
             batch: 64,
             logits_all: false,
             threads: 1,
+            kv_type: KvType::default(),
         }
     }
 }
@@ -342,19 +375,21 @@ impl<'a> Session<'a> {
                             r.scores.clone(),
                         ],
                     );
-                    let kv = KvCache {
+                    let kv = attention::KvCache {
                         k: k_cache,
                         v: v_cache,
+                        kind: self.opts.kv_type,
                         context: self.context,
                         layer,
                     };
-                    attention(
+                    attention::attention(
                         &self.kernels,
+                        &self.workers,
                         &self.facts,
                         kv,
                         self.pos,
                         n,
-                        [q, k, v],
+                        [&*q, &*k, &*v],
                         o,
                         scores,
                     );
@@ -446,57 +481,6 @@ fn rope_table(freqs: &[f32], pos: usize, n: usize, cos: &mut [f32], sin: &mut [f
             let angle = p * f64::from(f);
             cos[t * half + i] = libm::cos(angle) as f32;
             sin[t * half + i] = libm::sin(angle) as f32;
-        }
-    }
-}
-
-/// One layer's view of the KV cache (`[layer][kv_head][position][head_dim]`).
-struct KvCache<'c> {
-    k: &'c mut [f32],
-    v: &'c mut [f32],
-    context: usize,
-    layer: usize,
-}
-
-/// Stores this batch's keys/values at their positions, then causal grouped-query attention.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    kernels: &Kernels,
-    f: &ModelFacts,
-    cache: KvCache<'_>,
-    pos: usize,
-    n: usize,
-    [q, k, v]: [&mut [f32]; 3],
-    out: &mut [f32],
-    scores: &mut [f32],
-) {
-    let (hd, kvh, heads, ctx) = (f.head_dim, f.kv_heads, f.heads, cache.context);
-    let group = heads / kvh;
-    let layer_base = cache.layer * kvh * ctx * hd;
-    for t in 0..n {
-        for h in 0..kvh {
-            let dst = layer_base + (h * ctx + pos + t) * hd;
-            let src = (t * kvh + h) * hd;
-            cache.k[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-            cache.v[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
-        }
-    }
-    let scale = 1.0 / libm::sqrtf(hd as f32);
-    for t in 0..n {
-        let seen = pos + t + 1;
-        for h in 0..heads {
-            let qv = &q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
-            let base = layer_base + (h / group) * ctx * hd;
-            let scores = &mut scores[..seen];
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s = (kernels.dot)(qv, &cache.k[base + j * hd..base + (j + 1) * hd]) * scale;
-            }
-            (kernels.softmax)(scores);
-            let ov = &mut out[(t * heads + h) * hd..(t * heads + h + 1) * hd];
-            ov.fill(0.0);
-            for (j, &w) in scores.iter().enumerate() {
-                (kernels.axpy)(w, &cache.v[base + j * hd..base + (j + 1) * hd], ov);
-            }
         }
     }
 }

@@ -63,7 +63,7 @@ pub fn matmul(
 
 /// A slice that participants write in disjoint parts.
 #[cfg(feature = "std")]
-struct Shared {
+pub(super) struct Shared {
     ptr: *mut f32,
     len: usize,
 }
@@ -74,7 +74,7 @@ unsafe impl Sync for Shared {}
 
 #[cfg(feature = "std")]
 impl Shared {
-    fn new(s: &mut [f32]) -> Shared {
+    pub(super) fn new(s: &mut [f32]) -> Shared {
         Shared {
             ptr: s.as_mut_ptr(),
             len: s.len(),
@@ -84,7 +84,7 @@ impl Shared {
     /// SAFETY: the caller guarantees no two live parts overlap.
     // Handing out `&mut` from `&self` is the point: each participant gets its own part.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn part(&self, range: core::ops::Range<usize>) -> &mut [f32] {
+    pub(super) unsafe fn part(&self, range: core::ops::Range<usize>) -> &mut [f32] {
         debug_assert!(range.start <= range.end && range.end <= self.len);
         // SAFETY: in bounds (checked by the caller's arithmetic), and exclusive by the contract above.
         unsafe { core::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }

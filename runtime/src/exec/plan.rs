@@ -270,7 +270,7 @@ pub(super) fn layout(
         end += floats;
         end - floats..end
     };
-    let kv = f.layers * f.kv_heads * context * f.head_dim;
+    let kv = (f.layers * f.kv_heads * context * f.head_dim * opts.kv_type.bytes()).div_ceil(4);
     let regions = Regions {
         bufs,
         bufs_len,
@@ -278,7 +278,7 @@ pub(super) fn layout(
         v_cache: take(kv),
         cos: take(batch * (f.head_dim / 2)),
         sin: take(batch * (f.head_dim / 2)),
-        scores: take(context),
+        scores: take(opts.threads.max(1) * context),
         tiles: take(opts.threads.max(1) * TILE_ROWS * max_cols),
         xq: take(batch * max_cols.div_ceil(BLOCK) * Q8_FLOATS),
         logits: take(if opts.logits_all { batch } else { 1 } * f.vocab_size),

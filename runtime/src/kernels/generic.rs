@@ -1,5 +1,6 @@
 //! Reference kernels in portable Rust, written with independent lanes so compilers vectorize them.
 
+use super::q8::f16_to_f32;
 use super::TILE_ROWS;
 
 const LANES: usize = 16;
@@ -45,4 +46,37 @@ pub fn dot4(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
         out[r] = acc[r].iter().sum::<f32>() + tail;
     }
     out
+}
+
+/// `Σ a·b` against f16 bits `b` (attention scores over an f16 key cache).
+#[inline(always)]
+pub fn dot_f16(a: &[f32], b: &[u16]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, &y)| x * f16_to_f32(y))
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * f16_to_f32(y[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a·x` for f16 bits `x` (the weighted sum over an f16 value cache).
+pub fn axpy_f16(a: f32, x: &[u16], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * f16_to_f32(x);
+    }
+}
+
+/// `x` to f16 bits, rounding to nearest even (keys and values entering an f16 cache).
+pub fn to_f16(x: &[f32], out: &mut [u16]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = half::f16::from_f32(v).to_bits();
+    }
 }

@@ -2,6 +2,8 @@
 //! CPU check by versions compiled for wider vector units. `KILN_KERNELS=generic` forces the
 //! reference table.
 
+#[cfg(all(feature = "std", target_arch = "aarch64"))]
+mod arm;
 mod generic;
 pub mod q8;
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
@@ -42,6 +44,12 @@ pub struct Kernels {
     pub softmax: fn(&mut [f32]),
     /// [`axpy`]: `y += a·x`.
     pub axpy: fn(f32, &[f32], &mut [f32]),
+    /// [`dot`](Kernels::dot) against f16 bits (the f16 key cache).
+    pub dot_f16: fn(&[f32], &[u16]) -> f32,
+    /// [`axpy`] of f16 bits (the f16 value cache).
+    pub axpy_f16: fn(f32, &[u16], &mut [f32]),
+    /// f32 to f16 bits, rounding to nearest even, bit-identical to `half`.
+    pub to_f16: fn(&[f32], &mut [u16]),
 }
 
 /// `(format, weight rows, row count, activations, tokens, out, out stride, scratch)`, see [`q8::gemm`].
@@ -60,6 +68,9 @@ impl Kernels {
             swiglu,
             softmax,
             axpy,
+            dot_f16: generic::dot_f16,
+            axpy_f16: generic::axpy_f16,
+            to_f16: generic::to_f16,
         }
     }
 
@@ -73,6 +84,8 @@ impl Kernels {
         let mut k = Kernels::generic();
         #[cfg(all(feature = "std", target_arch = "x86_64"))]
         x86::overwrite(&mut k);
+        #[cfg(all(feature = "std", target_arch = "aarch64"))]
+        arm::overwrite(&mut k);
         k
     }
 }
@@ -326,6 +339,8 @@ pub(crate) mod testing {
         let mut v = Vec::new();
         #[cfg(all(feature = "std", target_arch = "x86_64"))]
         v.extend(x86::levels());
+        #[cfg(all(feature = "std", target_arch = "aarch64"))]
+        v.extend(arm::levels());
         for (name, gemm) in gemm_q8_variants().into_iter().skip(1) {
             let mut k = Kernels::detect();
             k.name = name;
@@ -501,6 +516,63 @@ mod tests {
                     let budget = 2.0 * f32::EPSILON * ((a * xi).abs() + yi.abs());
                     prop_assert!((g - e).abs() <= budget, "{}: {g} vs {e}", k.name);
                 }
+            }
+        }
+    }
+
+    fn halves(rng: &mut testing::Rng, len: usize, scale: f32) -> alloc::vec::Vec<u16> {
+        (0..len)
+            .map(|_| half::f16::from_f32(rng.unit() * scale).to_bits())
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Against an f16 cache: within the budget of [`dot_matches_the_reference`].
+        #[test]
+        fn dot_f16_matches_the_reference(len in 0usize..300, seed: u64) {
+            let mut rng = testing::Rng(seed | 1);
+            let (a, b) = (floats(&mut rng, len, 3.0), halves(&mut rng, len, 3.0));
+            let want = generic::dot_f16(&a, &b);
+            let terms: f32 = a.iter().zip(&b).map(|(x, &y)| (x * q8::f16_to_f32(y)).abs()).sum();
+            let budget = (len / 16 + 24) as f32 * f32::EPSILON * terms;
+            for k in optimized() {
+                let got = (k.dot_f16)(&a, &b);
+                prop_assert!((got - want).abs() <= budget, "{}: {got} vs {want}", k.name);
+            }
+        }
+
+        /// `y += a·x` of f16 bits: within one rounding of `|a·x| + |y|`.
+        #[test]
+        fn axpy_f16_matches_the_reference(len in 0usize..300, seed: u64) {
+            let mut rng = testing::Rng(seed | 1);
+            let (a, x, y) = (rng.unit(), halves(&mut rng, len, 3.0), floats(&mut rng, len, 3.0));
+            let mut want = y.clone();
+            generic::axpy_f16(a, &x, &mut want);
+            for k in optimized() {
+                let mut got = y.clone();
+                (k.axpy_f16)(a, &x, &mut got);
+                for ((g, e), (&xi, yi)) in got.iter().zip(&want).zip(x.iter().zip(&y)) {
+                    let budget = 2.0 * f32::EPSILON * ((a * q8::f16_to_f32(xi)).abs() + yi.abs());
+                    prop_assert!((g - e).abs() <= budget, "{}: {g} vs {e}", k.name);
+                }
+            }
+        }
+
+        /// Rounding to f16 is bit-identical in every table, from subnormals to overflow.
+        #[test]
+        fn to_f16_is_bit_identical(len in 0usize..100, seed: u64) {
+            let mut rng = testing::Rng(seed | 1);
+            let x: alloc::vec::Vec<f32> = (0..len)
+                .map(|_| rng.unit() * libm::powf(10.0, 6.0 * rng.unit()))
+                .collect();
+            let mut want = alloc::vec![0u16; len];
+            generic::to_f16(&x, &mut want);
+            for k in optimized() {
+                let mut got = alloc::vec![0u16; len];
+                (k.to_f16)(&x, &mut got);
+                prop_assert_eq!(&got, &want, "{}", k.name);
             }
         }
     }

@@ -348,6 +348,82 @@ fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `Σ a·b` for f16 bits `b`, converted 16 at a time (F16C's `vcvtph2ps` is exact).
+#[target_feature(enable = "avx512f,f16c,avx2,fma")]
+fn dot_f16_avx512(a: &[f32], b: &[u16]) -> f32 {
+    let len = a.len().min(b.len());
+    // SAFETY: every load is masked to `..len` of both slices; AVX-512F was detected.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= len {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let at = i + 16 * k;
+                let h = _mm256_loadu_si256(b.as_ptr().add(at).cast());
+                *acc = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(at)),
+                    _mm512_cvtph_ps(h),
+                    *acc,
+                );
+            }
+            i += 64;
+        }
+        while i < len {
+            let m = tail_mask(len, i);
+            let h = _mm256_maskz_loadu_epi16(m, b.as_ptr().add(i).cast());
+            acc[0] = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)),
+                _mm512_cvtph_ps(h),
+                acc[0],
+            );
+            i += 16;
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_reduce_add_ps(sum)
+    }
+}
+
+/// `y += a·x` for f16 bits `x`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
+fn axpy_f16_avx512(a: f32, x: &[u16], y: &mut [f32]) {
+    let len = x.len().min(y.len());
+    // SAFETY: loads and stores are masked to `..len` of both slices; AVX-512F/BW/VL were detected.
+    unsafe {
+        let av = _mm512_set1_ps(a);
+        let mut i = 0;
+        while i < len {
+            let m = tail_mask(len, i);
+            let h = _mm256_maskz_loadu_epi16(m, x.as_ptr().add(i).cast());
+            let v = _mm512_fmadd_ps(
+                av,
+                _mm512_cvtph_ps(h),
+                _mm512_maskz_loadu_ps(m, y.as_ptr().add(i)),
+            );
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), m, v);
+            i += 16;
+        }
+    }
+}
+
+/// f32 to f16 bits, rounding to nearest even like `half` (`vcvtps2ph`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
+fn to_f16_avx512(x: &[f32], out: &mut [u16]) {
+    let len = x.len().min(out.len());
+    // SAFETY: loads and stores are masked to `..len` of both slices; AVX-512F/BW/VL were detected.
+    unsafe {
+        let mut i = 0;
+        while i < len {
+            let m = tail_mask(len, i);
+            let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm512_maskz_loadu_ps(
+                m,
+                x.as_ptr().add(i),
+            ));
+            _mm256_mask_storeu_epi16(out.as_mut_ptr().add(i).cast(), m, h);
+            i += 16;
+        }
+    }
+}
+
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn dot4_avx512(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
     generic::dot4(w, x)
@@ -384,6 +460,14 @@ pub fn overwrite(k: &mut Kernels) {
         if has!("f16c") {
             // SAFETY: needs avx512f/bw, f16c, avx2 and fma: all detected.
             k.quantize = |x, q| unsafe { quantize_avx512(x, q) };
+            // SAFETY: needs avx512f, f16c, avx2 and fma: all detected.
+            k.dot_f16 = |a, b| unsafe { dot_f16_avx512(a, b) };
+        }
+        if has!("f16c") && has!("avx512vl") {
+            // SAFETY: need avx512f/bw/vl, f16c, avx2 and fma: all detected.
+            k.axpy_f16 = |a, x, y| unsafe { axpy_f16_avx512(a, x, y) };
+            // SAFETY: as above.
+            k.to_f16 = |x, o| unsafe { to_f16_avx512(x, o) };
         }
         if has!("avx512vl") && has!("avx512vnni") && has!("f16c") {
             k.name = "x86-64 avx512-vnni";

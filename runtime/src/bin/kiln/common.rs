@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::exec::{KvType, SessionOptions};
 use kiln_runtime::generate::Model;
 use kiln_runtime::onnxrt::{Ep, OrtModel, OrtOptions};
 use kiln_runtime::sampler::SamplerConfig;
@@ -44,6 +44,16 @@ pub struct ModelArgs {
     /// Context length in tokens (default: the model's, at most 4096).
     #[arg(short = 'c', long = "ctx")]
     pub ctx: Option<usize>,
+    /// How the KV cache stores keys and values: f16 (half the memory) or f32 (native backend).
+    #[arg(long = "cache-type", value_enum, default_value_t = CacheType::F16)]
+    pub cache_type: CacheType,
+}
+
+/// `--cache-type`, as llama.cpp's `--cache-type-k`/`-v` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheType {
+    F16,
+    F32,
 }
 
 impl ModelArgs {
@@ -90,6 +100,10 @@ impl ModelArgs {
         SessionOptions {
             context: self.ctx.unwrap_or(0),
             threads: self.threads(),
+            kv_type: match self.cache_type {
+                CacheType::F16 => KvType::F16,
+                CacheType::F32 => KvType::F32,
+            },
             ..SessionOptions::default()
         }
     }

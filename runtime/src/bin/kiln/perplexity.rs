@@ -30,7 +30,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &model,
         &tokens,
         args.model.ctx.unwrap_or(512),
-        args.model.threads(),
+        &args.model.session_options(),
         |i, ppl| {
             if !json {
                 eprint!("[{}]{ppl:.4} ", i + 1);
