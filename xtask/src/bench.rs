@@ -512,7 +512,8 @@ struct Inputs {
     artifact: PathBuf,
     /// Weights a native decode step reads (the ort backend reads the same blocks).
     weight_bytes_per_token: u64,
-    /// KV cache bytes per cached position at f32 (kiln's native and ort caches).
+    /// KV cache bytes per cached position at f16 (kiln's native cache and llama.cpp's; the
+    /// ort backend's ONNX cache is f32, twice this).
     kv_bytes_per_position: u64,
     onnx: Option<PathBuf>,
     llama_cpp: Option<LlamaInput>,
@@ -972,7 +973,7 @@ fn prepare(args: &Args, plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Inputs
         inputs.push(Inputs {
             quant: quant.name(),
             weight_bytes_per_token: bytes_read(&artifact_reads(&meta)),
-            kv_bytes_per_position: (2 * f.layers * f.kv_heads * f.head_dim * 4) as u64,
+            kv_bytes_per_position: (2 * f.layers * f.kv_heads * f.head_dim * 2) as u64,
             artifact,
             onnx,
             llama_cpp,
@@ -1030,12 +1031,11 @@ fn measure_all(
                 // Decode reads the KV cache from `depth` to `depth + n_gen`: count the mean.
                 let positions = (depth + plan.n_gen / 2) as u64;
                 for (&engine, samples) in engines.iter().zip(&samples) {
+                    let kv = positions * input.kv_bytes_per_position;
                     let bytes = match (engine, &input.llama_cpp) {
-                        // llama.cpp's KV cache is f16.
-                        (Engine::LlamaCpp, Some(g)) => {
-                            g.weight_bytes_per_token + positions * input.kv_bytes_per_position / 2
-                        }
-                        _ => input.weight_bytes_per_token + positions * input.kv_bytes_per_position,
+                        (Engine::LlamaCpp, Some(g)) => g.weight_bytes_per_token + kv,
+                        (Engine::Kiln(Backend::Ort), _) => input.weight_bytes_per_token + 2 * kv,
+                        _ => input.weight_bytes_per_token + kv,
                     };
                     rows.push(Row::new(
                         (quant, threads, depth, engine),
@@ -1082,7 +1082,7 @@ fn notes(
         .map(|b| format!("{:.1} GB/s at {}", b.gb_per_s, plural(b.threads, "thread")))
         .collect();
     notes.push(format!(
-        "bound: tokens/s if the bytes one decode step reads (weights; plus the KV cache at the mean decode position, f32 for kiln, f16 for llama.cpp) streamed at the bandwidth measured by reading a {} MiB buffer: {}; weights that stay in a cache larger than the model can beat it",
+        "bound: tokens/s if the bytes one decode step reads (weights; plus the KV cache at the mean decode position: f16 for kiln and llama.cpp, f32 for kiln on onnxruntime) streamed at the bandwidth measured by reading a {} MiB buffer: {}; weights that stay in a cache larger than the model can beat it",
         BANDWIDTH_BYTES >> 20,
         bw.join(", ")
     ));
@@ -1120,7 +1120,7 @@ fn notes(
     }
     if let Some(version) = llama_cpp_python {
         notes.push(format!(
-            "llama.cpp: llama-cpp-python {version}, CPU only, extra buffer types (repacked weights, AMX) off, flash attention off, f16 KV cache, n_batch = n_ubatch = -p; its RSS leaves out the Python interpreter and numpy (measured before llama.cpp loads)"
+            "llama.cpp: llama-cpp-python {version}, CPU only, extra buffer types (repacked weights, AMX) off (this build crashes with SIGSEGV on its first pass when they are on), flash attention off, f16 KV cache, n_batch = n_ubatch = -p; its RSS leaves out the Python interpreter and numpy (measured before llama.cpp loads)"
         ));
     }
     if let Some(lib) = &tools.ort_lib {

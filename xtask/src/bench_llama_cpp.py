@@ -11,7 +11,8 @@
       time to first token includes picking that token), the cache is cut back to DEPTH and
       N_GEN tokens are decoded one at a time; prints one JSON object
 
-The CPU backend's extra buffer types (weights repacked for AMX and others) are off, flash
+The CPU backend's extra buffer types (weights repacked for AMX and others) are off (llama-cpp-python
+0.3.36's build segfaults on its first pass with them on, seen on AVX-512 x86-64), flash
 attention is off, the KV cache is f16 (llama.cpp's default). Peak RSS leaves out the Python
 interpreter and numpy, measured before llama.cpp's libraries are loaded.
 """

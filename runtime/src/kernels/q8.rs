@@ -151,6 +151,21 @@ pub fn gemm(
     out_stride: usize,
     _scratch: &mut [f32],
 ) {
+    gemm_with::<Scalar>(format, w, rows, x, n, out, out_stride);
+}
+
+/// [`gemm`] one row and token at a time on the block dots `D`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn gemm_with<D: BlockDot>(
+    format: Format,
+    w: &[u8],
+    rows: usize,
+    x: &[Q8Block],
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     if rows == 0 || n == 0 {
         return;
     }
@@ -158,7 +173,7 @@ pub fn gemm(
     for r in 0..rows {
         let row = &w[r * rb..(r + 1) * rb];
         for t in 0..n {
-            out[t * out_stride + r] = dot_row(format, row, &x[t * nb..(t + 1) * nb]);
+            out[t * out_stride + r] = dot_row_with::<D>(format, row, &x[t * nb..(t + 1) * nb]);
         }
     }
 }

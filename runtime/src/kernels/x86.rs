@@ -94,17 +94,7 @@ fn gemm_q8_avx2(
     out_stride: usize,
     _scratch: &mut [f32],
 ) {
-    if rows == 0 || n == 0 {
-        return;
-    }
-    let (rb, nb) = (w.len() / rows, x.len() / n);
-    for r in 0..rows {
-        let row = &w[r * rb..(r + 1) * rb];
-        for t in 0..n {
-            out[t * out_stride + r] =
-                q8::dot_row_with::<Avx2>(format, row, &x[t * nb..(t + 1) * nb]);
-        }
-    }
+    q8::gemm_with::<Avx2>(format, w, rows, x, n, out, out_stride);
 }
 
 /// [`q8::quantize`] with AVX-512, bit-identical to it: the same scalar scale arithmetic, the
@@ -209,11 +199,37 @@ fn exp512(x: __m512) -> __m512 {
     }
 }
 
+/// Values the AVX-512 float kernels read 16 at a time as f32: f32 itself, or f16 bits.
+trait Lanes: Copy {
+    /// The 16 values at `p` (those of `mask` only; the rest read as 0 and are not touched).
+    ///
+    /// SAFETY: AVX-512F/BW/VL and F16C are available, and the masked values at `p` exist.
+    unsafe fn load(p: *const Self, mask: __mmask16) -> __m512;
+}
+
+impl Lanes for f32 {
+    #[inline(always)]
+    unsafe fn load(p: *const f32, mask: __mmask16) -> __m512 {
+        // SAFETY: as the trait says.
+        unsafe { _mm512_maskz_loadu_ps(mask, p) }
+    }
+}
+
+impl Lanes for u16 {
+    #[inline(always)]
+    unsafe fn load(p: *const u16, mask: __mmask16) -> __m512 {
+        // SAFETY: as the trait says; `vcvtph2ps` is exact.
+        unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast())) }
+    }
+}
+
 /// `Σ a·b` with four 16-lane accumulators and a tree reduction.
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+///
+/// SAFETY: as [`Lanes::load`]; the caller inlines this into a function with those features.
+#[inline(always)]
+unsafe fn dot_lanes<T: Lanes>(a: &[f32], b: &[T]) -> f32 {
     let len = a.len().min(b.len());
-    // SAFETY: every load is masked to `..len` of both slices; AVX-512F was detected.
+    // SAFETY: every load is masked to `..len` of both slices; the features are the caller's.
     unsafe {
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
@@ -222,7 +238,7 @@ fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
                 let at = i + 16 * k;
                 *acc = _mm512_fmadd_ps(
                     _mm512_loadu_ps(a.as_ptr().add(at)),
-                    _mm512_loadu_ps(b.as_ptr().add(at)),
+                    T::load(b.as_ptr().add(at), 0xffff),
                     *acc,
                 );
             }
@@ -232,7 +248,7 @@ fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
             let m = tail_mask(len, i);
             acc[0] = _mm512_fmadd_ps(
                 _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)),
-                _mm512_maskz_loadu_ps(m, b.as_ptr().add(i)),
+                T::load(b.as_ptr().add(i), m),
                 acc[0],
             );
             i += 16;
@@ -240,6 +256,53 @@ fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
         let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
         _mm512_reduce_add_ps(sum)
     }
+}
+
+/// `y += a·x`, 16 lanes at a time.
+///
+/// SAFETY: as [`dot_lanes`].
+#[inline(always)]
+unsafe fn axpy_lanes<T: Lanes>(a: f32, x: &[T], y: &mut [f32]) {
+    let len = x.len().min(y.len());
+    // SAFETY: loads and stores are masked to `..len` of both slices; the features are the caller's.
+    unsafe {
+        let av = _mm512_set1_ps(a);
+        let mut i = 0;
+        while i < len {
+            let m = tail_mask(len, i);
+            let v = _mm512_fmadd_ps(
+                av,
+                T::load(x.as_ptr().add(i), m),
+                _mm512_maskz_loadu_ps(m, y.as_ptr().add(i)),
+            );
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), m, v);
+            i += 16;
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
+fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: this function's features are those `dot_lanes` needs.
+    unsafe { dot_lanes(a, b) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
+fn dot_f16_avx512(a: &[f32], b: &[u16]) -> f32 {
+    // SAFETY: as in `dot_avx512`.
+    unsafe { dot_lanes(a, b) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
+fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
+    // SAFETY: as in `dot_avx512`.
+    unsafe { axpy_lanes(a, x, y) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
+fn axpy_f16_avx512(a: f32, x: &[u16], y: &mut [f32]) {
+    // SAFETY: as in `dot_avx512`.
+    unsafe { axpy_lanes(a, x, y) }
 }
 
 /// [`super::rms_norm`] with the sum of squares in 16 lanes.
@@ -327,84 +390,6 @@ fn softmax_avx512(x: &mut [f32]) {
     }
 }
 
-/// `y += a·x`.
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
-    let len = x.len().min(y.len());
-    // SAFETY: loads and stores are masked to `..len` of both slices; AVX-512F was detected.
-    unsafe {
-        let av = _mm512_set1_ps(a);
-        let mut i = 0;
-        while i < len {
-            let m = tail_mask(len, i);
-            let v = _mm512_fmadd_ps(
-                av,
-                _mm512_maskz_loadu_ps(m, x.as_ptr().add(i)),
-                _mm512_maskz_loadu_ps(m, y.as_ptr().add(i)),
-            );
-            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), m, v);
-            i += 16;
-        }
-    }
-}
-
-/// `Σ a·b` for f16 bits `b`, converted 16 at a time (F16C's `vcvtph2ps` is exact).
-#[target_feature(enable = "avx512f,f16c,avx2,fma")]
-fn dot_f16_avx512(a: &[f32], b: &[u16]) -> f32 {
-    let len = a.len().min(b.len());
-    // SAFETY: every load is masked to `..len` of both slices; AVX-512F was detected.
-    unsafe {
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 64 <= len {
-            for (k, acc) in acc.iter_mut().enumerate() {
-                let at = i + 16 * k;
-                let h = _mm256_loadu_si256(b.as_ptr().add(at).cast());
-                *acc = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(a.as_ptr().add(at)),
-                    _mm512_cvtph_ps(h),
-                    *acc,
-                );
-            }
-            i += 64;
-        }
-        while i < len {
-            let m = tail_mask(len, i);
-            let h = _mm256_maskz_loadu_epi16(m, b.as_ptr().add(i).cast());
-            acc[0] = _mm512_fmadd_ps(
-                _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)),
-                _mm512_cvtph_ps(h),
-                acc[0],
-            );
-            i += 16;
-        }
-        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        _mm512_reduce_add_ps(sum)
-    }
-}
-
-/// `y += a·x` for f16 bits `x`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
-fn axpy_f16_avx512(a: f32, x: &[u16], y: &mut [f32]) {
-    let len = x.len().min(y.len());
-    // SAFETY: loads and stores are masked to `..len` of both slices; AVX-512F/BW/VL were detected.
-    unsafe {
-        let av = _mm512_set1_ps(a);
-        let mut i = 0;
-        while i < len {
-            let m = tail_mask(len, i);
-            let h = _mm256_maskz_loadu_epi16(m, x.as_ptr().add(i).cast());
-            let v = _mm512_fmadd_ps(
-                av,
-                _mm512_cvtph_ps(h),
-                _mm512_maskz_loadu_ps(m, y.as_ptr().add(i)),
-            );
-            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), m, v);
-            i += 16;
-        }
-    }
-}
-
 /// f32 to f16 bits, rounding to nearest even like `half` (`vcvtps2ph`).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
 fn to_f16_avx512(x: &[f32], out: &mut [u16]) {
@@ -448,28 +433,20 @@ pub fn overwrite(k: &mut Kernels) {
         return;
     }
     *k = avx2_table(k);
-    if has!("avx512f") && has!("avx512bw") {
+    if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("f16c") {
         k.name = "x86-64 avx512";
-        // SAFETY: these functions only need avx512f/avx2/fma, which were just detected.
+        // SAFETY: these functions need avx512f/bw/vl, f16c, avx2 and fma: all detected.
         k.dot = |a, b| unsafe { dot_avx512(a, b) };
         k.dot4 = |w, x| unsafe { dot4_avx512(w, x) };
         k.rms_norm = |x, w, e, o| unsafe { rms_norm_avx512(x, w, e, o) };
         k.swiglu = |g, u, o| unsafe { swiglu_avx512(g, u, o) };
         k.softmax = |x| unsafe { softmax_avx512(x) };
         k.axpy = |a, x, y| unsafe { axpy_avx512(a, x, y) };
-        if has!("f16c") {
-            // SAFETY: needs avx512f/bw, f16c, avx2 and fma: all detected.
-            k.quantize = |x, q| unsafe { quantize_avx512(x, q) };
-            // SAFETY: needs avx512f, f16c, avx2 and fma: all detected.
-            k.dot_f16 = |a, b| unsafe { dot_f16_avx512(a, b) };
-        }
-        if has!("f16c") && has!("avx512vl") {
-            // SAFETY: need avx512f/bw/vl, f16c, avx2 and fma: all detected.
-            k.axpy_f16 = |a, x, y| unsafe { axpy_f16_avx512(a, x, y) };
-            // SAFETY: as above.
-            k.to_f16 = |x, o| unsafe { to_f16_avx512(x, o) };
-        }
-        if has!("avx512vl") && has!("avx512vnni") && has!("f16c") {
+        k.quantize = |x, q| unsafe { quantize_avx512(x, q) };
+        k.dot_f16 = |a, b| unsafe { dot_f16_avx512(a, b) };
+        k.axpy_f16 = |a, x, y| unsafe { axpy_f16_avx512(a, x, y) };
+        k.to_f16 = |x, o| unsafe { to_f16_avx512(x, o) };
+        if has!("avx512vnni") {
             k.name = "x86-64 avx512-vnni";
             // SAFETY: `vnni::gemm` needs avx512f/bw/vl/vnni, f16c, avx2 and fma: all detected.
             k.gemm_q8 = |f, w, r, x, n, o, s, sc| unsafe { vnni::gemm(f, w, r, x, n, o, s, sc) };
