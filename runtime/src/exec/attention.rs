@@ -2,7 +2,7 @@
 //! grouped-query attention, one (token, head) pair per work item, split across the session's
 //! workers when there is enough of it.
 
-use crate::kernels::Kernels;
+use crate::kernels::{Kernels, KvRows};
 use crate::model::ModelFacts;
 
 #[cfg(feature = "std")]
@@ -24,13 +24,6 @@ pub struct KvCache<'c> {
 #[cfg(feature = "std")]
 const MIN_PARALLEL_WORK: usize = 1 << 15;
 
-/// The cache's keys and values as a kernel reads them.
-#[derive(Clone, Copy)]
-enum Rows<'c> {
-    F32(&'c [f32], &'c [f32]),
-    F16(&'c [u16], &'c [u16]),
-}
-
 /// Stores this batch's keys/values at their positions, then attends: `out` gets, for each
 /// token `t` and head `h`, the softmax-weighted sum of the values at positions `..=pos + t`.
 /// `scores` holds one context-long row per participant.
@@ -48,7 +41,7 @@ pub fn attention(
 ) {
     let (hd, kvh, ctx) = (f.head_dim, f.kv_heads, cache.context);
     let layer = cache.layer * kvh * ctx * hd;
-    let rows = match cache.kind {
+    let (keys, values) = match cache.kind {
         KvType::F32 => {
             for t in 0..n {
                 for h in 0..kvh {
@@ -57,7 +50,7 @@ pub fn attention(
                     cache.v[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
                 }
             }
-            Rows::F32(cache.k, cache.v)
+            (KvRows::F32(cache.k), KvRows::F32(cache.v))
         }
         KvType::F16 => {
             let kc: &mut [u16] = bytemuck::cast_slice_mut(cache.k);
@@ -69,7 +62,7 @@ pub fn attention(
                     (kernels.to_f16)(&v[src..src + hd], &mut vc[dst..dst + hd]);
                 }
             }
-            Rows::F16(kc, vc)
+            (KvRows::F16(kc), KvRows::F16(vc))
         }
     };
     let job = Job {
@@ -81,7 +74,8 @@ pub fn attention(
         layer,
         pos,
         q,
-        rows,
+        keys,
+        values,
         scale: 1.0 / libm::sqrtf(hd as f32),
     };
     let items = n * f.heads;
@@ -128,7 +122,8 @@ struct Job<'a> {
     layer: usize,
     pos: usize,
     q: &'a [f32],
-    rows: Rows<'a>,
+    keys: KvRows<'a>,
+    values: KvRows<'a>,
     scale: f32,
 }
 
@@ -137,22 +132,20 @@ impl Job<'_> {
     fn item(&self, item: usize, out: &mut [f32], scores: &mut [f32]) {
         let (t, h, hd, k) = (item / self.heads, item % self.heads, self.hd, self.kernels);
         let qv = &self.q[item * hd..(item + 1) * hd];
+        let seen = self.pos + t + 1;
         let base = self.layer + (h / self.group) * self.ctx * hd;
-        let scores = &mut scores[..self.pos + t + 1];
-        let at = |j: usize| base + j * hd..base + (j + 1) * hd;
-        for (j, s) in scores.iter_mut().enumerate() {
-            *s = match self.rows {
-                Rows::F32(kc, _) => (k.dot)(qv, &kc[at(j)]),
-                Rows::F16(kc, _) => (k.dot_f16)(qv, &kc[at(j)]),
-            } * self.scale;
-        }
+        let span = base..base + seen * hd;
+        let scores = &mut scores[..seen];
+        (k.scores)(qv, rows(self.keys, span.clone()), self.scale, scores);
         (k.softmax)(scores);
-        out.fill(0.0);
-        for (j, &w) in scores.iter().enumerate() {
-            match self.rows {
-                Rows::F32(_, vc) => (k.axpy)(w, &vc[at(j)], out),
-                Rows::F16(_, vc) => (k.axpy_f16)(w, &vc[at(j)], out),
-            }
-        }
+        (k.mix)(scores, rows(self.values, span), out);
+    }
+}
+
+/// Values `span` of a cache.
+fn rows(r: KvRows<'_>, span: core::ops::Range<usize>) -> KvRows<'_> {
+    match r {
+        KvRows::F32(c) => KvRows::F32(&c[span]),
+        KvRows::F16(c) => KvRows::F16(&c[span]),
     }
 }

@@ -521,26 +521,6 @@ fn dot4(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
     })
 }
 
-/// `y += a·x`, fused.
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    let len = x.len().min(y.len());
-    let mut i = 0;
-    // SAFETY: loads and stores touch 4 floats below `len` of both slices.
-    unsafe {
-        while i + 4 <= len {
-            let p = y.as_mut_ptr().add(i);
-            vst1q_f32(
-                p,
-                vfmaq_n_f32(vld1q_f32(p), vld1q_f32(x.as_ptr().add(i)), a),
-            );
-            i += 4;
-        }
-    }
-    for (y, &x) in y[i..len].iter_mut().zip(&x[i..len]) {
-        *y += a * x;
-    }
-}
-
 /// [`q8::quantize`], bit-identical to it: the same scalar scale arithmetic, the same products
 /// `v·id`, `fcvtas` (round half away from zero, as `roundf`; NaN to 0) and saturating
 /// narrowing (as `as i8`), the same f16 rounding of `d` and `s`.
@@ -582,7 +562,6 @@ fn neon_table(base: &Kernels) -> Kernels {
         dot4,
         gemm_q8: gemm_neon,
         quantize,
-        axpy,
         ..*base
     }
 }

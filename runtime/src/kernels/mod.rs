@@ -42,12 +42,10 @@ pub struct Kernels {
     pub swiglu: fn(&[f32], &[f32], &mut [f32]),
     /// [`softmax`].
     pub softmax: fn(&mut [f32]),
-    /// [`axpy`]: `y += a·x`.
-    pub axpy: fn(f32, &[f32], &mut [f32]),
-    /// [`dot`](Kernels::dot) against f16 bits (the f16 key cache).
-    pub dot_f16: fn(&[f32], &[u16]) -> f32,
-    /// [`axpy`] of f16 bits (the f16 value cache).
-    pub axpy_f16: fn(f32, &[u16], &mut [f32]),
+    /// [`scores`]: one query against every cached key.
+    pub scores: fn(&[f32], KvRows<'_>, f32, &mut [f32]),
+    /// [`mix`]: the weighted sum of cached values.
+    pub mix: fn(&[f32], KvRows<'_>, &mut [f32]),
     /// f32 to f16 bits, rounding to nearest even, bit-identical to `half`.
     pub to_f16: fn(&[f32], &mut [u16]),
 }
@@ -67,9 +65,8 @@ impl Kernels {
             rms_norm,
             swiglu,
             softmax,
-            axpy,
-            dot_f16: generic::dot_f16,
-            axpy_f16: generic::axpy_f16,
+            scores,
+            mix,
             to_f16: generic::to_f16,
         }
     }
@@ -245,10 +242,50 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// `y += a·x`.
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += a * x;
+/// Keys or values of one KV head, `rows × head_dim`, as the cache stores them.
+#[derive(Clone, Copy)]
+pub enum KvRows<'a> {
+    F32(&'a [f32]),
+    /// f16 bits.
+    F16(&'a [u16]),
+}
+
+impl KvRows<'_> {
+    /// Values held.
+    pub fn values(&self) -> usize {
+        match self {
+            KvRows::F32(r) => r.len(),
+            KvRows::F16(r) => r.len(),
+        }
+    }
+}
+
+/// `out[j] = scale · q · row j` for the `out.len()` rows of `k` (each `q.len()` long).
+pub fn scores(q: &[f32], k: KvRows<'_>, scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let at = j * hd..(j + 1) * hd;
+        *o = match k {
+            KvRows::F32(k) => generic::dot(q, &k[at]),
+            KvRows::F16(k) => generic::dot_f16(q, &k[at]),
+        } * scale;
+    }
+}
+
+/// `out = Σ_j w[j] · row j` of `v` (rows `out.len()` long), summed in the order of `j`.
+pub fn mix(w: &[f32], v: KvRows<'_>, out: &mut [f32]) {
+    let hd = out.len();
+    out.fill(0.0);
+    for (j, &wj) in w.iter().enumerate() {
+        let at = j * hd..(j + 1) * hd;
+        match v {
+            KvRows::F32(v) => {
+                for (o, &x) in out.iter_mut().zip(&v[at]) {
+                    *o += wj * x;
+                }
+            }
+            KvRows::F16(v) => generic::axpy_f16(wj, &v[at], out),
+        }
     }
 }
 
@@ -501,23 +538,6 @@ mod tests {
                 }
             }
         }
-
-        /// `y += a·x`, fused or not: within one rounding of `|a·x| + |y|`.
-        #[test]
-        fn axpy_matches_the_reference(len in 0usize..300, seed: u64) {
-            let mut rng = testing::Rng(seed | 1);
-            let (a, x, y) = (rng.unit(), floats(&mut rng, len, 3.0), floats(&mut rng, len, 3.0));
-            let mut want = y.clone();
-            axpy(a, &x, &mut want);
-            for k in optimized() {
-                let mut got = y.clone();
-                (k.axpy)(a, &x, &mut got);
-                for ((g, e), (xi, yi)) in got.iter().zip(&want).zip(x.iter().zip(&y)) {
-                    let budget = 2.0 * f32::EPSILON * ((a * xi).abs() + yi.abs());
-                    prop_assert!((g - e).abs() <= budget, "{}: {g} vs {e}", k.name);
-                }
-            }
-        }
     }
 
     fn halves(rng: &mut testing::Rng, len: usize, scale: f32) -> alloc::vec::Vec<u16> {
@@ -529,33 +549,46 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
-        /// Against an f16 cache: within the budget of [`dot_matches_the_reference`].
+        /// Scores against f32 and f16 keys: each within the budget of
+        /// [`dot_matches_the_reference`], for head sizes with and without a vector kernel.
         #[test]
-        fn dot_f16_matches_the_reference(len in 0usize..300, seed: u64) {
+        fn scores_match_the_reference(hd in 1usize..140, rows in 0usize..40, f16 in any::<bool>(), seed: u64) {
             let mut rng = testing::Rng(seed | 1);
-            let (a, b) = (floats(&mut rng, len, 3.0), halves(&mut rng, len, 3.0));
-            let want = generic::dot_f16(&a, &b);
-            let terms: f32 = a.iter().zip(&b).map(|(x, &y)| (x * q8::f16_to_f32(y)).abs()).sum();
-            let budget = (len / 16 + 24) as f32 * f32::EPSILON * terms;
+            let q = floats(&mut rng, hd, 3.0);
+            let (keys32, keys16) = (floats(&mut rng, rows * hd, 3.0), halves(&mut rng, rows * hd, 3.0));
+            let keys = if f16 { KvRows::F16(&keys16) } else { KvRows::F32(&keys32) };
+            let key = |j: usize, d: usize| if f16 { q8::f16_to_f32(keys16[j * hd + d]) } else { keys32[j * hd + d] };
+            let mut want = vec![0f32; rows];
+            scores(&q, keys, 0.125, &mut want);
             for k in optimized() {
-                let got = (k.dot_f16)(&a, &b);
-                prop_assert!((got - want).abs() <= budget, "{}: {got} vs {want}", k.name);
+                let mut got = vec![f32::NAN; rows];
+                (k.scores)(&q, keys, 0.125, &mut got);
+                for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                    let terms: f32 = (0..hd).map(|d| (q[d] * key(j, d)).abs()).sum();
+                    let budget = 0.125 * (hd / 16 + 24) as f32 * f32::EPSILON * terms;
+                    prop_assert!((g - e).abs() <= budget, "{} hd {hd}: row {j}: {g} vs {e}", k.name);
+                }
             }
         }
 
-        /// `y += a·x` of f16 bits: within one rounding of `|a·x| + |y|`.
+        /// The weighted sum of f32 and f16 values: both sum in the order of the rows, fused or
+        /// not, so each output is within `(2·rows + 4)·ε·Σ|w·v|` of the reference.
         #[test]
-        fn axpy_f16_matches_the_reference(len in 0usize..300, seed: u64) {
+        fn mix_matches_the_reference(hd in 1usize..140, rows in 0usize..40, f16 in any::<bool>(), seed: u64) {
             let mut rng = testing::Rng(seed | 1);
-            let (a, x, y) = (rng.unit(), halves(&mut rng, len, 3.0), floats(&mut rng, len, 3.0));
-            let mut want = y.clone();
-            generic::axpy_f16(a, &x, &mut want);
+            let w = floats(&mut rng, rows, 1.0);
+            let (vals32, vals16) = (floats(&mut rng, rows * hd, 3.0), halves(&mut rng, rows * hd, 3.0));
+            let vals = if f16 { KvRows::F16(&vals16) } else { KvRows::F32(&vals32) };
+            let val = |j: usize, d: usize| if f16 { q8::f16_to_f32(vals16[j * hd + d]) } else { vals32[j * hd + d] };
+            let mut want = vec![0f32; hd];
+            mix(&w, vals, &mut want);
             for k in optimized() {
-                let mut got = y.clone();
-                (k.axpy_f16)(a, &x, &mut got);
-                for ((g, e), (&xi, yi)) in got.iter().zip(&want).zip(x.iter().zip(&y)) {
-                    let budget = 2.0 * f32::EPSILON * ((a * q8::f16_to_f32(xi)).abs() + yi.abs());
-                    prop_assert!((g - e).abs() <= budget, "{}: {g} vs {e}", k.name);
+                let mut got = vec![f32::NAN; hd];
+                (k.mix)(&w, vals, &mut got);
+                for (d, (g, e)) in got.iter().zip(&want).enumerate() {
+                    let terms: f32 = (0..rows).map(|j| (w[j] * val(j, d)).abs()).sum();
+                    let budget = (2 * rows + 4) as f32 * f32::EPSILON * terms;
+                    prop_assert!((g - e).abs() <= budget, "{} hd {hd}: lane {d}: {g} vs {e}", k.name);
                 }
             }
         }

@@ -3,7 +3,7 @@
 use std::arch::x86_64::*;
 
 use super::q8::{self, BlockDot, Q8Block};
-use super::{generic, vnni, Kernels, TILE_ROWS};
+use super::{generic, vnni, Kernels, KvRows, TILE_ROWS};
 use crate::quant::Format;
 use crate::quant::BLOCK;
 
@@ -258,51 +258,122 @@ unsafe fn dot_lanes<T: Lanes>(a: &[f32], b: &[T]) -> f32 {
     }
 }
 
-/// `y += a·x`, 16 lanes at a time.
-///
-/// SAFETY: as [`dot_lanes`].
-#[inline(always)]
-unsafe fn axpy_lanes<T: Lanes>(a: f32, x: &[T], y: &mut [f32]) {
-    let len = x.len().min(y.len());
-    // SAFETY: loads and stores are masked to `..len` of both slices; the features are the caller's.
-    unsafe {
-        let av = _mm512_set1_ps(a);
-        let mut i = 0;
-        while i < len {
-            let m = tail_mask(len, i);
-            let v = _mm512_fmadd_ps(
-                av,
-                T::load(x.as_ptr().add(i), m),
-                _mm512_maskz_loadu_ps(m, y.as_ptr().add(i)),
-            );
-            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), m, v);
-            i += 16;
-        }
-    }
-}
-
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
 fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     // SAFETY: this function's features are those `dot_lanes` needs.
     unsafe { dot_lanes(a, b) }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
-fn dot_f16_avx512(a: &[f32], b: &[u16]) -> f32 {
-    // SAFETY: as in `dot_avx512`.
-    unsafe { dot_lanes(a, b) }
+/// [`super::scores`] for a head of `16·V` values: the query stays in `V` registers.
+///
+/// SAFETY: as [`Lanes::load`]; `k` holds `out.len()` rows of `16·V` values and `q` one.
+#[inline(always)]
+unsafe fn scores_lanes<T: Lanes, const V: usize>(q: &[f32], k: &[T], scale: f32, out: &mut [f32]) {
+    // SAFETY: row `j < out.len()` of `k` and the query are in bounds by the contract above.
+    unsafe {
+        let qv: [__m512; V] = core::array::from_fn(|i| _mm512_loadu_ps(q.as_ptr().add(16 * i)));
+        for (j, o) in out.iter_mut().enumerate() {
+            let row = k.as_ptr().add(j * 16 * V);
+            let mut acc = _mm512_mul_ps(qv[0], T::load(row, 0xffff));
+            for (i, qv) in qv.iter().enumerate().skip(1) {
+                acc = _mm512_fmadd_ps(*qv, T::load(row.add(16 * i), 0xffff), acc);
+            }
+            *o = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+}
+
+/// [`super::mix`] for a head of `16·V` values: the sum stays in `V` registers.
+///
+/// SAFETY: as [`scores_lanes`], with `w.len()` rows and `out` `16·V` long.
+#[inline(always)]
+unsafe fn mix_lanes<T: Lanes, const V: usize>(w: &[f32], v: &[T], out: &mut [f32]) {
+    // SAFETY: row `j < w.len()` of `v` and `out` are in bounds by the contract above.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); V];
+        for (j, &wj) in w.iter().enumerate() {
+            let (wv, row) = (_mm512_set1_ps(wj), v.as_ptr().add(j * 16 * V));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(wv, T::load(row.add(16 * i), 0xffff), *acc);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *acc);
+        }
+    }
+}
+
+/// Calls `$f::<T, V>` for head sizes `16·V`, `V` in 1..=8, else `$fallback`.
+macro_rules! by_head_size {
+    ($hd:expr, $f:ident, $t:ty, ($($arg:expr),*), $fallback:expr) => {
+        match ($hd % 16, $hd / 16) {
+            (0, 1) => $f::<$t, 1>($($arg),*),
+            (0, 2) => $f::<$t, 2>($($arg),*),
+            (0, 3) => $f::<$t, 3>($($arg),*),
+            (0, 4) => $f::<$t, 4>($($arg),*),
+            (0, 5) => $f::<$t, 5>($($arg),*),
+            (0, 6) => $f::<$t, 6>($($arg),*),
+            (0, 7) => $f::<$t, 7>($($arg),*),
+            (0, 8) => $f::<$t, 8>($($arg),*),
+            _ => $fallback,
+        }
+    };
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
-fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
-    // SAFETY: as in `dot_avx512`.
-    unsafe { axpy_lanes(a, x, y) }
+fn scores_avx512(q: &[f32], k: KvRows<'_>, scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    assert!(
+        k.values() >= out.len() * hd,
+        "scores: {} keys of {hd}",
+        out.len()
+    );
+    // SAFETY: the keys hold `out.len()` rows of `hd` (just checked); the features are this
+    // function's.
+    unsafe {
+        match k {
+            KvRows::F32(k) => by_head_size!(
+                hd,
+                scores_lanes,
+                f32,
+                (q, k, scale, out),
+                super::scores(q, KvRows::F32(k), scale, out)
+            ),
+            KvRows::F16(k) => by_head_size!(
+                hd,
+                scores_lanes,
+                u16,
+                (q, k, scale, out),
+                super::scores(q, KvRows::F16(k), scale, out)
+            ),
+        }
+    }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
-fn axpy_f16_avx512(a: f32, x: &[u16], y: &mut [f32]) {
-    // SAFETY: as in `dot_avx512`.
-    unsafe { axpy_lanes(a, x, y) }
+fn mix_avx512(w: &[f32], v: KvRows<'_>, out: &mut [f32]) {
+    let hd = out.len();
+    assert!(v.values() >= w.len() * hd, "mix: {} values of {hd}", w.len());
+    // SAFETY: the values hold `w.len()` rows of `hd` (just checked); the features are this
+    // function's.
+    unsafe {
+        match v {
+            KvRows::F32(v) => by_head_size!(
+                hd,
+                mix_lanes,
+                f32,
+                (w, v, out),
+                super::mix(w, KvRows::F32(v), out)
+            ),
+            KvRows::F16(v) => by_head_size!(
+                hd,
+                mix_lanes,
+                u16,
+                (w, v, out),
+                super::mix(w, KvRows::F16(v), out)
+            ),
+        }
+    }
 }
 
 /// [`super::rms_norm`] with the sum of squares in 16 lanes.
@@ -441,10 +512,9 @@ pub fn overwrite(k: &mut Kernels) {
         k.rms_norm = |x, w, e, o| unsafe { rms_norm_avx512(x, w, e, o) };
         k.swiglu = |g, u, o| unsafe { swiglu_avx512(g, u, o) };
         k.softmax = |x| unsafe { softmax_avx512(x) };
-        k.axpy = |a, x, y| unsafe { axpy_avx512(a, x, y) };
         k.quantize = |x, q| unsafe { quantize_avx512(x, q) };
-        k.dot_f16 = |a, b| unsafe { dot_f16_avx512(a, b) };
-        k.axpy_f16 = |a, x, y| unsafe { axpy_f16_avx512(a, x, y) };
+        k.scores = |q, k, s, o| unsafe { scores_avx512(q, k, s, o) };
+        k.mix = |w, v, o| unsafe { mix_avx512(w, v, o) };
         k.to_f16 = |x, o| unsafe { to_f16_avx512(x, o) };
         if has!("avx512vnni") {
             k.name = "x86-64 avx512-vnni";
