@@ -9,22 +9,6 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// A binary cargo built next to this test's `deps/`, or a message saying how to build it.
-fn binary(name: &str, build: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `{build}` (`cargo xtask test` does)",
-        bin.display()
-    );
-    bin
-}
-
 fn positive(v: &Value, what: &str) {
     assert!(v.as_f64().is_some_and(|x| x > 0.0), "{what}: {v}");
 }
@@ -32,8 +16,8 @@ fn positive(v: &Value, what: &str) {
 #[test]
 fn bench_json_reports_every_figure_with_its_spread_and_bound() {
     let home = tempfile::tempdir().expect("scratch KILN_HOME");
-    let kiln = binary("kiln", "cargo build --release --bin kiln");
-    let out = Command::new(binary("xtask", "cargo build --release -p xtask"))
+    let kiln = common::kiln_binary();
+    let out = Command::new(common::binary("xtask", "cargo build --release -p xtask"))
         .arg("bench")
         .arg("--model")
         .arg(common::smollm2_gguf())

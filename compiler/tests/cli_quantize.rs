@@ -22,28 +22,12 @@ use serde_json::Value;
 const TOLERANCE: f32 = 1e-3;
 const QUANT: [&str; 4] = ["--quant", "q4_0", "--override", "blk.*.ffn_down=q8_0"];
 
-/// A binary cargo built next to this test's `deps/`, or a message saying how to build it.
-fn binary(name: &str, build: &str) -> Command {
-    let exe = std::env::current_exe().expect("test executable");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `{build}` (`cargo xtask test` does)",
-        bin.display()
-    );
-    Command::new(bin)
-}
-
 fn xtask() -> Command {
-    binary("xtask", "cargo build --release -p xtask")
+    Command::new(common::binary("xtask", "cargo build --release -p xtask"))
 }
 
 fn kiln() -> Command {
-    binary("kiln", "cargo build --release --bin kiln")
+    Command::new(common::kiln_binary())
 }
 
 /// `cargo xtask quantize --model <default model> ARGS -o OUT`.

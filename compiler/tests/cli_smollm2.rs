@@ -11,18 +11,7 @@ use serde_json::Value;
 
 /// The `kiln` binary cargo built for this test run (next to the test executable's `deps/`).
 fn kiln() -> Command {
-    let exe = std::env::current_exe().expect("test executable");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("kiln");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build --release --bin kiln`",
-        bin.display()
-    );
-    Command::new(bin)
+    Command::new(common::kiln_binary())
 }
 
 fn run(cmd: &mut Command) -> Output {

@@ -9,7 +9,7 @@ mod counting_alloc;
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -221,15 +221,6 @@ fn an_artifact_read_through_embedded_io_runs_in_caller_memory() {
     assert!(err.to_string().contains("truncated"), "{err}");
 }
 
-/// The `kiln` binary: cargo builds it into `target/<profile>/`, this test into `…/deps/`.
-fn kiln_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let bin = exe.with_file_name("..").join("kiln");
-    let hint = "build it with `cargo build --release --bin kiln`";
-    assert!(bin.is_file(), "{} is missing: {hint}", bin.display());
-    bin
-}
-
 /// The longest prefix of the golden text (cut anywhere, so that the model goes on writing rather
 /// than ending its turn) that encodes to at most `tokens` ids, and its length in ids.
 fn prompt_of(model: &Model, tokens: usize) -> (String, usize) {
@@ -288,10 +279,10 @@ fn measure_kiln(args: &[&OsStr], dir: &Path) -> (u64, serde_json::Value, &'stati
     let timed = time.is_file();
     let mut cmd = if timed {
         let mut cmd = Command::new(time);
-        cmd.arg("-v").arg(kiln_binary());
+        cmd.arg("-v").arg(common::kiln_binary());
         cmd
     } else {
-        Command::new(kiln_binary())
+        Command::new(common::kiln_binary())
     };
     let (out_path, err_path) = (dir.join("kiln.out"), dir.join("kiln.err"));
     let file = |path: &Path| File::create(path).expect("create an output file");

@@ -6,28 +6,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kiln_runtime::quant::Format;
 use serde_json::{json, Value};
-
-/// The `kiln` binary cargo built for this test run (next to the test executable's `deps/`).
-fn kiln_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("kiln");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build --release --bin kiln`",
-        bin.display()
-    );
-    bin
-}
 
 /// A running `kiln serve`, killed when dropped.
 struct Server {
@@ -44,7 +27,7 @@ impl Drop for Server {
 
 /// Starts `kiln serve` on a free port (`--port 0`) and reads the address it prints.
 fn start(model: &std::path::Path) -> Server {
-    let mut child = Command::new(kiln_bin())
+    let mut child = Command::new(common::kiln_binary())
         .arg("serve")
         .arg(model)
         .args(["--host", "127.0.0.1", "--port", "0", "-t", "2"])
@@ -111,7 +94,7 @@ const PROMPT: &str = "The capital of France is";
 #[test]
 fn serve_answers_like_kiln_run_streams_and_survives_bad_requests() {
     let model = common::smollm2_artifact(Format::Q4_1);
-    let run = Command::new(kiln_bin())
+    let run = Command::new(common::kiln_binary())
         .arg("run")
         .arg(&model)
         .args(["-p", PROMPT, "-n", "12", "--temp", "0", "--json", "-t", "2"])

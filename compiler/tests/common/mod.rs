@@ -9,6 +9,28 @@ use kiln_runtime::generate::Model;
 use kiln_runtime::perplexity::perplexity;
 use kiln_runtime::quant::Format;
 
+/// A binary cargo built next to this test's `deps/` (`target/<profile>/NAME`); a missing one
+/// fails the test saying how to build it.
+pub fn binary(name: &str, build: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `{build}` (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The `kiln` binary of this build.
+pub fn kiln_binary() -> PathBuf {
+    binary("kiln", "cargo build --release --bin kiln")
+}
+
 /// The kiln cache (`$KILN_HOME`, default `~/.cache/kiln`).
 pub fn kiln_home() -> PathBuf {
     std::env::var_os("KILN_HOME")

@@ -255,26 +255,7 @@ impl<'a> Session<'a> {
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), SessionError> {
-        if tokens.is_empty() {
-            return Err(SessionError::Setup("no tokens to run".into()));
-        }
-        let needed = self.pos + tokens.len();
-        if needed > self.context {
-            return Err(SessionError::ContextFull {
-                needed,
-                context: self.context,
-            });
-        }
-        if let Some(&id) = tokens
-            .iter()
-            .find(|&&id| id as usize >= self.facts.vocab_size)
-        {
-            return Err(SessionError::BadToken {
-                id,
-                vocab: self.facts.vocab_size,
-            });
-        }
-        Ok(())
+        check_tokens(tokens, self.pos, self.context, self.facts.vocab_size)
     }
 
     fn run(&mut self, tokens: &[u32]) {
@@ -444,6 +425,27 @@ impl<'a> Session<'a> {
             }
         }
         self.pos += n;
+    }
+}
+
+/// Whether `tokens` can run after `pos` cached ones in a `context`-token cache: not empty,
+/// fitting, and every id inside the vocabulary (shared by every [`Decoder`](crate::decoder::Decoder)).
+pub fn check_tokens(
+    tokens: &[u32],
+    pos: usize,
+    context: usize,
+    vocab: usize,
+) -> Result<(), SessionError> {
+    if tokens.is_empty() {
+        return Err(SessionError::Setup("no tokens to run".into()));
+    }
+    let needed = pos + tokens.len();
+    if needed > context {
+        return Err(SessionError::ContextFull { needed, context });
+    }
+    match tokens.iter().find(|&&id| id as usize >= vocab) {
+        Some(&id) => Err(SessionError::BadToken { id, vocab }),
+        None => Ok(()),
     }
 }
 

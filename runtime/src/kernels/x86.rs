@@ -353,7 +353,11 @@ fn scores_avx512(q: &[f32], k: KvRows<'_>, scale: f32, out: &mut [f32]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
 fn mix_avx512(w: &[f32], v: KvRows<'_>, out: &mut [f32]) {
     let hd = out.len();
-    assert!(v.values() >= w.len() * hd, "mix: {} values of {hd}", w.len());
+    assert!(
+        v.values() >= w.len() * hd,
+        "mix: {} values of {hd}",
+        w.len()
+    );
     // SAFETY: the values hold `w.len()` rows of `hd` (just checked); the features are this
     // function's.
     unsafe {

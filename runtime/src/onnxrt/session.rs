@@ -14,7 +14,7 @@ use ::ort::AsPointer;
 use super::library::status_ok;
 use super::{OrtError, OrtModel};
 use crate::decoder::Decoder;
-use crate::exec::{SessionError, SessionOptions, DEFAULT_CONTEXT};
+use crate::exec::{check_tokens, SessionError, SessionOptions, DEFAULT_CONTEXT};
 use crate::model::ModelFacts;
 
 /// Checks that `session` has the interface `cargo xtask export` writes for `facts`.
@@ -185,21 +185,7 @@ impl<'m> OrtSession<'m> {
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), SessionError> {
-        if tokens.is_empty() {
-            return Err(SessionError::Setup("no tokens to run".into()));
-        }
-        let needed = self.pos + tokens.len();
-        if needed > self.context {
-            return Err(SessionError::ContextFull {
-                needed,
-                context: self.context,
-            });
-        }
-        let vocab = self.model.facts.vocab_size;
-        match tokens.iter().find(|&&id| id as usize >= vocab) {
-            Some(&id) => Err(SessionError::BadToken { id, vocab }),
-            None => Ok(()),
-        }
+        check_tokens(tokens, self.pos, self.context, self.model.facts.vocab_size)
     }
 
     /// Runs at most `batch` tokens; their logits land in `self.logits`.
