@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 
 use kiln_compiler::onnx::proto;
 use kiln_runtime::artifact::Artifact;
-use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::exec::{KvType, SessionOptions};
 use kiln_runtime::quant::Format;
 use onnx_common::{kiln_logits, max_abs_diff, ort_logits, temp_dir, Steps};
 use prost::Message;
@@ -167,7 +167,11 @@ fn the_kiln_and_onnx_outputs_hold_the_same_quantization_and_agree() {
     let vocab = artifact.meta().facts.vocab_size;
     let ort = ort_logits(&onnx_path, &steps_path, vocab);
     let mut session = artifact
-        .session(SessionOptions::default())
+        .session(SessionOptions {
+            // onnxruntime's cache is f32 and its MatMulNBits keeps activations in float.
+            kv_type: KvType::F32,
+            ..SessionOptions::default()
+        })
         .expect("session");
     session.set_float_activations(true);
     let diff = max_abs_diff(&ort, &kiln_logits(&mut session, &steps));
@@ -230,7 +234,7 @@ fn bad_arguments_are_clear_errors_that_write_nothing() {
     let err = String::from_utf8_lossy(&result.stderr);
     assert!(!result.status.success());
     assert!(
-        err.contains("model.onnx") && err.contains("does not read ONNX"),
+        err.contains("model.onnx") && err.contains("not a readable ONNX model"),
         "{err}"
     );
     assert!(!at("m.kiln").exists());

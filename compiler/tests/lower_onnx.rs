@@ -13,7 +13,7 @@ use kiln_compiler::lower::import_onnx;
 use kiln_compiler::onnx::proto::ModelProto;
 use kiln_compiler::onnx::{export, ExportOptions};
 use kiln_runtime::artifact::Artifact;
-use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::exec::{KvType, SessionOptions};
 use kiln_runtime::generate::{generate, GenerateOptions, Model};
 use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
@@ -45,6 +45,8 @@ fn logits(path: &Path, steps: &Steps) -> Vec<Vec<f32>> {
         .session(SessionOptions {
             context: 512,
             threads: 2,
+            // Float references on the other side: no f16 rounding of the cache here.
+            kv_type: KvType::F32,
             ..SessionOptions::default()
         })
         .expect("session");

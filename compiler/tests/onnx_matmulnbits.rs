@@ -9,7 +9,7 @@ mod onnx_common;
 
 use kiln_compiler::onnx::{export, export_quantized, ExportOptions};
 use kiln_runtime::artifact::Artifact;
-use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::exec::{KvType, SessionOptions};
 use kiln_runtime::quant::Format;
 use onnx_common::{kiln_logits, max_abs_diff, ort_logits, temp_dir, Steps};
 
@@ -58,6 +58,8 @@ fn smollm2_matmulnbits_logits_match_kiln() {
         let mut session = artifact
             .session(SessionOptions {
                 threads: 2,
+                // onnxruntime's cache is f32.
+                kv_type: KvType::F32,
                 ..SessionOptions::default()
             })
             .expect("session");

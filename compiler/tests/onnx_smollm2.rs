@@ -8,7 +8,7 @@ mod onnx_common;
 
 use kiln_compiler::onnx::{export, ExportOptions};
 use kiln_runtime::artifact::Artifact;
-use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::exec::{KvType, SessionOptions};
 use kiln_runtime::quant::Format;
 use onnx_common::{argmax, kiln_logits, max_abs_diff, ort_logits, temp_dir, tract_logits, Steps};
 
@@ -58,6 +58,8 @@ fn smollm2_logits_agree_across_onnxruntime_tract_and_kiln() {
     let mut session = artifact
         .session(SessionOptions {
             threads: 2,
+            // onnxruntime's and tract's caches are f32.
+            kv_type: KvType::F32,
             ..SessionOptions::default()
         })
         .expect("session");

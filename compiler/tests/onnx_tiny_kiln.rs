@@ -8,7 +8,7 @@ mod onnx_common;
 
 use kiln_compiler::onnx::{export, ExportOptions};
 use kiln_runtime::artifact::Artifact;
-use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::exec::{KvType, SessionOptions};
 use kiln_runtime::quant::Format;
 use onnx_common::{kiln_logits, max_abs_diff, ort_logits, Steps};
 
@@ -48,6 +48,8 @@ fn tiny_llama3_checkpoint_kiln_matches_onnxruntime() {
     let mut session = artifact
         .session(SessionOptions {
             context: 512,
+            // onnxruntime's cache is f32.
+            kv_type: KvType::F32,
             ..SessionOptions::default()
         })
         .expect("session");

@@ -35,7 +35,8 @@ pub struct SessionOptions {
     pub logits_all: bool,
     /// Worker threads for the matrix products and attention (1 = the calling thread only).
     pub threads: usize,
-    /// How the KV cache stores keys and values.
+    /// How the KV cache stores keys and values (native backend; onnxruntime's cache has the
+    /// ONNX model's type).
     pub kv_type: KvType,
 }
 
