@@ -17,6 +17,7 @@
 use core::arch::aarch64::*;
 use core::arch::asm;
 
+use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::q8::{self, f16_to_f32, Q8Block};
 use super::{Kernels, TILE_ROWS, TILE_TOKENS};
 use crate::quant::{Format, BLOCK};
@@ -25,19 +26,6 @@ use crate::quant::{Format, BLOCK};
 const R: usize = 4;
 const _: () = assert!(R == TILE_ROWS);
 const T: usize = TILE_TOKENS;
-
-/// The formats, as const parameters so each gets its own straight-line code.
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
-
-const fn block_bytes(f: u8) -> usize {
-    match f {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        _ => 34,
-    }
-}
 
 /// Integer dot products of signed bytes: 16 products added into the four i32 lanes of `acc`
 /// (which lane holds which product is up to the implementation: only the lane sum counts).

@@ -7,17 +7,23 @@ const LANES: usize = 16;
 
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_of(a, b, |v| v)
+}
+
+/// `Σ a·value(b)` in [`LANES`] independent sums, then the tail.
+#[inline(always)]
+fn dot_of<T: Copy>(a: &[f32], b: &[T], value: impl Fn(T) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ac
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, &y)| x * value(y))
         .sum();
     for (x, y) in ac.zip(bc) {
         for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * value(y[l]);
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -51,20 +57,7 @@ pub fn dot4(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
 /// `Σ a·b` against f16 bits `b` (attention scores over an f16 key cache).
 #[inline(always)]
 pub fn dot_f16(a: &[f32], b: &[u16]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, &y)| x * f16_to_f32(y))
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += x[l] * f16_to_f32(y[l]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    dot_of(a, b, f16_to_f32)
 }
 
 /// `y += a·x` for f16 bits `x` (the weighted sum over an f16 value cache).

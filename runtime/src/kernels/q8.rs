@@ -6,6 +6,24 @@ use half::f16;
 
 use crate::quant::{Format, BLOCK};
 
+/// The block formats as `u8` const parameters, so that an optimized kernel generic over the
+/// format gets straight-line code for each.
+#[cfg(all(feature = "std", any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub mod consts {
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q8_0: u8 = 2;
+
+    /// Bytes of one stored block of format `f`.
+    pub const fn block_bytes(f: u8) -> usize {
+        match f {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            _ => 34,
+        }
+    }
+}
+
 /// One block of quantized activations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C)]

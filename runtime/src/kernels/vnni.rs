@@ -14,6 +14,7 @@
 
 use std::arch::x86_64::*;
 
+use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::q8::Q8Block;
 use crate::quant::Format;
 
@@ -26,19 +27,6 @@ const R1: usize = super::TILE_ROWS;
 /// memory bandwidth unused; the distance (a few row tiles) was chosen by timing `kiln bench`
 /// decode against shorter and longer ones (the `variants` compare them on the kernels alone).
 const PREFETCH: usize = 6144;
-
-/// The formats, as const parameters so each gets its own straight-line code.
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
-
-const fn block_bytes(f: u8) -> usize {
-    match f {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        _ => 34,
-    }
-}
 
 /// One token's activations for one pair of blocks, ready for every row of the tile.
 #[derive(Clone, Copy)]
