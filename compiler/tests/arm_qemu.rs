@@ -57,27 +57,32 @@ enum Kernels {
 /// activation that rounds the other way moves logits by about that much.
 const TIE: f32 = 0.25;
 
+/// `cmd` (a `kiln`, or qemu with its arguments before the `kiln`) completed to
+/// `run ARTIFACT -p PROMPT --temp 0 -n 16 --json` with `kernels`.
+fn greedy_run(mut cmd: Command, artifact: &Path, prompt: &str, kernels: Kernels) -> Command {
+    // qemu-user hands its environment to the emulated process.
+    match kernels {
+        Kernels::Generic => cmd.env("KILN_KERNELS", "generic"),
+        Kernels::Own => cmd.env_remove("KILN_KERNELS"),
+    };
+    cmd.arg("run").arg(artifact).args([
+        "-p",
+        prompt,
+        "--temp",
+        "0",
+        "-n",
+        &TOKENS.to_string(),
+        "--json",
+    ]);
+    cmd
+}
+
 /// Runs `kiln run ARTIFACT -p PROMPT --temp 0 -n 16 --json` on a qemu `cpu`.
 fn qemu_run(kiln: &Path, cpu: &str, artifact: &Path, prompt: &str, kernels: Kernels) -> Output {
     let qemu = std::env::var("KILN_TEST_QEMU").unwrap_or_else(|_| "qemu-aarch64-static".into());
     let mut cmd = Command::new(&qemu);
-    if kernels == Kernels::Generic {
-        // qemu-user hands its environment to the emulated process.
-        cmd.env("KILN_KERNELS", "generic");
-    }
-    cmd.args(["-cpu", cpu])
-        .arg(kiln)
-        .arg("run")
-        .arg(artifact)
-        .args([
-            "-p",
-            prompt,
-            "--temp",
-            "0",
-            "-n",
-            &TOKENS.to_string(),
-            "--json",
-        ])
+    cmd.args(["-cpu", cpu]).arg(kiln);
+    greedy_run(cmd, artifact, prompt, kernels)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {qemu} (apt-get install qemu-user-static): {e}"))
 }
@@ -101,26 +106,14 @@ fn json_of(out: &Output, what: &str) -> Value {
 /// The prompt's ids and the greedy ids of this (x86-64) machine, from the x86-64 `kiln run
 /// --temp 0 -n 16 --json` with the given kernels.
 fn host_ids(artifact: &Path, prompt: &str, kernels: Kernels) -> (Vec<u32>, Vec<u32>) {
-    let mut cmd = Command::new(common::kiln_binary());
-    if kernels == Kernels::Generic {
-        cmd.env("KILN_KERNELS", "generic");
-    } else {
-        cmd.env_remove("KILN_KERNELS");
-    }
-    let out = cmd
-        .arg("run")
-        .arg(artifact)
-        .args([
-            "-p",
-            prompt,
-            "--temp",
-            "0",
-            "-n",
-            &TOKENS.to_string(),
-            "--json",
-        ])
-        .output()
-        .expect("running the x86-64 kiln");
+    let out = greedy_run(
+        Command::new(common::kiln_binary()),
+        artifact,
+        prompt,
+        kernels,
+    )
+    .output()
+    .expect("running the x86-64 kiln");
     let json = json_of(&out, "x86-64 kiln run");
     (common::ids(&json["prompt_ids"]), common::ids(&json["ids"]))
 }
