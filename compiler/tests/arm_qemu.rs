@@ -1,10 +1,12 @@
 //! The `kiln` binary cross-built for aarch64 (`cargo xtask build --target rpi5`), run under
-//! qemu-user with the CPU models of the Raspberry Pi 5 (Cortex-A76) and 4 (Cortex-A72). With the
-//! reference kernels on both sides (`KILN_KERNELS=generic`, the same arithmetic in the same
-//! order) its greedy ids must equal the x86-64 run's exactly. With each machine's own kernels
-//! (NEON/dotprod here, AVX-512 VNNI there: the same integer sums, float sums in another order)
-//! the ids must agree with the x86-64 run and with llama.cpp's (`testdata/golden`) up to a
-//! position where the reference logits of the two candidates are within [`TIE`] of each other.
+//! qemu-user with the CPU models of the Raspberry Pi 5 (Cortex-A76), the Pi 4 (Cortex-A72) and
+//! qemu's `max` (i8mm). Both machines score the same windows of the golden text teacher-forced
+//! (`kiln perplexity --kl-divergence-base`), batched and token by token: with the reference
+//! kernels (`KILN_KERNELS=generic`, the same arithmetic in the same order) the aarch64 logits
+//! must equal the x86-64 ones bit for bit; with the aarch64 machine's own kernels (NEON,
+//! dotprod, i8mm) they must stay within the budget the worst tables of the kernel contract set
+//! (`common::forced`), as every x86-64 level must (`kernel_levels.rs`). Which x86-64 level
+//! this machine has does not matter: the x86-64 side only runs the reference and worst tables.
 //!
 //! Runs when `KILN_TEST_QEMU_KILN` names the aarch64 `kiln`, else each test says it is skipped
 //! and passes (`.ci/arm-lane` sets it). `KILN_TEST_QEMU_ARTIFACT` may name the rpi5 artifact
@@ -16,13 +18,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kiln_runtime::exec::SessionOptions;
+use common::forced::{self, Budget};
 use kiln_runtime::generate::Model;
+use kiln_runtime::kernels::Kernels;
+use kiln_runtime::logits::LogitsReader;
 use kiln_runtime::quant::Format;
 use serde_json::Value;
-
-/// Tokens generated per prompt, as `kiln run -n 16`.
-const TOKENS: usize = 16;
 
 /// The aarch64 `kiln` from `$KILN_TEST_QEMU_KILN`, or `None` (the test is skipped).
 fn arm_kiln(test: &str) -> Option<PathBuf> {
@@ -41,53 +42,47 @@ fn arm_kiln(test: &str) -> Option<PathBuf> {
     Some(path)
 }
 
-/// Which kernel table both sides use.
+/// Which kernel table the aarch64 side uses.
 #[derive(Clone, Copy, PartialEq)]
-enum Kernels {
-    /// Each machine's best (the default).
+enum Table {
+    /// The machine's best (the default).
     Own,
     /// The reference kernels (`KILN_KERNELS=generic`).
     Generic,
 }
 
-/// How far apart (in logits; SmolLM2's top logits are 15–25 and a decided choice leads by
-/// whole units) two candidates may be for the choice between them to follow the order of float
-/// sums rather than the model. Measured: with NEON/dotprod vs AVX-512 VNNI kernels the q4_1
-/// `p1` and `p2` runs part where the two candidates are 0.087 and 0.088 apart; one 8-bit
-/// activation that rounds the other way moves logits by about that much.
-const TIE: f32 = 0.25;
-
-/// `cmd` (a `kiln`, or qemu with its arguments before the `kiln`) completed to
-/// `run ARTIFACT -p PROMPT --temp 0 -n 16 --json` with `kernels`.
-fn greedy_run(mut cmd: Command, artifact: &Path, prompt: &str, kernels: Kernels) -> Command {
-    // qemu-user hands its environment to the emulated process.
-    match kernels {
-        Kernels::Generic => cmd.env("KILN_KERNELS", "generic"),
-        Kernels::Own => cmd.env_remove("KILN_KERNELS"),
-    };
-    cmd.arg("run").arg(artifact).args([
-        "-p",
-        prompt,
-        "--temp",
-        "0",
-        "-n",
-        &TOKENS.to_string(),
-        "--json",
-    ]);
-    cmd
-}
-
-/// Runs `kiln run ARTIFACT -p PROMPT --temp 0 -n 16 --json` on a qemu `cpu`.
-fn qemu_run(kiln: &Path, cpu: &str, artifact: &Path, prompt: &str, kernels: Kernels) -> Output {
+/// `kiln perplexity` on a qemu `cpu` over the forced windows in passes of `batch`, saving the
+/// scored logits to `out`.
+fn qemu_perplexity(
+    kiln: &Path,
+    cpu: &str,
+    artifact: &Path,
+    table: Table,
+    batch: usize,
+    out: &Path,
+) -> Output {
     let qemu = std::env::var("KILN_TEST_QEMU").unwrap_or_else(|_| "qemu-aarch64-static".into());
     let mut cmd = Command::new(&qemu);
     cmd.args(["-cpu", cpu]).arg(kiln);
-    greedy_run(cmd, artifact, prompt, kernels)
+    // qemu-user hands its environment to the emulated process.
+    match table {
+        Table::Generic => cmd.env("KILN_KERNELS", "generic"),
+        Table::Own => cmd.env_remove("KILN_KERNELS"),
+    };
+    cmd.arg("perplexity")
+        .arg(artifact)
+        .arg("-f")
+        .arg(forced::text())
+        .args(["--ctx", &forced::CTX.to_string()])
+        .args(["--chunks", &forced::CHUNKS.to_string()])
+        .args(["-b", &batch.to_string(), "-t", "2", "--json"])
+        .arg("--kl-divergence-base")
+        .arg(out)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {qemu} (apt-get install qemu-user-static): {e}"))
 }
 
-/// The JSON `kiln run --json` printed; a clear failure with its stderr otherwise.
+/// The JSON `kiln` printed; a clear failure with its stderr otherwise.
 fn json_of(out: &Output, what: &str) -> Value {
     assert!(
         out.status.success(),
@@ -103,61 +98,91 @@ fn json_of(out: &Output, what: &str) -> Value {
     })
 }
 
-/// The prompt's ids and the greedy ids of this (x86-64) machine, from the x86-64 `kiln run
-/// --temp 0 -n 16 --json` with the given kernels.
-fn host_ids(artifact: &Path, prompt: &str, kernels: Kernels) -> (Vec<u32>, Vec<u32>) {
-    let out = greedy_run(
-        Command::new(common::kiln_binary()),
-        artifact,
-        prompt,
-        kernels,
-    )
-    .output()
-    .expect("running the x86-64 kiln");
-    let json = json_of(&out, "x86-64 kiln run");
-    (common::ids(&json["prompt_ids"]), common::ids(&json["ids"]))
-}
-
-/// Asserts `ours == theirs`, naming the first position where they part.
-fn assert_same_ids(ours: &[u32], theirs: &[u32], what: &str) {
-    if let Some(at) = parting(ours, theirs) {
-        panic!("{what}: the ids part at position {at}\n  aarch64: {ours:?}\n  other:   {theirs:?}");
+/// The windows' tokens and every scored row of a logits file, row after row.
+fn read_logits(path: &Path) -> (Vec<u32>, Vec<f32>) {
+    let mut reader = LogitsReader::open(path).expect("the aarch64 logits");
+    let h = reader.header();
+    let (mut window, mut rows) = (vec![0u32; h.ctx], vec![0f32; h.rows() * h.vocab]);
+    let (mut tokens, mut all) = (Vec::new(), Vec::new());
+    for _ in 0..h.chunks {
+        reader.chunk(&mut window, &mut rows).expect("a window");
+        tokens.extend_from_slice(&window);
+        all.extend_from_slice(&rows);
     }
+    (tokens, all)
 }
 
-/// The first position where two runs part (a shorter run parts where it ends).
-fn parting(ours: &[u32], theirs: &[u32]) -> Option<usize> {
-    (ours != theirs).then(|| {
-        ours.iter()
-            .zip(theirs)
-            .position(|(a, b)| a != b)
-            .unwrap_or(ours.len().min(theirs.len()))
-    })
+/// The x86-64 side: the model, its forced windows' tokens, the reference rows and the budget.
+struct Host {
+    model: Model,
+    tokens: Vec<u32>,
+    reference: Vec<f32>,
+    budget: Budget,
 }
 
-/// Asserts `ours` and `theirs` agree up to a near tie: where they part, the x86-64 model's
-/// logits (after the prompt and the common prefix) for the two choices are within [`TIE`].
-fn assert_ids_agree(host: &Path, prompt_ids: &[u32], ours: &[u32], theirs: &[u32], what: &str) {
-    let Some(at) = parting(ours, theirs) else {
-        return;
-    };
-    let (Some(&a), Some(&b)) = (ours.get(at), theirs.get(at)) else {
-        panic!("{what}: one run stops at {at}\n  aarch64: {ours:?}\n  other:   {theirs:?}");
-    };
-    let model = Model::open(host).expect("open the host artifact");
-    let mut session = model.decoder(SessionOptions::default()).expect("session");
-    let mut context = prompt_ids.to_vec();
-    context.extend_from_slice(&ours[..at]);
-    let logits = session.forward(&context).expect("forward");
-    let gap = (logits[a as usize] - logits[b as usize]).abs();
-    println!(
-        "{what}: part at {at} ({a} vs {b}), logits {} vs {}, gap {gap}",
-        logits[a as usize], logits[b as usize]
-    );
-    assert!(
-        gap <= TIE,
-        "{what}: the ids part at position {at} where the logits are {gap} apart (more than a tie)\n  aarch64: {ours:?}\n  other:   {theirs:?}"
-    );
+impl Host {
+    fn new(artifact: &Path) -> Host {
+        let model = Model::open(artifact).expect("open the host artifact");
+        let mut tokens = forced::tokens(&model);
+        tokens.truncate(forced::CTX * forced::CHUNKS);
+        let reference = forced::scored_rows(&model, &tokens, Kernels::generic(), forced::CTX);
+        let budget = Budget::derive(&model, &tokens, &reference);
+        Host {
+            model,
+            tokens,
+            reference,
+            budget,
+        }
+    }
+
+    /// Runs the aarch64 `kiln` on `cpu` with `table` in passes of `batch` and checks its logits:
+    /// bit for bit the reference ones with the generic kernels, within the budget with its own.
+    fn check(&self, kiln: &Path, cpu: &str, artifact: &Path, table: Table, batch: usize) {
+        let what = format!(
+            "aarch64 {cpu}, {} kernels, passes of {batch}",
+            if table == Table::Own {
+                "its own"
+            } else {
+                "generic"
+            }
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = dir.path().join("aarch64.logits");
+        let started = std::time::Instant::now();
+        let json = json_of(
+            &qemu_perplexity(kiln, cpu, artifact, table, batch, &out),
+            &what,
+        );
+        println!(
+            "{what}: perplexity {} ({:.1} s under qemu)",
+            json["ppl"],
+            started.elapsed().as_secs_f64()
+        );
+        let (tokens, rows) = read_logits(&out);
+        let mut window_tokens = self.tokens.clone();
+        if let (true, Some(bos)) = (self.model.facts().add_bos, self.model.facts().bos_id) {
+            for w in window_tokens.chunks_mut(forced::CTX) {
+                w[0] = bos;
+            }
+        }
+        assert_eq!(tokens, window_tokens, "{what}: the windows' tokens");
+        match table {
+            Table::Generic => {
+                let parted = rows
+                    .iter()
+                    .zip(&self.reference)
+                    .position(|(a, b)| a.to_bits() != b.to_bits());
+                assert!(
+                    rows.len() == self.reference.len() && parted.is_none(),
+                    "{what}: the logits differ from x86-64's reference kernels (first at value {parted:?})"
+                );
+            }
+            Table::Own => {
+                self.budget
+                    .check(&what, &self.reference, &rows, self.model.facts().vocab_size);
+            }
+        }
+    }
 }
 
 /// The default model compiled for the shipped target `name` (its required CPU features).
@@ -202,8 +227,8 @@ fn assert_same_model(device: &Path, host: &Path) {
 }
 
 #[test]
-fn rpi5_greedy_ids_on_a_cortex_a76_match_x86_64_and_llama_cpp() {
-    let Some(kiln) = arm_kiln("rpi5_greedy_ids_on_a_cortex_a76_match_x86_64_and_llama_cpp") else {
+fn rpi5_on_a_cortex_a76_and_with_i8mm_scores_like_x86_64() {
+    let Some(kiln) = arm_kiln("rpi5_on_a_cortex_a76_and_with_i8mm_scores_like_x86_64") else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
@@ -211,66 +236,15 @@ fn rpi5_greedy_ids_on_a_cortex_a76_match_x86_64_and_llama_cpp() {
         .map(PathBuf::from)
         .unwrap_or_else(|| compile_for(dir.path(), "rpi5"));
     // The x86-64 run needs the same model without the rpi5's CPU requirements.
-    let host = common::smollm2_artifact(Format::Q4_1);
-    assert_same_model(&rpi5, &host);
-    for case in common::golden()["greedy"]["cases"]
-        .as_array()
-        .expect("cases")
-    {
-        let name = case["name"].as_str().expect("name");
-        let prompt = case["prompt"].as_str().expect("prompt");
-        let started = std::time::Instant::now();
-        let arm = json_of(
-            &qemu_run(&kiln, "cortex-a76", &rpi5, prompt, Kernels::Generic),
-            name,
-        );
-        let seconds = started.elapsed().as_secs_f64();
-        let (prompt_ids, x86) = host_ids(&host, prompt, Kernels::Generic);
-        println!(
-            "{name}: aarch64, reference kernels (qemu cortex-a76, {seconds:.1} s) {:?} {}",
-            common::ids(&arm["ids"]),
-            arm["text"]
-        );
-        assert_eq!(
-            common::ids(&arm["prompt_ids"]),
-            prompt_ids,
-            "{name}: prompt ids"
-        );
-        assert_eq!(
-            common::ids(&case["prompt_ids"]),
-            prompt_ids,
-            "{name}: llama.cpp's prompt ids"
-        );
-        assert_same_ids(
-            &common::ids(&arm["ids"]),
-            &x86,
-            &format!("{name}: aarch64 vs x86-64, reference kernels"),
-        );
-
-        let arm = json_of(
-            &qemu_run(&kiln, "cortex-a76", &rpi5, prompt, Kernels::Own),
-            name,
-        );
-        let arm_ids = common::ids(&arm["ids"]);
-        let (_, x86) = host_ids(&host, prompt, Kernels::Own);
-        println!("{name}: aarch64, its own kernels {arm_ids:?}; x86-64 {x86:?}");
-        assert_ids_agree(
-            &host,
-            &prompt_ids,
-            &arm_ids,
-            &x86,
-            &format!("{name}: aarch64 vs x86-64, each machine's kernels"),
-        );
-        // kiln's q4_1 (8-bit activations, as llama.cpp's Q4_1 × Q8_1) follows llama.cpp's Q4_1
-        // greedy run.
-        let golden = common::ids(&case["Q4_1"]["generated_ids"]);
-        assert_ids_agree(
-            &host,
-            &prompt_ids,
-            &arm_ids,
-            &golden[..TOKENS.min(golden.len())],
-            &format!("{name}: aarch64 vs llama.cpp Q4_1"),
-        );
+    let host_artifact = common::smollm2_artifact(Format::Q4_1);
+    assert_same_model(&rpi5, &host_artifact);
+    let host = Host::new(&host_artifact);
+    for batch in [forced::CTX, 1] {
+        host.check(&kiln, "cortex-a76", &rpi5, Table::Generic, batch);
+        // A Cortex-A76 runs the dotprod kernels, qemu's `max` the i8mm ones.
+        for cpu in ["cortex-a76", "max"] {
+            host.check(&kiln, cpu, &rpi5, Table::Own, batch);
+        }
     }
 }
 
@@ -281,30 +255,24 @@ fn rpi4_runs_on_a_cortex_a72_which_refuses_the_rpi5_artifact() {
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let rpi4 = compile_for(dir.path(), "rpi4");
-    let host = common::smollm2_artifact(Format::Q4_1);
-    assert_same_model(&rpi4, &host);
-    let case = common::golden_case("p1");
-    let prompt = case["prompt"].as_str().expect("prompt");
-    let arm = qemu_run(&kiln, "cortex-a72", &rpi4, prompt, Kernels::Generic);
-    let (prompt_ids, x86) = host_ids(&host, prompt, Kernels::Generic);
-    assert_same_ids(
-        &common::ids(&json_of(&arm, "rpi4")["ids"]),
-        &x86,
-        "p1 on a cortex-a72 vs x86-64, reference kernels",
-    );
-    let arm = qemu_run(&kiln, "cortex-a72", &rpi4, prompt, Kernels::Own);
-    let (_, x86) = host_ids(&host, prompt, Kernels::Own);
-    assert_ids_agree(
-        &host,
-        &prompt_ids,
-        &common::ids(&json_of(&arm, "rpi4")["ids"]),
-        &x86,
-        "p1 on a cortex-a72 vs x86-64, each machine's kernels",
-    );
+    let host_artifact = common::smollm2_artifact(Format::Q4_1);
+    assert_same_model(&rpi4, &host_artifact);
+    let host = Host::new(&host_artifact);
+    // The reference kernels are checked bit for bit on the Cortex-A76 (the same code runs here).
+    for batch in [forced::CTX, 1] {
+        host.check(&kiln, "cortex-a72", &rpi4, Table::Own, batch);
+    }
 
     // The Pi 5 artifact assumes dotprod and fp16, which a Cortex-A72 lacks.
     let rpi5 = compile_for(dir.path(), "rpi5");
-    let out = qemu_run(&kiln, "cortex-a72", &rpi5, prompt, Kernels::Own);
+    let out = qemu_perplexity(
+        &kiln,
+        "cortex-a72",
+        &rpi5,
+        Table::Own,
+        forced::CTX,
+        &dir.path().join("refused.logits"),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -361,5 +329,5 @@ fn the_ort_backend_on_a_cortex_a76_gives_llama_cpp_greedy_ids() {
         .unwrap_or_else(|e| panic!("cannot run unshare (util-linux) as root: {e}"));
     let ids = common::ids(&json_of(&out, "ort under qemu")["ids"]);
     println!("ort under qemu cortex-a76: {ids:?}");
-    assert_same_ids(&ids, &expected[..8], "ort on aarch64 vs llama.cpp F32");
+    assert_eq!(ids, expected[..8], "ort on aarch64 vs llama.cpp F32");
 }

@@ -41,6 +41,7 @@ fn the_plan_is_what_a_session_allocates() {
             logits_all: true,
             threads: 2,
             kv_type: KvType::F32,
+            kernels: None,
         },
         SessionOptions {
             context: 8192,
@@ -48,6 +49,7 @@ fn the_plan_is_what_a_session_allocates() {
             logits_all: false,
             threads: 4,
             kv_type: KvType::F16,
+            kernels: None,
         },
     ] {
         let predicted = kiln_compiler::emit::memory_plan(&checkpoint, &opts).expect("plan");

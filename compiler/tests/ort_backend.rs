@@ -15,7 +15,7 @@ use kiln_runtime::decoder::Decoder;
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::generate::{generate, GenerateOptions, Model};
 use kiln_runtime::onnxrt::{Ep, OrtModel, OrtOptions};
-use kiln_runtime::perplexity::perplexity;
+use kiln_runtime::perplexity::{perplexity, Windows};
 use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
 use prost::Message;
@@ -148,9 +148,10 @@ fn matmulnbits_export_perplexity_is_within_1_percent_of_native_and_llama_cpp() {
     let native = Model::open(&common::smollm2_artifact(Format::Q4_1)).expect("open");
     let tokens = ort.encode_prompt(&text, true);
     let two_threads = common::two_threads();
-    let on_ort = perplexity(&ort, &tokens, ctx, &two_threads, |_, _| {}).expect("ort perplexity");
+    let on_ort =
+        perplexity(&ort, &tokens, &Windows::of(ctx), &two_threads).expect("ort perplexity");
     let on_native =
-        perplexity(&native, &tokens, ctx, &two_threads, |_, _| {}).expect("native perplexity");
+        perplexity(&native, &tokens, &Windows::of(ctx), &two_threads).expect("native perplexity");
     let llama_cpp = golden["perplexity"]["ppl"]["Q4_1"].as_f64().expect("ppl");
     println!(
         "q4_1 perplexity: ort {:.4}, kiln {:.4}, llama.cpp {llama_cpp}",

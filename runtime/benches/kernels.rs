@@ -58,11 +58,11 @@ fn bench_matmul(c: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(64);
-    let mut tables = vec![Kernels::generic(), Kernels::detect()];
+    let mut tables = vec![Kernels::generic(), Kernels::best()];
     // `KILN_BENCH_VARIANTS=1`: also every tile shape of the block kernels.
     if std::env::var("KILN_BENCH_VARIANTS").is_ok_and(|v| v == "1") {
         for (name, gemm) in gemm_q8_variants().into_iter().skip(1) {
-            let mut k = Kernels::detect();
+            let mut k = Kernels::best();
             k.name = name;
             k.gemm_q8 = gemm;
             tables.push(k);

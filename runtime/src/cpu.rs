@@ -24,6 +24,7 @@ fn detect(feature: &str) -> Option<bool> {
             "f16c" => std::arch::is_x86_feature_detected!("f16c"),
             "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
             "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
+            "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
             "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
             _ => return None,
         })

@@ -17,6 +17,8 @@ pub mod exec;
 #[cfg(feature = "std")]
 pub mod generate;
 pub mod kernels;
+#[cfg(feature = "std")]
+pub mod logits;
 pub mod model;
 #[cfg(feature = "ort")]
 pub mod onnxrt;

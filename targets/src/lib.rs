@@ -38,6 +38,7 @@ pub const X86_64_FEATURES: &[&str] = &[
     "f16c",
     "avx512f",
     "avx512bw",
+    "avx512vl",
     "avx512vnni",
 ];
 

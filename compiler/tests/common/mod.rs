@@ -1,12 +1,14 @@
 //! Shared by the compiler's integration tests: where the test assets are, and building artifacts.
 #![allow(dead_code)]
 
+pub mod forced;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use kiln_runtime::generate::Model;
-use kiln_runtime::perplexity::perplexity;
+use kiln_runtime::perplexity::{perplexity, Windows};
 use kiln_runtime::quant::Format;
 
 /// A binary cargo built next to this test's `deps/` (`target/<profile>/NAME`); a missing one
@@ -111,7 +113,7 @@ pub fn check_perplexity(quant: Format, key: &str) {
     let text = std::fs::read_to_string(testdata().join("golden/apache-2.0.txt")).expect("text");
     let tokens = model.encode_prompt(&text, true);
     let ctx = golden["perplexity"]["ctx"].as_u64().expect("ctx") as usize;
-    let score = perplexity(&model, &tokens, ctx, &two_threads(), |_, _| {}).expect("perplexity");
+    let score = perplexity(&model, &tokens, &Windows::of(ctx), &two_threads()).expect("perplexity");
     let want = golden["perplexity"]["ppl"][key].as_f64().expect("ppl");
     assert_eq!(
         score.chunks as u64,

@@ -38,6 +38,9 @@ pub struct SessionOptions {
     /// How the KV cache stores keys and values (native backend; onnxruntime's cache has the
     /// ONNX model's type).
     pub kv_type: KvType,
+    /// The kernel table (native backend); `None`: [`Kernels::detect`] (`KILN_KERNELS`, else
+    /// the best this CPU runs).
+    pub kernels: Option<Kernels>,
 }
 
 /// How the KV cache stores keys and values.
@@ -77,6 +80,7 @@ impl Default for SessionOptions {
             logits_all: false,
             threads: 1,
             kv_type: KvType::default(),
+            kernels: None,
         }
     }
 }
@@ -90,6 +94,8 @@ pub enum SessionError {
     BadToken { id: u32, vocab: usize },
     #[error("the arena holds {given} bytes, the session needs {needed} (plan it with MemoryPlan::session_bytes)")]
     ArenaTooSmall { needed: usize, given: usize },
+    #[error(transparent)]
+    Kernels(#[from] kernels::LevelError),
     #[error("{0}")]
     Setup(alloc::string::String),
 }
@@ -168,11 +174,15 @@ impl<'a> Session<'a> {
                 )));
             }
         }
+        let kernels = match opts.kernels {
+            Some(k) => k,
+            None => Kernels::detect()?,
+        };
         Ok(Session {
             facts: meta.facts.clone(),
             ops: meta.graph.ops.clone(),
             tensors,
-            kernels: Kernels::detect(),
+            kernels,
             opts: SessionOptions {
                 batch,
                 threads: opts.threads.max(1),

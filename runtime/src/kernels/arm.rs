@@ -19,7 +19,7 @@ use core::arch::asm;
 
 use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::q8::{self, f16_to_f32, Q8Block};
-use super::{Kernels, TILE_ROWS, TILE_TOKENS};
+use super::{Kernels, Level, TILE_ROWS, TILE_TOKENS};
 use crate::quant::{Format, BLOCK};
 
 /// Rows of a tile: the four f32 lanes of an accumulator.
@@ -304,14 +304,14 @@ unsafe fn mmla_tile<const F: u8, const TP: usize>(tile: &Tile, tokens: usize) {
 
 /// How the tiles of a product are computed: one type per level, so that code for a level is
 /// only ever instantiated inside the functions compiled for it.
-trait Level {
+trait Tiles {
     /// The tile at `tile` for `tokens` (1 to 4) tokens.
     ///
     /// SAFETY: as [`dot_tile`] for `tokens` tokens, and the CPU has the level's features.
     unsafe fn tile<const F: u8>(tile: &Tile, tokens: usize);
 }
 
-impl<D: IDot> Level for D {
+impl<D: IDot> Tiles for D {
     #[inline(always)]
     unsafe fn tile<const F: u8>(tile: &Tile, tokens: usize) {
         // SAFETY: the caller's contract, for `tokens` tokens.
@@ -329,7 +329,7 @@ impl<D: IDot> Level for D {
 /// `smmla` for 2 to 4 tokens, `sdot` for one.
 struct I8mm;
 
-impl Level for I8mm {
+impl Tiles for I8mm {
     #[inline(always)]
     unsafe fn tile<const F: u8>(tile: &Tile, tokens: usize) {
         // SAFETY: the caller's contract, for `tokens` tokens; i8mm and dotprod are available.
@@ -345,7 +345,7 @@ impl Level for I8mm {
 
 /// [`q8::gemm`] for format `F` in tiles of 4 rows × up to 4 tokens.
 #[inline(always)]
-fn gemm<L: Level, const F: u8>(
+fn gemm<L: Tiles, const F: u8>(
     w: &[u8],
     rows: usize,
     x: &[Q8Block],
@@ -392,7 +392,7 @@ fn gemm<L: Level, const F: u8>(
 /// [`gemm`] for each block format (float formats never reach a block product).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn gemm_level<L: Level>(
+fn gemm_level<L: Tiles>(
     format: Format,
     w: &[u8],
     rows: usize,
@@ -542,61 +542,36 @@ fn quantize(x: &[f32], out: &mut [Q8Block]) {
     }
 }
 
-/// The NEON table over `base`'s entries (NEON is part of every aarch64 CPU).
-fn neon_table(base: &Kernels) -> Kernels {
-    Kernels {
+/// The table of an aarch64 `level` over `base`'s entries (`None` for other levels). The caller
+/// has checked that the CPU has the level's features ([`Level::check`]).
+pub fn table(level: Level, base: &Kernels) -> Option<Kernels> {
+    let neon = Kernels {
+        level: Level::Neon,
         name: "aarch64 neon",
         dot,
         dot4,
         gemm_q8: gemm_neon,
         quantize,
         ..*base
-    }
-}
-
-fn dotprod_table(base: &Kernels) -> Kernels {
-    Kernels {
-        name: "aarch64 dotprod",
-        // SAFETY: `gemm_dotprod` only needs dotprod, which the caller detected.
-        gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { gemm_dotprod(f, w, r, x, n, o, s, sc) },
-        ..neon_table(base)
-    }
-}
-
-fn i8mm_table(base: &Kernels) -> Kernels {
-    Kernels {
-        name: "aarch64 i8mm",
-        // SAFETY: `gemm_i8mm` only needs dotprod and i8mm, which the caller detected.
-        gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { gemm_i8mm(f, w, r, x, n, o, s, sc) },
-        ..neon_table(base)
-    }
-}
-
-/// Replaces table entries with the best versions this CPU runs.
-pub fn overwrite(k: &mut Kernels) {
-    use std::arch::is_aarch64_feature_detected as has;
-    *k = if has!("dotprod") && has!("i8mm") {
-        i8mm_table(k)
-    } else if has!("dotprod") {
-        dotprod_table(k)
-    } else {
-        neon_table(k)
     };
-}
-
-/// Each aarch64 level this CPU runs, as its own table (for tests).
-#[cfg(test)]
-pub fn levels() -> Vec<Kernels> {
-    use std::arch::is_aarch64_feature_detected as has;
-    let base = Kernels::generic();
-    let mut v = vec![neon_table(&base)];
-    if has!("dotprod") {
-        v.push(dotprod_table(&base));
-        if has!("i8mm") {
-            v.push(i8mm_table(&base));
-        }
+    match level {
+        Level::Neon => Some(neon),
+        Level::Dotprod => Some(Kernels {
+            level,
+            name: "aarch64 dotprod",
+            // SAFETY: `gemm_dotprod` only needs dotprod, which the caller checked.
+            gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { gemm_dotprod(f, w, r, x, n, o, s, sc) },
+            ..neon
+        }),
+        Level::I8mm => Some(Kernels {
+            level,
+            name: "aarch64 i8mm",
+            // SAFETY: `gemm_i8mm` only needs dotprod and i8mm, which the caller checked.
+            gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { gemm_i8mm(f, w, r, x, n, o, s, sc) },
+            ..neon
+        }),
+        _ => None,
     }
-    v
 }
 
 #[cfg(test)]
@@ -604,23 +579,21 @@ mod tests {
     use super::*;
     use crate::kernels::q8::BlockDot;
 
-    /// Every level this CPU runs is tested, and `detect` picks the last of them.
+    /// The levels follow the CPU model qemu emulates (Cortex-A72: NEON; A76: dotprod; `max`:
+    /// i8mm), and the best of them is the default.
     #[test]
     fn levels_follow_the_cpu() {
         use std::arch::is_aarch64_feature_detected as has;
-        let names: Vec<_> = levels().iter().map(|k| k.name).collect();
-        let mut want = vec!["aarch64 neon"];
+        let mut want = vec![Level::Generic, Level::Neon];
         if has!("dotprod") {
-            want.push("aarch64 dotprod");
+            want.push(Level::Dotprod);
             if has!("i8mm") {
-                want.push("aarch64 i8mm");
+                want.push(Level::I8mm);
             }
         }
-        eprintln!("aarch64 levels: {names:?}");
-        assert_eq!(names, want);
-        if std::env::var("KILN_KERNELS").is_err() {
-            assert_eq!(Kernels::detect().name, *want.last().expect("neon"));
-        }
+        eprintln!("aarch64 levels: {:?}", Level::available());
+        assert_eq!(Level::available(), want);
+        assert_eq!(Level::best(), *want.last().expect("neon"));
     }
 
     /// Each integer block dot equals the portable one exactly, extremes included.

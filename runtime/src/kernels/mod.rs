@@ -1,15 +1,20 @@
 //! Compute kernels: one table of generic reference kernels, entries replaced after a run-time
-//! CPU check by versions compiled for wider vector units. `KILN_KERNELS=generic` forces the
-//! reference table.
+//! CPU check by versions compiled for wider vector units. `KILN_KERNELS=<level>` forces a
+//! level ([`Level`]), `generic` the reference table.
 
 #[cfg(all(feature = "std", target_arch = "aarch64"))]
 mod arm;
+pub mod budget;
 mod generic;
+mod level;
 pub mod q8;
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 mod vnni;
+mod worst;
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 mod x86;
+
+pub use level::{Level, LevelError};
 
 use crate::quant::{Format, BLOCK};
 use q8::Q8Block;
@@ -23,9 +28,11 @@ pub const TILE_ROWS: usize = 4;
 pub const TILE_TOKENS: usize = 4;
 
 /// The kernel table.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct Kernels {
-    /// Name of the table, for `--verbose` output and benchmarks.
+    /// The level the table was built for.
+    pub level: Level,
+    /// Name of the table, for `--verbose` output and benchmarks (the level's, or a variant's).
     pub name: &'static str,
     /// `Σ a[i]·b[i]`.
     pub dot: fn(&[f32], &[f32]) -> f32,
@@ -57,6 +64,7 @@ impl Kernels {
     /// The reference kernels.
     pub fn generic() -> Kernels {
         Kernels {
+            level: Level::Generic,
             name: "generic",
             dot: generic::dot,
             dot4: generic::dot4,
@@ -71,19 +79,42 @@ impl Kernels {
         }
     }
 
-    /// The best table for this CPU, unless `KILN_KERNELS=generic` (std only) asks otherwise.
-    pub fn detect() -> Kernels {
-        #[cfg(feature = "std")]
-        if std::env::var("KILN_KERNELS").is_ok_and(|v| v == "generic") {
-            return Kernels::generic();
-        }
-        #[allow(unused_mut)]
-        let mut k = Kernels::generic();
+    /// The table of `level`, or why this CPU cannot run it.
+    pub fn for_level(level: Level) -> Result<Kernels, LevelError> {
+        level.check()?;
+        let generic = Kernels::generic();
         #[cfg(all(feature = "std", target_arch = "x86_64"))]
-        x86::overwrite(&mut k);
+        if let Some(k) = x86::table(level, &generic) {
+            return Ok(k);
+        }
         #[cfg(all(feature = "std", target_arch = "aarch64"))]
-        arm::overwrite(&mut k);
-        k
+        if let Some(k) = arm::table(level, &generic) {
+            return Ok(k);
+        }
+        Ok(generic)
+    }
+
+    /// The table `KILN_KERNELS` names, else the best one for this CPU ([`Level::from_env`]).
+    pub fn detect() -> Result<Kernels, LevelError> {
+        Kernels::for_level(Level::from_env()?)
+    }
+
+    /// The best table for this CPU, whatever `KILN_KERNELS` says.
+    pub fn best() -> Kernels {
+        Kernels::for_level(Level::best()).unwrap_or_else(|_| Kernels::generic())
+    }
+
+    /// The worst tables the kernel contract allows ([`worst`]): the reference with every
+    /// result moved by its whole error budget, up or down by a hash that differs between the
+    /// four, so that tests deriving end-to-end budgets from them see the spread.
+    pub fn worst_cases() -> [Kernels; 4] {
+        let g = Kernels::generic();
+        [
+            worst::table::<0>(&g),
+            worst::table::<1>(&g),
+            worst::table::<2>(&g),
+            worst::table::<3>(&g),
+        ]
     }
 }
 
@@ -92,7 +123,7 @@ impl Kernels {
 #[doc(hidden)]
 pub fn gemm_q8_variants() -> alloc::vec::Vec<(&'static str, GemmQ8)> {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    if Kernels::detect().name == "x86-64 avx512-vnni" {
+    if Level::best() == Level::Avx512Vnni {
         return vnni::variants();
     }
     alloc::vec::Vec::new()
@@ -370,16 +401,15 @@ pub(crate) mod testing {
         (x, q)
     }
 
-    /// The optimized tables this CPU runs (each x86 level separately), not the generic one.
+    /// The optimized tables this CPU runs (each level separately), not the generic one.
     pub fn optimized() -> Vec<Kernels> {
-        #[allow(unused_mut)]
-        let mut v = Vec::new();
-        #[cfg(all(feature = "std", target_arch = "x86_64"))]
-        v.extend(x86::levels());
-        #[cfg(all(feature = "std", target_arch = "aarch64"))]
-        v.extend(arm::levels());
+        let mut v: Vec<Kernels> = Level::available()
+            .into_iter()
+            .filter(|&l| l != Level::Generic)
+            .map(|l| Kernels::for_level(l).expect("an available level"))
+            .collect();
         for (name, gemm) in gemm_q8_variants().into_iter().skip(1) {
-            let mut k = Kernels::detect();
+            let mut k = Kernels::best();
             k.name = name;
             k.gemm_q8 = gemm;
             v.push(k);
@@ -480,7 +510,7 @@ mod tests {
             let (a, b) = (floats(&mut rng, len, 3.0), floats(&mut rng, len, 3.0));
             let want = generic::dot(&a, &b);
             let terms: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
-            let budget = (len / 16 + 24) as f32 * f32::EPSILON * terms;
+            let budget = budget::dot(len, terms);
             for k in optimized() {
                 let got = (k.dot)(&a, &b);
                 prop_assert!((got - want).abs() <= budget, "{}: {got} vs {want}", k.name);
@@ -495,12 +525,11 @@ mod tests {
             let (x, w) = (floats(&mut rng, len, 4.0), floats(&mut rng, len, 2.0));
             let mut want = alloc::vec![0f32; len];
             rms_norm(&x, &w, 1e-5, &mut want);
-            let rel = (len / 16 + 24) as f32 * f32::EPSILON;
             for k in optimized() {
                 let mut got = alloc::vec![f32::NAN; len];
                 (k.rms_norm)(&x, &w, 1e-5, &mut got);
                 for (g, e) in got.iter().zip(&want) {
-                    prop_assert!((g - e).abs() <= rel * e.abs(), "{}: {g} vs {e}", k.name);
+                    prop_assert!((g - e).abs() <= budget::rms_norm(len, *e), "{}: {g} vs {e}", k.name);
                 }
             }
         }
@@ -516,7 +545,7 @@ mod tests {
                 let mut got = alloc::vec![f32::NAN; len];
                 (k.swiglu)(&g, &u, &mut got);
                 for (a, e) in got.iter().zip(&want) {
-                    prop_assert!((a - e).abs() <= 8.0 * f32::EPSILON * e.abs() + f32::MIN_POSITIVE, "{}: {a} vs {e}", k.name);
+                    prop_assert!((a - e).abs() <= budget::swiglu(*e), "{}: {a} vs {e}", k.name);
                 }
             }
         }
@@ -529,12 +558,11 @@ mod tests {
             let x = floats(&mut rng, len, 20.0);
             let mut want = x.clone();
             softmax(&mut want);
-            let rel = (len / 16 + 32) as f32 * f32::EPSILON;
             for k in optimized() {
                 let mut got = x.clone();
                 (k.softmax)(&mut got);
                 for (g, e) in got.iter().zip(&want) {
-                    prop_assert!((g - e).abs() <= rel * e + f32::MIN_POSITIVE, "{}: {g} vs {e}", k.name);
+                    prop_assert!((g - e).abs() <= budget::softmax(len, *e), "{}: {g} vs {e}", k.name);
                 }
             }
         }
@@ -565,7 +593,7 @@ mod tests {
                 (k.scores)(&q, keys, 0.125, &mut got);
                 for (j, (g, e)) in got.iter().zip(&want).enumerate() {
                     let terms: f32 = (0..hd).map(|d| (q[d] * key(j, d)).abs()).sum();
-                    let budget = 0.125 * (hd / 16 + 24) as f32 * f32::EPSILON * terms;
+                    let budget = 0.125 * budget::dot(hd, terms);
                     prop_assert!((g - e).abs() <= budget, "{} hd {hd}: row {j}: {g} vs {e}", k.name);
                 }
             }
@@ -587,7 +615,7 @@ mod tests {
                 (k.mix)(&w, vals, &mut got);
                 for (d, (g, e)) in got.iter().zip(&want).enumerate() {
                     let terms: f32 = (0..rows).map(|j| (w[j] * val(j, d)).abs()).sum();
-                    let budget = (2 * rows + 4) as f32 * f32::EPSILON * terms;
+                    let budget = budget::mix(rows, terms);
                     prop_assert!((g - e).abs() <= budget, "{} hd {hd}: lane {d}: {g} vs {e}", k.name);
                 }
             }
@@ -607,6 +635,44 @@ mod tests {
                 (k.to_f16)(&x, &mut got);
                 prop_assert_eq!(&got, &want, "{}", k.name);
             }
+        }
+    }
+
+    /// Each worst table moves every block product by its whole budget, up or down, and the
+    /// four tables do not all move the same way.
+    #[test]
+    fn worst_tables_sit_on_the_edge_of_the_budget() {
+        let mut rng = testing::Rng(7);
+        let (rows, blocks, n) = (6, 5, 3);
+        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            let w = weights(&mut rng, format, rows, blocks);
+            let (_, x) = activations(&mut rng, n, blocks * BLOCK);
+            let mut want = vec![0f32; n * rows];
+            q8::gemm(format, &w, rows, &x, n, &mut want, rows, &mut []);
+            let mut ups = 0;
+            for k in Kernels::worst_cases() {
+                let mut got = vec![0f32; n * rows];
+                (k.gemm_q8)(format, &w, rows, &x, n, &mut got, rows, &mut []);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let rb = w.len() / rows;
+                        let xt = &x[t * blocks..(t + 1) * blocks];
+                        let budget = q8::error_budget(
+                            blocks,
+                            q8::abs_terms(format, &w[r * rb..(r + 1) * rb], xt),
+                        );
+                        let (g, e) = (got[t * rows + r], want[t * rows + r]);
+                        // Moved by the budget, up to the rounding of that one addition.
+                        let off = ((g - e).abs() - budget).abs();
+                        assert!(
+                            off <= f32::EPSILON * g.abs(),
+                            "{format:?} ({t}, {r}): {g} vs {e}, budget {budget}"
+                        );
+                        ups += usize::from(g > e);
+                    }
+                }
+            }
+            assert!(ups > 0 && ups < 4 * n * rows, "{format:?}: {ups} moved up");
         }
     }
 

@@ -3,7 +3,7 @@
 use std::arch::x86_64::*;
 
 use super::q8::{self, BlockDot, Q8Block};
-use super::{generic, vnni, Kernels, KvRows, TILE_ROWS};
+use super::{generic, vnni, Kernels, KvRows, Level, TILE_ROWS};
 use crate::quant::Format;
 use crate::quant::BLOCK;
 
@@ -489,54 +489,43 @@ fn dot4_avx512(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
     generic::dot4(w, x)
 }
 
-/// The AVX2 table over `base`'s entries (the caller has detected AVX2 and FMA).
-fn avx2_table(base: &Kernels) -> Kernels {
-    // SAFETY: these functions only need avx2/fma, which the caller detected.
-    Kernels {
+/// The table of an x86-64 `level` over `base`'s entries (`None` for other levels). The caller
+/// has checked that the CPU has the level's features ([`Level::check`]).
+pub fn table(level: Level, base: &Kernels) -> Option<Kernels> {
+    // SAFETY (every closure below): the functions need the features of `level`, which the
+    // caller checked this CPU has; each level's features include the levels below it.
+    let avx2 = Kernels {
+        level: Level::Avx2,
         name: "x86-64 avx2",
         dot: |a, b| unsafe { dot_avx2(a, b) },
         dot4: |w, x| unsafe { dot4_avx2(w, x) },
         gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { gemm_q8_avx2(f, w, r, x, n, o, s, sc) },
         ..*base
-    }
-}
-
-/// Replaces table entries with the widest versions this CPU runs.
-pub fn overwrite(k: &mut Kernels) {
-    use std::arch::is_x86_feature_detected as has;
-    if !(has!("avx2") && has!("fma")) {
-        return;
-    }
-    *k = avx2_table(k);
-    if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("f16c") {
-        k.name = "x86-64 avx512";
-        // SAFETY: these functions need avx512f/bw/vl, f16c, avx2 and fma: all detected.
-        k.dot = |a, b| unsafe { dot_avx512(a, b) };
-        k.dot4 = |w, x| unsafe { dot4_avx512(w, x) };
-        k.rms_norm = |x, w, e, o| unsafe { rms_norm_avx512(x, w, e, o) };
-        k.swiglu = |g, u, o| unsafe { swiglu_avx512(g, u, o) };
-        k.softmax = |x| unsafe { softmax_avx512(x) };
-        k.quantize = |x, q| unsafe { quantize_avx512(x, q) };
-        k.scores = |q, k, s, o| unsafe { scores_avx512(q, k, s, o) };
-        k.mix = |w, v, o| unsafe { mix_avx512(w, v, o) };
-        k.to_f16 = |x, o| unsafe { to_f16_avx512(x, o) };
-        if has!("avx512vnni") {
-            k.name = "x86-64 avx512-vnni";
-            // SAFETY: `vnni::gemm` needs avx512f/bw/vl/vnni, f16c, avx2 and fma: all detected.
-            k.gemm_q8 = |f, w, r, x, n, o, s, sc| unsafe { vnni::gemm(f, w, r, x, n, o, s, sc) };
-        }
-    }
-}
-
-/// Each x86 level this CPU runs, as its own table (for tests).
-#[cfg(test)]
-pub fn levels() -> Vec<Kernels> {
-    let mut k = Kernels::generic();
-    overwrite(&mut k);
-    match k.name {
-        "generic" => Vec::new(),
-        "x86-64 avx2" => vec![k],
-        _ => vec![avx2_table(&Kernels::generic()), k],
+    };
+    let avx512 = || Kernels {
+        level: Level::Avx512,
+        name: "x86-64 avx512",
+        dot: |a, b| unsafe { dot_avx512(a, b) },
+        dot4: |w, x| unsafe { dot4_avx512(w, x) },
+        rms_norm: |x, w, e, o| unsafe { rms_norm_avx512(x, w, e, o) },
+        swiglu: |g, u, o| unsafe { swiglu_avx512(g, u, o) },
+        softmax: |x| unsafe { softmax_avx512(x) },
+        quantize: |x, q| unsafe { quantize_avx512(x, q) },
+        scores: |q, k, s, o| unsafe { scores_avx512(q, k, s, o) },
+        mix: |w, v, o| unsafe { mix_avx512(w, v, o) },
+        to_f16: |x, o| unsafe { to_f16_avx512(x, o) },
+        ..avx2
+    };
+    match level {
+        Level::Avx2 => Some(avx2),
+        Level::Avx512 => Some(avx512()),
+        Level::Avx512Vnni => Some(Kernels {
+            level,
+            name: "x86-64 avx512vnni",
+            gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { vnni::gemm(f, w, r, x, n, o, s, sc) },
+            ..avx512()
+        }),
+        _ => None,
     }
 }
 

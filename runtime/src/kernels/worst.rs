@@ -1,0 +1,136 @@
+//! The worst kernels the contract allows: the reference kernels with every result moved to the
+//! edge of its error budget ([`super::budget`], [`super::q8::error_budget`]), up or down as a
+//! hash of the result decides. Any kernel level that meets its contract differs from the
+//! reference by at most this much per result, so running a model on this table shows how far
+//! such differences can carry to the logits: end-to-end tests derive their budgets from it.
+
+use super::q8::{self, Q8Block};
+use super::{budget, generic, Kernels, KvRows, TILE_ROWS};
+use crate::quant::Format;
+
+/// Moves `v` by `by`, up or down as a hash of `v`, `at` and the table's seed `S` says.
+fn push<const S: u64>(v: f32, by: f32, at: usize) -> f32 {
+    let key = (u64::from(v.to_bits()) << 32 | at as u64) ^ S.wrapping_mul(0xd1b5_4a32_d192_ed03);
+    let mut h = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 29;
+    if h & 1 == 0 {
+        v + by
+    } else {
+        v - by
+    }
+}
+
+fn abs_dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x * y).abs()).sum()
+}
+
+pub fn dot<const S: u64>(a: &[f32], b: &[f32]) -> f32 {
+    push::<S>(
+        generic::dot(a, b),
+        budget::dot(a.len(), abs_dot(a, b)),
+        a.len(),
+    )
+}
+
+pub fn dot4<const S: u64>(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
+    let k = x.len();
+    let sums = generic::dot4(w, x);
+    core::array::from_fn(|r| {
+        let row = &w[r * k..(r + 1) * k];
+        push::<S>(sums[r], budget::dot(k, abs_dot(row, x)), r)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_q8<const S: u64>(
+    format: Format,
+    w: &[u8],
+    rows: usize,
+    x: &[Q8Block],
+    n: usize,
+    out: &mut [f32],
+    stride: usize,
+    scratch: &mut [f32],
+) {
+    q8::gemm(format, w, rows, x, n, out, stride, scratch);
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let (rb, nb) = (w.len() / rows, x.len() / n);
+    for t in 0..n {
+        let xt = &x[t * nb..(t + 1) * nb];
+        for r in 0..rows {
+            let terms = q8::abs_terms(format, &w[r * rb..(r + 1) * rb], xt);
+            let o = &mut out[t * stride + r];
+            *o = push::<S>(*o, q8::error_budget(nb, terms), t * rows + r);
+        }
+    }
+}
+
+pub fn rms_norm<const S: u64>(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    super::rms_norm(x, weight, eps, out);
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = push::<S>(*o, budget::rms_norm(x.len(), *o), i);
+    }
+}
+
+pub fn swiglu<const S: u64>(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    super::swiglu(gate, up, out);
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = push::<S>(*o, budget::swiglu(*o), i);
+    }
+}
+
+pub fn softmax<const S: u64>(x: &mut [f32]) {
+    super::softmax(x);
+    let len = x.len();
+    for (i, p) in x.iter_mut().enumerate() {
+        *p = push::<S>(*p, budget::softmax(len, *p), i);
+    }
+}
+
+/// The value at `at` of a row of keys or values, as f32.
+fn kv(rows: KvRows<'_>, at: usize) -> f32 {
+    match rows {
+        KvRows::F32(r) => r[at],
+        KvRows::F16(r) => q8::f16_to_f32(r[at]),
+    }
+}
+
+pub fn scores<const S: u64>(q: &[f32], k: KvRows<'_>, scale: f32, out: &mut [f32]) {
+    super::scores(q, k, scale, out);
+    let hd = q.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let terms: f32 = (0..hd).map(|d| (q[d] * kv(k, j * hd + d)).abs()).sum();
+        *o = push::<S>(*o, scale.abs() * budget::dot(hd, terms), j);
+    }
+}
+
+pub fn mix<const S: u64>(w: &[f32], v: KvRows<'_>, out: &mut [f32]) {
+    super::mix(w, v, out);
+    let hd = out.len();
+    for (d, o) in out.iter_mut().enumerate() {
+        let terms: f32 = w
+            .iter()
+            .enumerate()
+            .map(|(j, wj)| (wj * kv(v, j * hd + d)).abs())
+            .sum();
+        *o = push::<S>(*o, budget::mix(w.len(), terms), d);
+    }
+}
+
+/// The worst table with seed `S` over the reference `base`.
+pub fn table<const S: u64>(base: &Kernels) -> Kernels {
+    Kernels {
+        name: "worst-case",
+        dot: dot::<S>,
+        dot4: dot4::<S>,
+        gemm_q8: gemm_q8::<S>,
+        rms_norm: rms_norm::<S>,
+        swiglu: swiglu::<S>,
+        softmax: softmax::<S>,
+        scores: scores::<S>,
+        mix: mix::<S>,
+        ..*base
+    }
+}

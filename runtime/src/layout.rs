@@ -1,0 +1,274 @@
+//! How the blocks of a block-quantized weight matrix are arranged: ggml's rows one after the
+//! other, or groups of four rows interleaved for the vector kernels of one ISA, packed by the
+//! compiler so that the runtime maps them as they are.
+//!
+//! An interleaved matrix holds, for each group of [`GROUP`] rows (the rows past the last whole
+//! group stay as ggml rows at the end):
+//!
+//! ```text
+//! quants   group 0: block 0: the 4 rows' quant bytes in runs of `chunk` bytes
+//!                            (row 0 run 0, row 1 run 0, row 2 run 0, row 3 run 0, row 0 run 1, …)
+//!                   block 1: …
+//!          group 1: …
+//! scales   group 0: block 0: d of rows 0–3 (f16), then for q4_1 m of rows 0–3
+//!                   block 1: …
+//!          group 1: …
+//! rows     the rows past the last whole group, as ggml stores them
+//! ```
+//!
+//! The quants of a group come first and are 64 bytes a block for the 4-bit formats (128 for
+//! `q8_0`), so each block of a group is one 64-byte-aligned load. The sizes are those of the
+//! ggml rows, so memory plans do not change. A 4-bit block's quant bytes are its 16 packed bytes
+//! (low nibbles: elements 0–15, high nibbles: 16–31), `q8_0`'s its 32 signed bytes.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+use crate::quant::Format;
+
+/// Rows interleaved together.
+pub const GROUP: usize = 4;
+
+/// The arrangement of one tensor's blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Layout {
+    /// ggml's: row after row, each a run of blocks.
+    #[default]
+    #[serde(rename = "rows")]
+    Rows,
+    /// Groups of 4 rows in runs of 4 bytes: one `sdot` lane per row (aarch64 NEON, dotprod).
+    #[serde(rename = "4x4")]
+    X4,
+    /// Runs of 8 bytes: one 2×8 `smmla` operand per row pair (aarch64 i8mm).
+    #[serde(rename = "4x8")]
+    X8,
+    /// Runs of 16 bytes: a row's whole packed block per 128-bit lane (x86-64 AVX2, AVX-512).
+    #[serde(rename = "4x16")]
+    X16,
+}
+
+impl Layout {
+    pub const ALL: [Layout; 4] = [Layout::Rows, Layout::X4, Layout::X8, Layout::X16];
+
+    /// The name in artifacts and target descriptors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Rows => "rows",
+            Layout::X4 => "4x4",
+            Layout::X8 => "4x8",
+            Layout::X16 => "4x16",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Layout> {
+        Layout::ALL.into_iter().find(|l| l.name() == name)
+    }
+
+    /// Bytes per run of one row's quants; `None` for [`Layout::Rows`].
+    pub fn chunk(self) -> Option<usize> {
+        match self {
+            Layout::Rows => None,
+            Layout::X4 => Some(4),
+            Layout::X8 => Some(8),
+            Layout::X16 => Some(16),
+        }
+    }
+
+    /// The layout a matrix of `format` gets when `self` is asked for: only block formats
+    /// interleave; floats keep their rows.
+    pub fn for_format(self, format: Format) -> Layout {
+        if Geometry::quant_bytes(format).is_some() {
+            self
+        } else {
+            Layout::Rows
+        }
+    }
+}
+
+/// Where the parts of one matrix lie in its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub format: Format,
+    pub layout: Layout,
+    pub rows: usize,
+    /// Blocks per row.
+    pub blocks: usize,
+}
+
+impl Geometry {
+    /// Quant bytes of one block of `format` (`None`: not a block format).
+    pub fn quant_bytes(format: Format) -> Option<usize> {
+        match format {
+            Format::Q4_0 | Format::Q4_1 => Some(16),
+            Format::Q8_0 => Some(32),
+            Format::F32 | Format::F16 => None,
+        }
+    }
+
+    /// Scale bytes of one block: `d`, and `m` for `q4_1`.
+    pub fn scale_bytes(format: Format) -> usize {
+        format.block_bytes() - Geometry::quant_bytes(format).unwrap_or(0)
+    }
+
+    /// Whole groups of interleaved rows (none for [`Layout::Rows`]).
+    pub fn groups(&self) -> usize {
+        match self.layout {
+            Layout::Rows => 0,
+            _ => self.rows / GROUP,
+        }
+    }
+
+    fn qb(&self) -> usize {
+        Geometry::quant_bytes(self.format).unwrap_or(0)
+    }
+
+    /// Bytes of one stored row (and a quarter of a group).
+    pub fn row_bytes(&self) -> usize {
+        self.blocks * self.format.block_bytes()
+    }
+
+    /// Offset of group `g`'s quants (`GROUP · quant bytes` a block).
+    pub fn quants(&self, g: usize) -> usize {
+        g * self.blocks * GROUP * self.qb()
+    }
+
+    /// Offset of group `g`'s scales (`GROUP · scale bytes` a block).
+    pub fn scales(&self, g: usize) -> usize {
+        let sb = Geometry::scale_bytes(self.format);
+        self.quants(self.groups()) + g * self.blocks * GROUP * sb
+    }
+
+    /// Offset of row `r`, one of the rows stored as ggml's (all of them for [`Layout::Rows`]).
+    pub fn plain_row(&self, r: usize) -> usize {
+        let first = self.groups() * GROUP;
+        debug_assert!(r >= first);
+        first * self.row_bytes() + (r - first) * self.row_bytes()
+    }
+
+    /// Copies row `r` as ggml stores it into `out` (one row's bytes).
+    pub fn row(&self, bytes: &[u8], r: usize, out: &mut [u8]) {
+        let rb = self.row_bytes();
+        if r >= self.groups() * GROUP {
+            let at = self.plain_row(r);
+            out[..rb].copy_from_slice(&bytes[at..at + rb]);
+            return;
+        }
+        for b in 0..self.blocks {
+            self.block(bytes, r, b, &mut out[b * self.format.block_bytes()..]);
+        }
+    }
+
+    /// Copies block `b` of row `r` (of a whole group) as ggml stores it into `out`.
+    pub fn block(&self, bytes: &[u8], r: usize, b: usize, out: &mut [u8]) {
+        let (g, i) = (r / GROUP, r % GROUP);
+        let (qb, sb) = (self.qb(), Geometry::scale_bytes(self.format));
+        let chunk = self.layout.chunk().unwrap_or(qb);
+        let quants = self.quants(g) + b * GROUP * qb;
+        for run in 0..qb / chunk {
+            let at = quants + (run * GROUP + i) * chunk;
+            out[sb + run * chunk..sb + (run + 1) * chunk].copy_from_slice(&bytes[at..at + chunk]);
+        }
+        let scales = self.scales(g) + b * GROUP * sb;
+        for s in 0..sb / 2 {
+            let at = scales + (s * GROUP + i) * 2;
+            out[2 * s..2 * s + 2].copy_from_slice(&bytes[at..at + 2]);
+        }
+    }
+
+    /// `rows` ggml rows (`row_major`) in this layout.
+    pub fn pack(&self, row_major: &[u8]) -> Vec<u8> {
+        let rb = self.row_bytes();
+        let mut out = vec![0u8; self.rows * rb];
+        let (qb, sb, bb) = (
+            self.qb(),
+            Geometry::scale_bytes(self.format),
+            self.format.block_bytes(),
+        );
+        let chunk = self.layout.chunk().unwrap_or(qb);
+        for g in 0..self.groups() {
+            for i in 0..GROUP {
+                let row = &row_major[(g * GROUP + i) * rb..][..rb];
+                for b in 0..self.blocks {
+                    let block = &row[b * bb..(b + 1) * bb];
+                    let quants = self.quants(g) + b * GROUP * qb;
+                    for run in 0..qb / chunk {
+                        let at = quants + (run * GROUP + i) * chunk;
+                        out[at..at + chunk]
+                            .copy_from_slice(&block[sb + run * chunk..sb + (run + 1) * chunk]);
+                    }
+                    let scales = self.scales(g) + b * GROUP * sb;
+                    for s in 0..sb / 2 {
+                        let at = scales + (s * GROUP + i) * 2;
+                        out[at..at + 2].copy_from_slice(&block[2 * s..2 * s + 2]);
+                    }
+                }
+            }
+        }
+        let first = self.groups() * GROUP;
+        let at = self.plain_row(first.min(self.rows));
+        out[at..].copy_from_slice(&row_major[first * rb..]);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_round_trips_every_row_in_every_layout() {
+        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            for rows in [1, 4, 7, 9] {
+                let blocks = 3;
+                let rb = blocks * format.block_bytes();
+                let row_major: Vec<u8> = (0..rows * rb).map(|i| (i * 7 % 251) as u8).collect();
+                for layout in Layout::ALL {
+                    let g = Geometry {
+                        format,
+                        layout,
+                        rows,
+                        blocks,
+                    };
+                    let packed = g.pack(&row_major);
+                    assert_eq!(packed.len(), row_major.len());
+                    if layout != Layout::Rows && rows >= GROUP {
+                        assert_ne!(packed, row_major, "{format:?} {layout:?} moved nothing");
+                    }
+                    let mut row = vec![0u8; rb];
+                    for r in 0..rows {
+                        g.row(&packed, r, &mut row);
+                        assert_eq!(row, row_major[r * rb..(r + 1) * rb], "{format:?} {layout:?} row {r}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 4×16 layout of q4_0: a block of a group is the four rows' 16 packed bytes, one
+    /// after the other, and the group's scales follow all of its blocks.
+    #[test]
+    fn x16_puts_each_rows_packed_block_in_its_own_lane() {
+        let (blocks, rb) = (2, 2 * 18);
+        let row_major: Vec<u8> = (0..4 * rb).map(|i| i as u8).collect();
+        let g = Geometry {
+            format: Format::Q4_0,
+            layout: Layout::X16,
+            rows: 4,
+            blocks,
+        };
+        let packed = g.pack(&row_major);
+        // Row 1, block 0: bytes 36..54 (d at 36, 37).
+        assert_eq!(packed[16..32], row_major[38..54]);
+        assert_eq!(g.scales(0), 128);
+        assert_eq!(packed[130..132], row_major[36..38]);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for l in Layout::ALL {
+            assert_eq!(Layout::from_name(l.name()), Some(l));
+        }
+        assert_eq!(Layout::X16.for_format(Format::F16), Layout::Rows);
+    }
+}
