@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use kiln_runtime::artifact::write::{self, Contents, TensorData};
 use kiln_runtime::artifact::{BufferDecl, Graph, Metadata, Op, TensorEntry};
 use kiln_runtime::exec::{MemoryPlan, SessionError, SessionOptions};
+use kiln_runtime::kernels::Level;
+use kiln_runtime::layout::{Geometry, Layout};
 use kiln_runtime::quant::Format;
 
 use crate::graph::{Checkpoint, Tensor};
@@ -187,22 +189,85 @@ fn layout<'c>(checkpoint: &'c Checkpoint, inv_freq: &'c Tensor) -> (Graph, Vec<&
     (Graph { buffers, ops }, tensors)
 }
 
+/// What an artifact is packed for: the CPU features it requires, and the layout its
+/// block-quantized matrices are stored in (see `kiln_runtime::layout`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Packing {
+    pub required_features: Vec<String>,
+    pub layout: Layout,
+}
+
+impl Packing {
+    /// How `target`'s artifacts are packed: the descriptor's layout, or for `host` the layout
+    /// this CPU's best kernels run fastest (ggml's rows where it names none).
+    pub fn for_target(target: &kiln_targets::Target) -> Packing {
+        let layout = match target.layout() {
+            Some(layout) => layout,
+            None if target.name == "host" => Level::best().preferred_layout(),
+            None => Layout::Rows,
+        };
+        Packing::new(&target.cpu.assume, layout)
+    }
+
+    /// `assume` (a target's features) with `layout`, requiring the features the layout's
+    /// kernels need as well.
+    pub fn new(assume: &[String], layout: Layout) -> Packing {
+        let mut required_features = assume.to_vec();
+        for f in layout.features() {
+            if !required_features.iter().any(|r| r == f) {
+                required_features.push((*f).to_owned());
+            }
+        }
+        Packing {
+            required_features,
+            layout,
+        }
+    }
+}
+
+/// The layout `t` is stored in under `layout`: matrices of a block format take it, the rest
+/// keep their rows.
+fn layout_of(t: &Tensor, layout: Layout) -> Layout {
+    if t.shape.len() == 2 {
+        layout.for_format(t.format)
+    } else {
+        Layout::Rows
+    }
+}
+
+/// `t`'s bytes in `layout`.
+fn packed(t: &Tensor, layout: Layout) -> std::borrow::Cow<'_, [u8]> {
+    match layout_of(t, layout) {
+        Layout::Rows => std::borrow::Cow::Borrowed(&t.data),
+        l => std::borrow::Cow::Owned(
+            Geometry {
+                format: t.format,
+                layout: l,
+                rows: t.shape[0],
+                blocks: t.shape[1] / t.format.block_len(),
+            }
+            .pack(&t.data),
+        ),
+    }
+}
+
 /// The artifact's metadata for `graph` and `tensors` (offsets are assigned when writing).
 fn metadata(
     checkpoint: &Checkpoint,
     graph: Graph,
     tensors: &[&Tensor],
-    required_cpu_features: &[String],
+    packing: &Packing,
 ) -> Metadata {
     Metadata {
         producer: format!("kiln-compiler {}", env!("CARGO_PKG_VERSION")),
         facts: checkpoint.facts.clone(),
-        required_cpu_features: required_cpu_features.to_vec(),
+        required_cpu_features: packing.required_features.clone(),
         tensors: tensors
             .iter()
             .map(|t| TensorEntry {
                 name: t.name.clone(),
                 format: t.format,
+                layout: layout_of(t, packing.layout),
                 shape: t.shape.clone(),
                 offset: 0,
                 len: t.data.len() as u64,
@@ -220,32 +285,39 @@ pub fn memory_plan(
 ) -> Result<MemoryPlan, SessionError> {
     let inv_freq = inv_freq(checkpoint);
     let (graph, tensors) = layout(checkpoint, &inv_freq);
-    MemoryPlan::new(&metadata(checkpoint, graph, &tensors, &[]), opts)
+    MemoryPlan::new(
+        &metadata(checkpoint, graph, &tensors, &Packing::default()),
+        opts,
+    )
 }
 
 /// Writes `checkpoint` (already in its final storage, see [`convert`]) to `path` atomically,
-/// requiring no CPU feature (see [`write_artifact_for`]).
+/// in ggml's rows, requiring no CPU feature (see [`write_artifact_for`]).
 pub fn write_artifact(checkpoint: &Checkpoint, path: &Path) -> Result<EmitReport, EmitError> {
-    write_artifact_for(checkpoint, path, &[])
+    write_artifact_for(checkpoint, path, &Packing::default())
 }
 
 /// Writes `checkpoint` (already in its final storage, see [`convert`]) to `path` atomically,
-/// recording `required_features` (names as `kiln_runtime::cpu::has_feature` takes them): the
-/// runtime refuses the artifact on a CPU that lacks one.
+/// its matrices packed in `packing.layout` and recording `packing.required_features` (names as
+/// `kiln_runtime::cpu::has_feature` takes them): the runtime refuses the artifact on a CPU
+/// that lacks one.
 pub fn write_artifact_for(
     checkpoint: &Checkpoint,
     path: &Path,
-    required_features: &[String],
+    packing: &Packing,
 ) -> Result<EmitReport, EmitError> {
     let inv_freq = inv_freq(checkpoint);
     let (graph, tensors) = layout(checkpoint, &inv_freq);
+    let bytes: Vec<_> = tensors.iter().map(|t| packed(t, packing.layout)).collect();
     let data: Vec<TensorData> = tensors
         .iter()
-        .map(|t| TensorData {
+        .zip(&bytes)
+        .map(|(t, bytes)| TensorData {
             name: &t.name,
             format: t.format,
+            layout: layout_of(t, packing.layout),
             shape: &t.shape,
-            bytes: &t.data,
+            bytes,
         })
         .collect();
     let mut weight_bytes: Vec<(&'static str, u64)> = Vec::new();
@@ -256,7 +328,7 @@ pub fn write_artifact_for(
         }
     }
     let tokenizer = checkpoint.tokenizer.to_bytes();
-    let meta = metadata(checkpoint, graph, &tensors, required_features);
+    let meta = metadata(checkpoint, graph, &tensors, packing);
     let (n_tensors, n_ops) = (data.len(), meta.graph.ops.len());
     let bytes = write::write(
         path,

@@ -193,8 +193,8 @@ fn compile_for(dir: &Path, name: &str) -> PathBuf {
     let checkpoint = kiln_compiler::import::import(&common::smollm2_gguf()).expect("import");
     let converted = kiln_compiler::emit::convert(&checkpoint, Format::Q4_1).expect("convert");
     let out = dir.join(format!("smollm2-{name}.q4_1.kiln"));
-    kiln_compiler::emit::write_artifact_for(&converted, &out, &target.cpu.assume)
-        .expect("write artifact");
+    let packing = kiln_compiler::emit::Packing::for_target(&target);
+    kiln_compiler::emit::write_artifact_for(&converted, &out, &packing).expect("write artifact");
     out
 }
 

@@ -312,10 +312,26 @@ fn wrong_version_names_both_versions() {
             &bytes,
             &[
                 &format!("version {found} is not supported"),
-                &format!("it reads version {FORMAT_VERSION}"),
+                &format!("it reads versions 1 to {FORMAT_VERSION}"),
             ],
         );
     }
+}
+
+/// Version 1 held ggml rows only, which version 2 reads as the `rows` layout.
+#[test]
+fn version_1_artifacts_still_open() {
+    let dir = temp_dir();
+    let mut bytes = valid_bytes();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let path = dir.path().join("v1.kiln");
+    std::fs::write(&path, &bytes).expect("write");
+    let artifact = kiln_runtime::artifact::Artifact::open(&path).expect("a version 1 artifact");
+    assert!(artifact
+        .meta()
+        .tensors
+        .iter()
+        .all(|t| t.layout == kiln_runtime::layout::Layout::Rows));
 }
 
 #[test]

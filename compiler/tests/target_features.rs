@@ -19,9 +19,9 @@ fn compile_for(dir: &Path, name: &str) -> (Vec<String>, std::path::PathBuf) {
     let checkpoint = kiln_compiler::import::import(&common::smollm2_gguf()).expect("import");
     let converted = kiln_compiler::emit::convert(&checkpoint, Format::Q4_1).expect("convert");
     let out = dir.join(format!("smollm2-{name}.kiln"));
-    kiln_compiler::emit::write_artifact_for(&converted, &out, &target.cpu.assume)
-        .expect("write artifact");
-    (target.cpu.assume, out)
+    let packing = kiln_compiler::emit::Packing::for_target(&target);
+    kiln_compiler::emit::write_artifact_for(&converted, &out, &packing).expect("write artifact");
+    (packing.required_features, out)
 }
 
 fn recorded_features(path: &Path) -> Vec<String> {

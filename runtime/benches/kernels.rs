@@ -10,7 +10,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use kiln_runtime::kernels::q8::{self, Q8Block};
-use kiln_runtime::kernels::{gemm_q8_variants, matmul_rows, Input, Kernels, Matrix, TILE_ROWS};
+use kiln_runtime::kernels::{
+    gemm_q8_variants, matmul_rows, scratch_floats, Input, Kernels, Level, Matrix, Out,
+};
+use kiln_runtime::layout::{Geometry, Layout};
 use kiln_runtime::quant::{Format, BLOCK};
 
 /// `(rows, cols)`: attention q/o and k/v-sized, the feed-forward up/gate and down, the head.
@@ -70,8 +73,30 @@ fn bench_matmul(c: &mut Criterion) {
     }
     for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0, Format::F32] {
         for (rows, cols) in SHAPES {
-            let bytes = weights(format, rows, cols);
-            let m = Matrix::new(format, rows, cols, &bytes);
+            let rows_major = weights(format, rows, cols);
+            // Each table runs ggml's rows, and the optimized ones their preferred layout too.
+            let mut layouts = vec![
+                Layout::Rows,
+                Level::best().preferred_layout().for_format(format),
+            ];
+            layouts.dedup();
+            let packed: Vec<(Layout, Vec<u8>)> = layouts
+                .iter()
+                .map(|&layout| {
+                    let g = Geometry {
+                        format,
+                        layout,
+                        rows,
+                        blocks: cols / format.block_len(),
+                    };
+                    let bytes = if layout == Layout::Rows {
+                        rows_major.clone()
+                    } else {
+                        g.pack(&rows_major)
+                    };
+                    (layout, bytes)
+                })
+                .collect();
             for n in [1, tokens] {
                 let x: Vec<f32> = (0..n * cols)
                     .map(|i| ((i * 7919) % 2000) as f32 / 1000.0 - 1.0)
@@ -84,7 +109,7 @@ fn bench_matmul(c: &mut Criterion) {
                     Input::Q8(&xq)
                 };
                 let mut out = vec![0f32; n * rows];
-                let mut scratch = vec![0f32; TILE_ROWS * cols];
+                let mut scratch = vec![0f32; scratch_floats(cols, n)];
                 let kind = if n == 1 { "matvec" } else { "matmul" };
                 let mut group = c.benchmark_group(format!("{kind}/{}", format.name()));
                 group
@@ -100,25 +125,35 @@ fn bench_matmul(c: &mut Criterion) {
                     if k.name == "generic" && n > 1 && rows * cols > 1536 * 576 {
                         continue;
                     }
-                    group.bench_with_input(
-                        BenchmarkId::new(k.name, format!("{rows}x{cols}")),
-                        &(),
-                        |b, ()| {
-                            b.iter(|| {
-                                matmul_rows(
-                                    k,
-                                    black_box(input),
-                                    n,
-                                    &m,
-                                    0..rows,
-                                    &mut out,
-                                    rows,
-                                    &mut scratch,
-                                );
-                                black_box(&out);
-                            })
-                        },
-                    );
+                    for (layout, bytes) in &packed {
+                        if !k.level.layouts().contains(layout)
+                            || (k.name == "generic" && *layout != Layout::Rows)
+                        {
+                            continue;
+                        }
+                        let m = Matrix::new(format, *layout, rows, cols, bytes);
+                        group.bench_with_input(
+                            BenchmarkId::new(
+                                format!("{} {}", k.name, layout.name()),
+                                format!("{rows}x{cols}"),
+                            ),
+                            &(),
+                            |b, ()| {
+                                b.iter(|| {
+                                    matmul_rows(
+                                        k,
+                                        black_box(input),
+                                        n,
+                                        &m,
+                                        0..rows,
+                                        Out::new(&mut out, rows),
+                                        &mut scratch,
+                                    );
+                                    black_box(&out);
+                                })
+                            },
+                        );
+                    }
                 }
                 group.finish();
             }

@@ -20,6 +20,7 @@ fn detect(feature: &str) -> Option<bool> {
             "sse4.1" => std::arch::is_x86_feature_detected!("sse4.1"),
             "avx" => std::arch::is_x86_feature_detected!("avx"),
             "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+            "avxvnni" => std::arch::is_x86_feature_detected!("avxvnni"),
             "fma" => std::arch::is_x86_feature_detected!("fma"),
             "f16c" => std::arch::is_x86_feature_detected!("f16c"),
             "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),

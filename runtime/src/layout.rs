@@ -25,6 +25,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::Level;
 use crate::quant::Format;
 
 /// Rows interleaved together.
@@ -73,6 +74,21 @@ impl Layout {
             Layout::X8 => Some(8),
             Layout::X16 => Some(16),
         }
+    }
+
+    /// The weakest kernel level that runs this layout natively.
+    pub fn level(self) -> Level {
+        match self {
+            Layout::Rows => Level::Generic,
+            Layout::X4 => Level::Neon,
+            Layout::X8 => Level::I8mm,
+            Layout::X16 => Level::Avx2,
+        }
+    }
+
+    /// The CPU features an artifact packed in this layout requires (those of [`Layout::level`]).
+    pub fn features(self) -> &'static [&'static str] {
+        self.level().features()
     }
 
     /// The layout a matrix of `format` gets when `self` is asked for: only block formats
@@ -238,7 +254,11 @@ mod tests {
                     let mut row = vec![0u8; rb];
                     for r in 0..rows {
                         g.row(&packed, r, &mut row);
-                        assert_eq!(row, row_major[r * rb..(r + 1) * rb], "{format:?} {layout:?} row {r}");
+                        assert_eq!(
+                            row,
+                            row_major[r * rb..(r + 1) * rb],
+                            "{format:?} {layout:?} row {r}"
+                        );
                     }
                 }
             }

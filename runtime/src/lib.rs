@@ -17,6 +17,7 @@ pub mod exec;
 #[cfg(feature = "std")]
 pub mod generate;
 pub mod kernels;
+pub mod layout;
 #[cfg(feature = "std")]
 pub mod logits;
 pub mod model;

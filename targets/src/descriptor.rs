@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use kiln_runtime::layout::Layout;
+
 use crate::{features_for_arch, TargetError, QUANTS};
 
 /// One device kiln compiles for.
@@ -39,6 +41,11 @@ pub struct Cpu {
     /// Features used when the CPU has them at run time; `["all"]` in the file means every
     /// feature kiln knows for the triple's architecture.
     pub detect: Vec<String>,
+    /// How block-quantized matrices are packed for the target's kernels (`kiln_runtime::layout`:
+    /// `rows`, `4x4`, `4x8`, `4x16`); absent: ggml's rows, or for `host` the best layout of the
+    /// CPU compiling.
+    #[serde(default)]
+    pub layout: Option<String>,
 }
 
 /// What runs the model on the device.
@@ -148,6 +155,12 @@ impl Target {
         Target::parse(&format!("{name}.toml"), name, text)
     }
 
+    /// The layout the descriptor packs matrices in (validated when it was read); `None` when it
+    /// names none.
+    pub fn layout(&self) -> Option<Layout> {
+        self.cpu.layout.as_deref().and_then(Layout::from_name)
+    }
+
     /// The architecture part of the triple, e.g. `aarch64`.
     pub fn arch(&self) -> &str {
         self.triple.split('-').next().unwrap_or_default()
@@ -194,6 +207,10 @@ impl Target {
             .map_err(|reason| invalid("cpu.assume", reason))?;
         check_features(&target.cpu.detect, known, target.arch())
             .map_err(|reason| invalid("cpu.detect", reason))?;
+        if let Some(name) = &target.cpu.layout {
+            check_layout(name, &target.cpu.assume, target.arch())
+                .map_err(|reason| invalid("cpu.layout", reason))?;
+        }
         match (target.backend, target.execution_providers.is_empty()) {
             (Backend::Native, false) => return Err(invalid(
                 "execution_providers",
@@ -277,6 +294,30 @@ fn check_triple(triple: &str) -> Result<(), String> {
     }
 }
 
+/// A layout kiln knows, for the target's architecture, whose kernels' features are assumed.
+fn check_layout(name: &str, assume: &[String], arch: &str) -> Result<(), String> {
+    let Some(layout) = Layout::from_name(name) else {
+        let known: Vec<&str> = Layout::ALL.iter().map(|l| l.name()).collect();
+        return Err(format!(
+            "unknown layout {name:?} (one of {})",
+            known.join(", ")
+        ));
+    };
+    if let Some(other) = layout.level().arch().filter(|a| *a != arch) {
+        return Err(format!("{name} is packed for {other} kernels, not {arch}"));
+    }
+    match layout
+        .features()
+        .iter()
+        .find(|f| !assume.iter().any(|a| a == *f))
+    {
+        Some(f) => Err(format!(
+            "{name} needs the CPU feature {f}, which cpu.assume does not list"
+        )),
+        None => Ok(()),
+    }
+}
+
 fn check_features(features: &[String], known: &[&str], arch: &str) -> Result<(), String> {
     for (i, feature) in features.iter().enumerate() {
         if !known.contains(&feature.as_str()) {
@@ -329,6 +370,26 @@ mod tests {
         assert!(e.contains("unknown field `memory2`"), "{e}");
         let e = error(&RPI5.replace("[cpu]", "[cpu]\nturbo = true"));
         assert!(e.contains("unknown field `turbo`"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_layout_is_named() {
+        let with = |layout: &str| {
+            RPI5.replace(
+                "detect = []",
+                &format!("detect = []\nlayout = \"{layout}\""),
+            )
+        };
+        assert!(Target::from_toml("board", &with("4x4")).is_ok());
+        let e = error(&with("8x8"));
+        assert!(
+            e.contains("field `cpu.layout`") && e.contains("one of rows, 4x4"),
+            "{e}"
+        );
+        let e = error(&with("4x16"));
+        assert!(e.contains("packed for x86_64 kernels, not aarch64"), "{e}");
+        let e = error(&with("4x8"));
+        assert!(e.contains("needs the CPU feature i8mm"), "{e}");
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub const X86_64_FEATURES: &[&str] = &[
     "sse4.1",
     "avx",
     "avx2",
+    "avxvnni",
     "fma",
     "f16c",
     "avx512f",

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use kiln_compiler::emit::Packing;
 use kiln_runtime::exec::SessionOptions;
 use kiln_targets::Target;
 
@@ -13,7 +14,9 @@ use crate::source;
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "The artifact requires the CPU features the target's descriptor assumes \
-(`cargo xtask targets`); the runtime refuses it on a CPU without them. Targets whose backend is \
+(`cargo xtask targets`), and its matrices are packed in the target's layout for its kernels \
+(`--target host`: the best layout for this CPU, 4x16 on x86-64), which requires those kernels' \
+features too; the runtime refuses it on a CPU without them. Targets whose backend is \
 `ort` (jetson-orin-nano, jetson-agx-orin, qcs6490) still take a `.kiln` artifact: it runs on the \
 device's CPU, the fallback when onnxruntime's execution providers are not used."
 )]
@@ -180,7 +183,8 @@ pub fn compile(args: &Args) -> anyhow::Result<Compiled> {
     }
     fits?;
     let spinner = source::spinner(&format!("writing {}", args.out.display()));
-    let report = kiln_compiler::emit::write_artifact_for(&converted, &args.out, &target.cpu.assume);
+    let packing = Packing::for_target(&target);
+    let report = kiln_compiler::emit::write_artifact_for(&converted, &args.out, &packing);
     spinner.finish_and_clear();
     let report = report?;
     let weights: Vec<String> = report
@@ -188,10 +192,10 @@ pub fn compile(args: &Args) -> anyhow::Result<Compiled> {
         .iter()
         .map(|(f, b)| format!("{} MB {f}", b / 1_000_000))
         .collect();
-    let requires = if target.cpu.assume.is_empty() {
+    let requires = if packing.required_features.is_empty() {
         String::new()
     } else {
-        format!(", requires {}", target.cpu.assume.join(", "))
+        format!(", requires {}", packing.required_features.join(", "))
     };
     let summary = format!(
         "wrote {} ({:.1} MB) for {}{requires}: {} ({} layers), {} ops, {} tensors ({})",
@@ -209,7 +213,8 @@ pub fn compile(args: &Args) -> anyhow::Result<Compiled> {
         "memory": plan,
         "peak_bytes": plan.total(),
         "target": target.name,
-        "required_cpu_features": target.cpu.assume,
+        "required_cpu_features": packing.required_features,
+        "layout": packing.layout.name(),
     });
     Ok(Compiled { report, summary })
 }

@@ -13,12 +13,20 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
+use crate::layout::Layout;
 use crate::model::ModelFacts;
 use crate::quant::Format;
 
+fn is_rows(layout: &Layout) -> bool {
+    *layout == Layout::Rows
+}
+
 pub const MAGIC: [u8; 8] = *b"KILNART\0";
-/// Bumped on any change a reader of the previous version would misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped on any change a reader of the previous version would misread (2: tensors carry a
+/// [`Layout`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this runtime still reads (version 1 artifacts hold ggml rows only).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Written as a little-endian u32; a reader that sees other bytes was handed a foreign file.
 pub const ENDIAN_MARK: u32 = 0x0102_0304;
 pub const HEADER_LEN: usize = 64;
@@ -63,6 +71,9 @@ impl SectionKind {
 pub struct TensorEntry {
     pub name: String,
     pub format: Format,
+    /// How a block format's rows are arranged (absent: ggml's rows).
+    #[serde(default, skip_serializing_if = "is_rows")]
+    pub layout: Layout,
     /// Row-major; the last dimension is the row length.
     pub shape: Vec<usize>,
     /// Byte offset from the start of the weights section (a multiple of [`ALIGN`]).

@@ -24,8 +24,12 @@ pub enum ArtifactError {
     },
     #[error("not a kiln artifact (wrong magic)")]
     BadMagic,
-    #[error("artifact format version {found} is not supported by this runtime (it reads version {supported}); recompile the model with a matching kiln")]
-    Version { found: u32, supported: u32 },
+    #[error("artifact format version {found} is not supported by this runtime (it reads versions {oldest} to {supported}); recompile the model with a matching kiln")]
+    Version {
+        found: u32,
+        oldest: u32,
+        supported: u32,
+    },
     #[error("artifact was written with a different byte order")]
     Endianness,
     #[error("truncated: {what} needs bytes up to {need}, the file has {have}")]
@@ -88,9 +92,10 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ArtifactError> {
         return Err(ArtifactError::Endianness);
     }
     let version = le_u32(bytes, 8);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(ArtifactError::Version {
             found: version,
+            oldest: OLDEST_FORMAT_VERSION,
             supported: FORMAT_VERSION,
         });
     }
@@ -191,6 +196,13 @@ fn check_tensors(meta: &Metadata, weights: &[u8]) -> Result<(), ArtifactError> {
         }
         if t.offset % ALIGN as u64 != 0 {
             return Err(bad("not 64-byte aligned".into()));
+        }
+        if t.layout.for_format(t.format) != t.layout {
+            return Err(bad(format!(
+                "layout {} is for block formats, not {}",
+                t.layout.name(),
+                t.format.name()
+            )));
         }
         if t.offset
             .checked_add(t.len)

@@ -9,6 +9,8 @@ use super::format::*;
 pub struct TensorData<'a> {
     pub name: &'a str,
     pub format: crate::quant::Format,
+    /// How `bytes` arrange the rows (already packed so).
+    pub layout: crate::layout::Layout,
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
 }
@@ -36,6 +38,7 @@ pub fn write(path: &Path, mut contents: Contents<'_>) -> std::io::Result<u64> {
             let entry = TensorEntry {
                 name: t.name.to_owned(),
                 format: t.format,
+                layout: t.layout,
                 shape: t.shape.to_vec(),
                 offset,
                 len: t.bytes.len() as u64,

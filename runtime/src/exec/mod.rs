@@ -160,6 +160,7 @@ impl<'a> Session<'a> {
             .map(|e| {
                 Matrix::new(
                     e.format,
+                    e.layout,
                     e.rows(),
                     e.cols(),
                     crate::artifact::tensor_bytes(weights, e),
@@ -178,6 +179,9 @@ impl<'a> Session<'a> {
             Some(k) => k,
             None => Kernels::detect()?,
         };
+        for e in &meta.tensors {
+            kernels.level.check_layout(&e.name, e.layout)?;
+        }
         Ok(Session {
             facts: meta.facts.clone(),
             ops: meta.graph.ops.clone(),

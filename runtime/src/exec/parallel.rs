@@ -1,8 +1,11 @@
-//! Splits a matrix product across the session's workers: by tokens for a batch, by rows for a
-//! single token, in chunks that participants take from a counter. Each chunk's output is
-//! written by the participant that took it; each participant has its own scratch tile.
+//! Splits a matrix product across the session's workers by rows, in chunks of whole row tiles
+//! that participants take from a counter; each chunk computes every token of the batch, so
+//! each weight is read once per product. Each chunk's outputs (its columns of every token's
+//! row) are written by the participant that took it; each participant has its own scratch.
 
-use crate::kernels::{matmul_rows, Input, Kernels, Matrix, TILE_ROWS};
+#[cfg(feature = "std")]
+use crate::kernels::TILE_ROWS;
+use crate::kernels::{matmul_rows, Input, Kernels, Matrix, Out};
 
 /// The session's worker threads (`None`: the calling thread does everything).
 #[cfg(feature = "std")]
@@ -31,7 +34,20 @@ const CHUNKS_PER_THREAD: usize = 4;
 #[cfg(feature = "std")]
 const MIN_PARALLEL_WORK: usize = 1 << 16;
 
-/// `out[t] = x[t] · wᵀ` for `n` tokens; `scratch` holds one `TILE_ROWS × w.cols` tile per participant.
+/// Participants of a parallel step: the workers and the calling thread.
+pub fn participants(workers: &Workers) -> usize {
+    #[cfg(feature = "std")]
+    {
+        workers.as_ref().map_or(1, |p| p.threads())
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        let _ = workers;
+        1
+    }
+}
+
+/// `out[t] = x[t] · wᵀ` for `n` tokens; `scratch` holds an equal part per participant.
 pub fn matmul(
     k: &Kernels,
     workers: &Workers,
@@ -41,24 +57,15 @@ pub fn matmul(
     out: &mut [f32],
     scratch: &mut [f32],
 ) {
+    let out = Out::new(&mut out[..n * w.rows], w.rows);
+    let per = scratch.len() / participants(workers);
     #[cfg(feature = "std")]
     if let Some(pool) = workers {
         if n * w.rows * w.cols >= MIN_PARALLEL_WORK {
-            return split(k, pool, x, n, w, &mut out[..n * w.rows], scratch);
+            return split(k, pool, x, n, w, out, scratch, per);
         }
     }
-    #[cfg(not(feature = "std"))]
-    let _ = workers;
-    matmul_rows(
-        k,
-        x,
-        n,
-        w,
-        0..w.rows,
-        out,
-        w.rows,
-        &mut scratch[..TILE_ROWS * w.cols],
-    );
+    matmul_rows(k, x, n, w, 0..w.rows, out, &mut scratch[..per]);
 }
 
 /// A slice that participants write in disjoint parts.
@@ -91,71 +98,57 @@ impl Shared {
     }
 }
 
+/// The output shared by the participants, each of which takes columns of it.
 #[cfg(feature = "std")]
+struct SharedOut<'a>(Out<'a>);
+
+// SAFETY: participants only take disjoint columns (one chunk of rows each, from the counter).
+#[cfg(feature = "std")]
+unsafe impl Sync for SharedOut<'_> {}
+
+#[cfg(feature = "std")]
+impl<'a> SharedOut<'a> {
+    /// SAFETY: as [`Out::columns`].
+    unsafe fn columns(&self, first: usize) -> Out<'a> {
+        // SAFETY: passed on from the caller.
+        unsafe { self.0.columns(first) }
+    }
+}
+
+#[cfg(feature = "std")]
+#[allow(clippy::too_many_arguments)]
 fn split(
     k: &Kernels,
     pool: &super::pool::Pool,
     x: Input<'_>,
     n: usize,
     w: &Matrix<'_>,
-    out: &mut [f32],
+    out: Out<'_>,
     scratch: &mut [f32],
+    scratch_per: usize,
 ) {
-    let (m, threads, tile) = (w.rows, pool.threads(), TILE_ROWS * w.cols);
-    let (out, tiles) = (
-        Shared::new(out),
-        Shared::new(&mut scratch[..threads * tile]),
-    );
+    let (m, threads) = (w.rows, pool.threads());
+    let out = SharedOut(out);
+    let tiles = Shared::new(&mut scratch[..threads * scratch_per]);
     // Participants take chunks from a counter until none is left, so a worker whose core is
     // busy elsewhere costs nothing (see `Pool::run`); a few chunks per participant balance the
     // load without splitting the work too finely.
     let next = core::sync::atomic::AtomicUsize::new(0);
     let take = || next.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-    if n == 1 {
-        // One token: chunks of whole row tiles.
-        let per = m.div_ceil(CHUNKS_PER_THREAD * threads).div_ceil(TILE_ROWS) * TILE_ROWS;
-        pool.run(&|i| {
-            // SAFETY: each participant index runs at most once per step, so tile `i` is its own.
-            let sc = unsafe { tiles.part(i * tile..(i + 1) * tile) };
-            loop {
-                let start = (take() * per).min(m);
-                let rows = start..(start + per).min(m);
-                if rows.is_empty() {
-                    return;
-                }
-                // SAFETY: the counter hands each chunk (output rows `rows`) to one participant.
-                let os = unsafe { out.part(rows.clone()) };
-                matmul_rows(k, x, 1, w, rows, os, 0, sc);
+    let per = m.div_ceil(CHUNKS_PER_THREAD * threads).div_ceil(TILE_ROWS) * TILE_ROWS;
+    pool.run(&|i| {
+        // SAFETY: each participant index runs at most once per step, so scratch `i` is its own.
+        let sc = unsafe { tiles.part(i * scratch_per..(i + 1) * scratch_per) };
+        loop {
+            let start = (take() * per).min(m);
+            let rows = start..(start + per).min(m);
+            if rows.is_empty() {
+                return;
             }
-        });
-    } else {
-        // A batch: chunks of whole tokens (whole output rows), in whole token tiles of the
-        // kernels where the batch allows.
-        let tt = crate::kernels::TILE_TOKENS;
-        let per = n.div_ceil(CHUNKS_PER_THREAD * threads).div_ceil(tt) * tt;
-        pool.run(&|i| {
-            // SAFETY: each participant index runs at most once per step, so tile `i` is its own.
-            let sc = unsafe { tiles.part(i * tile..(i + 1) * tile) };
-            loop {
-                let start = (take() * per).min(n);
-                let tokens = start..(start + per).min(n);
-                if tokens.is_empty() {
-                    return;
-                }
-                // SAFETY: the counter hands each chunk (the output rows of `tokens`) to one
-                // participant.
-                let os = unsafe { out.part(tokens.start * m..tokens.end * m) };
-                matmul_rows(
-                    k,
-                    x.tokens(tokens.clone(), w.cols),
-                    tokens.len(),
-                    w,
-                    0..m,
-                    os,
-                    m,
-                    sc,
-                );
-            }
-        });
-    }
+            // SAFETY: the counter hands each chunk (the columns `rows` of every token's output
+            // row) to one participant.
+            let os = unsafe { out.columns(rows.start) };
+            matmul_rows(k, x, n, w, rows, os, sc);
+        }
+    });
 }

@@ -17,8 +17,8 @@ use core::cmp::Reverse;
 use core::ops::Range;
 
 use crate::artifact::{BufId, Graph, Metadata, Op};
+use crate::kernels;
 use crate::kernels::q8::Q8Block;
-use crate::kernels::TILE_ROWS;
 use crate::quant::BLOCK;
 
 use super::{SessionError, SessionOptions, DEFAULT_CONTEXT};
@@ -279,7 +279,7 @@ pub(super) fn layout(
         cos: take(batch * (f.head_dim / 2)),
         sin: take(batch * (f.head_dim / 2)),
         scores: take(opts.threads.max(1) * context),
-        tiles: take(opts.threads.max(1) * TILE_ROWS * max_cols),
+        tiles: take(opts.threads.max(1) * kernels::scratch_floats(max_cols, batch)),
         xq: take(batch * max_cols.div_ceil(BLOCK) * Q8_FLOATS),
         logits: take(if opts.logits_all { batch } else { 1 } * f.vocab_size),
         len: 0,

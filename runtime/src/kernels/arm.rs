@@ -17,9 +17,11 @@
 use core::arch::aarch64::*;
 use core::arch::asm;
 
+use super::product::{Out, Product};
 use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::q8::{self, f16_to_f32, Q8Block};
 use super::{Kernels, Level, TILE_ROWS, TILE_TOKENS};
+use crate::layout::Layout;
 use crate::quant::{Format, BLOCK};
 
 /// Rows of a tile: the four f32 lanes of an accumulator.
@@ -343,25 +345,16 @@ impl Tiles for I8mm {
     }
 }
 
-/// [`q8::gemm`] for format `F` in tiles of 4 rows × up to 4 tokens.
+/// [`q8::gemm`] for format `F` over ggml rows, in tiles of 4 rows × up to 4 tokens.
 #[inline(always)]
-fn gemm<L: Tiles, const F: u8>(
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    stride: usize,
-) {
+fn gemm<L: Tiles, const F: u8>(w: &[u8], rows: usize, x: &[Q8Block], n: usize, out: Out<'_>) {
+    let mut out = out;
     if rows == 0 || n == 0 {
         return;
     }
     let (rb, nb) = (w.len() / rows, x.len() / n);
     let blocks = (rb / block_bytes(F)).min(nb);
-    assert!(
-        out.len() >= (n - 1) * stride + rows,
-        "gemm_q8: output too short"
-    );
+    let (o, stride) = (out.checked(n, rows), out.stride());
     let mut r0 = 0;
     while r0 < rows {
         let nr = (rows - r0).min(R);
@@ -369,8 +362,8 @@ fn gemm<L: Tiles, const F: u8>(
         while t0 < n {
             let nt = (n - t0).min(T);
             // SAFETY: rows `r0..r0 + nr ≤ rows` of `rb ≥ blocks·bb` bytes are inside `w`,
-            // tokens `t0..t0 + nt ≤ n` of `nb ≥ blocks` blocks inside `x`, and `out` holds
-            // `rows` floats at `t·stride` for every `t < n` (asserted above).
+            // tokens `t0..t0 + nt ≤ n` of `nb ≥ blocks` blocks inside `x`, and `o` holds
+            // `rows` floats at `t·stride` for every `t < n` (`checked` above).
             unsafe {
                 let tile = Tile {
                     w: core::array::from_fn(|i| w.as_ptr().add((r0 + i.min(nr - 1)) * rb)),
@@ -378,7 +371,7 @@ fn gemm<L: Tiles, const F: u8>(
                     x: x.as_ptr().add(t0 * nb),
                     nb,
                     blocks,
-                    out: out.as_mut_ptr().add(t0 * stride + r0),
+                    out: o.add(t0 * stride + r0),
                     stride,
                 };
                 L::tile::<F>(&tile, nt);
@@ -389,68 +382,38 @@ fn gemm<L: Tiles, const F: u8>(
     }
 }
 
-/// [`gemm`] for each block format (float formats never reach a block product).
-#[allow(clippy::too_many_arguments)]
+/// [`gemm`] for each block format over ggml rows; other layouts take the reference.
 #[inline(always)]
-fn gemm_level<L: Tiles>(
-    format: Format,
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    stride: usize,
-) {
-    match format {
-        Format::Q4_0 => gemm::<L, Q4_0>(w, rows, x, n, out, stride),
-        Format::Q4_1 => gemm::<L, Q4_1>(w, rows, x, n, out, stride),
-        Format::Q8_0 => gemm::<L, Q8_0>(w, rows, x, n, out, stride),
-        Format::F32 | Format::F16 => q8::gemm(format, w, rows, x, n, out, stride, &mut []),
+fn gemm_level<L: Tiles>(p: Product<'_>) {
+    if p.w.geometry.layout != Layout::Rows {
+        return q8::gemm(p);
+    }
+    let nb = p.w.geometry.blocks;
+    let (w, rows, x) = (
+        p.w.plain_rows(p.rows.clone()),
+        p.rows.len(),
+        &p.x[..p.n * nb],
+    );
+    match p.w.geometry.format {
+        Format::Q4_0 => gemm::<L, Q4_0>(w, rows, x, p.n, p.out),
+        Format::Q4_1 => gemm::<L, Q4_1>(w, rows, x, p.n, p.out),
+        Format::Q8_0 => gemm::<L, Q8_0>(w, rows, x, p.n, p.out),
+        Format::F32 | Format::F16 => q8::gemm(p),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gemm_neon(
-    f: Format,
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    stride: usize,
-    _scratch: &mut [f32],
-) {
-    gemm_level::<Neon>(f, w, rows, x, n, out, stride);
+fn gemm_neon(p: Product<'_>) {
+    gemm_level::<Neon>(p);
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "dotprod")]
-fn gemm_dotprod(
-    f: Format,
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    stride: usize,
-    _scratch: &mut [f32],
-) {
-    gemm_level::<Dotprod>(f, w, rows, x, n, out, stride);
+fn gemm_dotprod(p: Product<'_>) {
+    gemm_level::<Dotprod>(p);
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "dotprod,i8mm")]
-fn gemm_i8mm(
-    f: Format,
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    stride: usize,
-    _scratch: &mut [f32],
-) {
-    gemm_level::<I8mm>(f, w, rows, x, n, out, stride);
+fn gemm_i8mm(p: Product<'_>) {
+    gemm_level::<I8mm>(p);
 }
 
 /// `Σ a·b` with four 4-lane `vfmaq_f32` accumulators.
@@ -560,14 +523,14 @@ pub fn table(level: Level, base: &Kernels) -> Option<Kernels> {
             level,
             name: "aarch64 dotprod",
             // SAFETY: `gemm_dotprod` only needs dotprod, which the caller checked.
-            gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { gemm_dotprod(f, w, r, x, n, o, s, sc) },
+            gemm_q8: |p| unsafe { gemm_dotprod(p) },
             ..neon
         }),
         Level::I8mm => Some(Kernels {
             level,
             name: "aarch64 i8mm",
             // SAFETY: `gemm_i8mm` only needs dotprod and i8mm, which the caller checked.
-            gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { gemm_i8mm(f, w, r, x, n, o, s, sc) },
+            gemm_q8: |p| unsafe { gemm_i8mm(p) },
             ..neon
         }),
         _ => None,

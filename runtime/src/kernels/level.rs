@@ -3,6 +3,8 @@
 
 use alloc::string::String;
 
+use crate::layout::Layout;
+
 /// One set of kernels: the portable reference, or the versions compiled for an ISA level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Level {
@@ -10,6 +12,8 @@ pub enum Level {
     Generic,
     /// x86-64 AVX2 + FMA + F16C (Haswell, Zen 1–3).
     Avx2,
+    /// AVX2 with AVX-VNNI's 256-bit `vpdpbusd` (Alder Lake and later, Zen 5).
+    AvxVnni,
     /// AVX-512 F/BW/VL for the float kernels, AVX2 block products (Skylake-X).
     Avx512,
     /// AVX-512 with VNNI's 512-bit `vpdpbusd` (Ice Lake, Sapphire Rapids, Zen 4).
@@ -40,13 +44,21 @@ pub enum LevelError {
     },
     #[error("KILN_KERNELS={level}: this runtime was built without std, which has only the generic kernels")]
     NoStd { level: &'static str },
+    #[error("tensor {tensor}: its weights are packed {layout}, which the {level} kernels do not run (they run {runs}); compile the model for this target, or set KILN_KERNELS=generic")]
+    Layout {
+        tensor: String,
+        layout: &'static str,
+        level: &'static str,
+        runs: String,
+    },
 }
 
 impl Level {
     /// Every level, the x86-64 ones then the aarch64 ones, each list from the weakest.
-    pub const ALL: [Level; 7] = [
+    pub const ALL: [Level; 8] = [
         Level::Generic,
         Level::Avx2,
+        Level::AvxVnni,
         Level::Avx512,
         Level::Avx512Vnni,
         Level::Neon,
@@ -59,6 +71,7 @@ impl Level {
         match self {
             Level::Generic => "generic",
             Level::Avx2 => "avx2",
+            Level::AvxVnni => "avxvnni",
             Level::Avx512 => "avx512",
             Level::Avx512Vnni => "avx512vnni",
             Level::Neon => "neon",
@@ -82,7 +95,7 @@ impl Level {
     pub fn arch(self) -> Option<&'static str> {
         match self {
             Level::Generic => None,
-            Level::Avx2 | Level::Avx512 | Level::Avx512Vnni => Some("x86_64"),
+            Level::Avx2 | Level::AvxVnni | Level::Avx512 | Level::Avx512Vnni => Some("x86_64"),
             Level::Neon | Level::Dotprod | Level::I8mm => Some("aarch64"),
         }
     }
@@ -92,6 +105,7 @@ impl Level {
         match self {
             Level::Generic => &[],
             Level::Avx2 => &["avx2", "fma", "f16c"],
+            Level::AvxVnni => &["avx2", "fma", "f16c", "avxvnni"],
             Level::Avx512 => &["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"],
             Level::Avx512Vnni => &[
                 "avx2",
@@ -106,6 +120,46 @@ impl Level {
             Level::Dotprod => &["neon", "dotprod"],
             Level::I8mm => &["neon", "dotprod", "i8mm"],
         }
+    }
+
+    /// The layouts this level's block products run natively; the reference runs every one.
+    pub fn layouts(self) -> &'static [Layout] {
+        match self {
+            Level::Generic => &Layout::ALL,
+            Level::Avx2 | Level::AvxVnni | Level::Avx512 | Level::Avx512Vnni => {
+                &[Layout::Rows, Layout::X16]
+            }
+            Level::Neon | Level::Dotprod => &[Layout::Rows, Layout::X4],
+            Level::I8mm => &[Layout::Rows, Layout::X4, Layout::X8],
+        }
+    }
+
+    /// The layout this level's products run fastest, which `--target host` packs for.
+    pub fn preferred_layout(self) -> Layout {
+        match self {
+            Level::Generic => Layout::Rows,
+            Level::Avx2 | Level::AvxVnni | Level::Avx512 | Level::Avx512Vnni => Layout::X16,
+            Level::Neon | Level::Dotprod => Layout::X4,
+            Level::I8mm => Layout::X8,
+        }
+    }
+
+    /// Whether the level runs a tensor `tensor` packed in `layout`, or why not.
+    pub fn check_layout(self, tensor: &str, layout: Layout) -> Result<(), LevelError> {
+        if self.layouts().contains(&layout) {
+            return Ok(());
+        }
+        Err(LevelError::Layout {
+            tensor: tensor.into(),
+            layout: layout.name(),
+            level: self.name(),
+            runs: self
+                .layouts()
+                .iter()
+                .map(|l| l.name())
+                .collect::<alloc::vec::Vec<_>>()
+                .join(", "),
+        })
     }
 
     /// Whether this CPU (and this build) runs the level, or why not.

@@ -7,15 +7,20 @@ mod arm;
 pub mod budget;
 mod generic;
 mod level;
+pub mod product;
 pub mod q8;
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 mod vnni;
 mod worst;
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
+mod x16;
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
 mod x86;
 
 pub use level::{Level, LevelError};
+pub use product::{Out, Product, QWeights};
 
+use crate::layout::{Geometry, Layout};
 use crate::quant::{Format, BLOCK};
 use q8::Q8Block;
 
@@ -26,6 +31,19 @@ pub const TILE_ROWS: usize = 4;
 /// Tokens the optimized block kernels handle together: parallel splits of a batch by tokens
 /// keep to multiples of it.
 pub const TILE_TOKENS: usize = 4;
+
+/// Floats of scratch each participant of a product over rows of `cols` values, for batches of
+/// up to `batch` tokens, needs: [`TILE_ROWS`] dequantized rows for float products, or a
+/// block kernel's per-token staging (16 bytes a block, 64-byte aligned).
+pub const fn scratch_floats(cols: usize, batch: usize) -> usize {
+    let rows = TILE_ROWS * cols;
+    let staged = batch * cols.div_ceil(BLOCK) * 4 + 16;
+    if rows > staged {
+        rows
+    } else {
+        staged
+    }
+}
 
 /// The kernel table.
 #[derive(Clone, Copy, Debug)]
@@ -38,8 +56,8 @@ pub struct Kernels {
     pub dot: fn(&[f32], &[f32]) -> f32,
     /// Four dot products of the rows of `w` (`4 × x.len()`) with `x`.
     pub dot4: fn(&[f32], &[f32]) -> [f32; TILE_ROWS],
-    /// Block-quantized weight rows against 8-bit activations of a batch of tokens; the
-    /// arguments and the result are those of [`q8::gemm`], the reference.
+    /// Block-quantized weight rows against 8-bit activations of a batch of tokens
+    /// ([`Product`]); [`q8::gemm`] is the reference.
     pub gemm_q8: GemmQ8,
     /// Quantizes activations to 8-bit blocks, bit-identical to [`q8::quantize`].
     pub quantize: fn(&[f32], &mut [Q8Block]),
@@ -57,8 +75,8 @@ pub struct Kernels {
     pub to_f16: fn(&[f32], &mut [u16]),
 }
 
-/// `(format, weight rows, row count, activations, tokens, out, out stride, scratch)`, see [`q8::gemm`].
-pub type GemmQ8 = fn(Format, &[u8], usize, &[Q8Block], usize, &mut [f32], usize, &mut [f32]);
+/// A block-quantized matrix product, see [`Product`] and [`q8::gemm`].
+pub type GemmQ8 = fn(Product<'_>);
 
 impl Kernels {
     /// The reference kernels.
@@ -133,6 +151,7 @@ pub fn gemm_q8_variants() -> alloc::vec::Vec<(&'static str, GemmQ8)> {
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
     pub format: Format,
+    pub layout: Layout,
     pub rows: usize,
     pub cols: usize,
     pub bytes: &'a [u8],
@@ -141,12 +160,19 @@ pub struct Matrix<'a> {
 }
 
 impl<'a> Matrix<'a> {
-    pub fn new(format: Format, rows: usize, cols: usize, bytes: &'a [u8]) -> Matrix<'a> {
+    pub fn new(
+        format: Format,
+        layout: Layout,
+        rows: usize,
+        cols: usize,
+        bytes: &'a [u8],
+    ) -> Matrix<'a> {
         let f32 = (format == Format::F32)
             .then(|| bytemuck::try_cast_slice(bytes).ok())
             .flatten();
         Matrix {
             format,
+            layout,
             rows,
             cols,
             bytes,
@@ -154,8 +180,14 @@ impl<'a> Matrix<'a> {
         }
     }
 
-    pub fn row_bytes(&self) -> usize {
-        self.bytes.len() / self.rows.max(1)
+    /// Where its blocks lie (for block formats).
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            format: self.format,
+            layout: self.layout,
+            rows: self.rows,
+            blocks: self.cols / self.format.block_len(),
+        }
     }
 
     /// Rows `r0..r0+count` as f32: in place when possible, else dequantized into `scratch`.
@@ -166,11 +198,22 @@ impl<'a> Matrix<'a> {
         if let Some(values) = self.f32 {
             return &values[r0 * self.cols..(r0 + count) * self.cols];
         }
-        let rb = self.row_bytes();
-        for i in 0..count {
-            let src = &self.bytes[(r0 + i) * rb..(r0 + i + 1) * rb];
-            self.format
-                .dequantize_row(src, &mut scratch[i * self.cols..(i + 1) * self.cols]);
+        let g = self.geometry();
+        let plain = g.groups() * crate::layout::GROUP;
+        let (rb, bl) = (g.row_bytes(), self.format.block_len());
+        let mut block = [0u8; 34];
+        for (i, r) in (r0..r0 + count).enumerate() {
+            let row = &mut scratch[i * self.cols..(i + 1) * self.cols];
+            if r >= plain {
+                let at = g.plain_row(r);
+                self.format.dequantize_row(&self.bytes[at..at + rb], row);
+                continue;
+            }
+            let bb = self.format.block_bytes();
+            for (b, values) in row.chunks_exact_mut(bl).enumerate() {
+                g.block(self.bytes, r, b, &mut block);
+                self.format.dequantize_row(&block[..bb], values);
+            }
         }
         &scratch[..count * self.cols]
     }
@@ -185,42 +228,30 @@ pub enum Input<'x> {
     Q8(&'x [Q8Block]),
 }
 
-impl<'x> Input<'x> {
-    /// Tokens `range` of a batch whose rows are `cols` long.
-    pub fn tokens(self, range: core::ops::Range<usize>, cols: usize) -> Input<'x> {
-        match self {
-            Input::F32(x) => Input::F32(&x[range.start * cols..range.end * cols]),
-            Input::Q8(x) => Input::Q8(&x[range.start * cols / BLOCK..range.end * cols / BLOCK]),
-        }
-    }
-}
-
-/// `out[t][r] = x[t] · w[r]` for tokens `t < n` and rows `rows` of `w`; `out` rows are
-/// `out_stride` apart, and `scratch` holds [`TILE_ROWS`] dequantized weight rows.
-#[allow(clippy::too_many_arguments)]
+/// `out(t, r − rows.start) = x[t] · w[r]` for tokens `t < n` and rows `rows` of `w`;
+/// `scratch` holds [`TILE_ROWS`] dequantized weight rows (or what a block kernel stages).
 pub fn matmul_rows(
     k: &Kernels,
     x: Input<'_>,
     n: usize,
     w: &Matrix<'_>,
     rows: core::ops::Range<usize>,
-    out: &mut [f32],
-    out_stride: usize,
+    mut out: Out<'_>,
     scratch: &mut [f32],
 ) {
     let cols = w.cols;
     if let Input::Q8(xq) = x {
-        let rb = w.row_bytes();
-        (k.gemm_q8)(
-            w.format,
-            &w.bytes[rows.start * rb..rows.end * rb],
-            rows.len(),
-            &xq[..n * (cols / BLOCK)],
+        (k.gemm_q8)(Product {
+            w: QWeights {
+                geometry: w.geometry(),
+                bytes: w.bytes,
+            },
+            rows,
+            x: &xq[..n * (cols / BLOCK)],
             n,
             out,
-            out_stride,
             scratch,
-        );
+        });
         return;
     }
     let Input::F32(x) = x else { return };
@@ -230,12 +261,14 @@ pub fn matmul_rows(
         let tile = w.rows_f32(r0, count, scratch);
         for t in 0..n {
             let xt = &x[t * cols..(t + 1) * cols];
-            let o = &mut out[t * out_stride + r0 - rows.start..];
+            let c = r0 - rows.start;
             if count == TILE_ROWS {
-                o[..TILE_ROWS].copy_from_slice(&(k.dot4)(tile, xt));
+                for (i, v) in (k.dot4)(tile, xt).into_iter().enumerate() {
+                    out.set(t, c + i, v);
+                }
             } else {
                 for i in 0..count {
-                    o[i] = (k.dot)(&tile[i * cols..(i + 1) * cols], xt);
+                    out.set(t, c + i, (k.dot)(&tile[i * cols..(i + 1) * cols], xt));
                 }
             }
         }
@@ -425,36 +458,103 @@ mod tests {
     use alloc::vec;
     use proptest::prelude::*;
 
-    /// Every optimized block-quantized product against the reference, on ragged shapes (rows
-    /// not a multiple of the tile, tokens not a multiple of the tile, odd block counts), within
-    /// [`q8::error_budget`] of each output.
+    /// A product to run in every layout: `rows` ggml rows of `blocks` blocks, computed from
+    /// row `first` on, against `n` tokens.
+    struct Case<'a> {
+        format: Format,
+        rows: usize,
+        blocks: usize,
+        first: usize,
+        row_major: &'a [u8],
+        x: &'a [Q8Block],
+        n: usize,
+    }
+
+    impl Case<'_> {
+        /// Runs `gemm` on the weights packed into `layout`, into `out` (rows `stride` apart).
+        fn run(&self, gemm: GemmQ8, layout: Layout, out: &mut [f32], stride: usize) {
+            let geometry = Geometry {
+                format: self.format,
+                layout,
+                rows: self.rows,
+                blocks: self.blocks,
+            };
+            let packed = geometry.pack(self.row_major);
+            let mut scratch = vec![0f32; scratch_floats(self.blocks * BLOCK, self.n)];
+            gemm(Product {
+                w: QWeights {
+                    geometry,
+                    bytes: &packed,
+                },
+                rows: self.first..self.rows,
+                x: self.x,
+                n: self.n,
+                out: Out::new(out, stride),
+                scratch: &mut scratch,
+            });
+        }
+    }
+
+    /// Every optimized block-quantized product against the reference, in every layout, on
+    /// ragged shapes (rows not a multiple of the tile or the group, tokens not a multiple of
+    /// the tile, odd block counts, row ranges starting on a later group), within
+    /// [`q8::error_budget`] of each output; the reference itself is bit-identical in every layout.
     fn check_gemm(format: Format, rows: usize, blocks: usize, n: usize, pad: usize, seed: u64) {
         let mut rng = testing::Rng(seed | 1);
         let w = weights(&mut rng, format, rows, blocks);
         let (_, x) = activations(&mut rng, n, blocks * BLOCK);
-        let stride = rows + pad;
+        let first = if rows > 4 && seed.is_multiple_of(2) {
+            4
+        } else {
+            0
+        };
+        let cols = rows - first;
+        let stride = cols + pad;
+        let case = Case {
+            format,
+            rows,
+            blocks,
+            first,
+            row_major: &w,
+            x: &x,
+            n,
+        };
         let mut want = vec![f32::NAN; n * stride];
-        q8::gemm(format, &w, rows, &x, n, &mut want, stride, &mut []);
+        case.run(q8::gemm, Layout::Rows, &mut want, stride);
         let rb = w.len() / rows;
-        for k in optimized() {
-            let mut got = vec![f32::NAN; n * stride];
-            let mut scratch = vec![0f32; TILE_ROWS * blocks * BLOCK];
-            (k.gemm_q8)(format, &w, rows, &x, n, &mut got, stride, &mut scratch);
-            for t in 0..n {
-                let xt = &x[t * blocks..(t + 1) * blocks];
-                for r in 0..stride {
-                    let (g, e) = (got[t * stride + r], want[t * stride + r]);
-                    if r >= rows {
-                        assert!(g.is_nan(), "{}: wrote padding at ({t}, {r})", k.name);
-                        continue;
+        for layout in Layout::ALL {
+            let mut same = vec![f32::NAN; n * stride];
+            case.run(q8::gemm, layout, &mut same, stride);
+            assert!(
+                same.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "the reference in {layout:?} differs from ggml rows"
+            );
+            for k in optimized() {
+                let mut got = vec![f32::NAN; n * stride];
+                case.run(k.gemm_q8, layout, &mut got, stride);
+                for t in 0..n {
+                    let xt = &x[t * blocks..(t + 1) * blocks];
+                    for c in 0..stride {
+                        let (g, e) = (got[t * stride + c], want[t * stride + c]);
+                        if c >= cols {
+                            assert!(
+                                g.is_nan(),
+                                "{} {layout:?}: wrote padding at ({t}, {c})",
+                                k.name
+                            );
+                            continue;
+                        }
+                        let r = first + c;
+                        let terms = q8::abs_terms(format, &w[r * rb..(r + 1) * rb], xt);
+                        let budget = q8::error_budget(blocks, terms);
+                        assert!(
+                            (g - e).abs() <= budget,
+                            "{} {format:?} {layout:?} {rows}x{blocks} blocks from row {first}, {n} tokens: ({t}, {r}) {g} vs {e}, budget {budget}",
+                            k.name
+                        );
                     }
-                    let terms = q8::abs_terms(format, &w[r * rb..(r + 1) * rb], xt);
-                    let budget = q8::error_budget(blocks, terms);
-                    assert!(
-                        (g - e).abs() <= budget,
-                        "{} {format:?} {rows}x{blocks} blocks, {n} tokens: ({t}, {r}) {g} vs {e}, budget {budget}",
-                        k.name
-                    );
                 }
             }
         }
@@ -647,12 +747,21 @@ mod tests {
         for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
             let w = weights(&mut rng, format, rows, blocks);
             let (_, x) = activations(&mut rng, n, blocks * BLOCK);
+            let case = Case {
+                format,
+                rows,
+                blocks,
+                first: 0,
+                row_major: &w,
+                x: &x,
+                n,
+            };
             let mut want = vec![0f32; n * rows];
-            q8::gemm(format, &w, rows, &x, n, &mut want, rows, &mut []);
+            case.run(q8::gemm, Layout::Rows, &mut want, rows);
             let mut ups = 0;
             for k in Kernels::worst_cases() {
                 let mut got = vec![0f32; n * rows];
-                (k.gemm_q8)(format, &w, rows, &x, n, &mut got, rows, &mut []);
+                case.run(k.gemm_q8, Layout::X16, &mut got, rows);
                 for t in 0..n {
                     for r in 0..rows {
                         let rb = w.len() / rows;

@@ -4,6 +4,8 @@
 
 use half::f16;
 
+use super::product::Product;
+use crate::layout::GROUP;
 use crate::quant::{Format, BLOCK};
 
 /// The block formats as `u8` const parameters, so that an optimized kernel generic over the
@@ -121,31 +123,31 @@ impl BlockDot for Scalar {
     }
 }
 
+/// What block `b` (ggml's bytes) adds to a row's sum against the activation block `q`.
+#[inline(always)]
+pub fn block_term<D: BlockDot>(format: Format, b: &[u8], q: &Q8Block) -> f32 {
+    match format {
+        Format::Q8_0 => D::signed(&b[2..], &q.qs) as f32 * (half_at(b, 0) * q.d),
+        Format::Q4_0 => {
+            // Σ (nibble − 8)·a, with the offset taken out of the integer sum.
+            let acc = D::nibbles(&b[2..], &q.qs) - 8 * D::sum(&q.qs);
+            acc as f32 * (half_at(b, 0) * q.d)
+        }
+        Format::Q4_1 => {
+            let acc = D::nibbles(&b[4..], &q.qs);
+            half_at(b, 0) * q.d * acc as f32 + half_at(b, 2) * q.s
+        }
+        // Float weights never reach here (they take the f32 path); zero keeps this total.
+        Format::F32 | Format::F16 => 0.0,
+    }
+}
+
 /// Dot product of one stored weight row with quantized activations.
 #[inline(always)]
 pub fn dot_row_with<D: BlockDot>(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
     let mut sum = 0f32;
-    match format {
-        Format::Q8_0 => {
-            for (b, q) in row.chunks_exact(34).zip(x) {
-                sum += D::signed(&b[2..], &q.qs) as f32 * (half_at(b, 0) * q.d);
-            }
-        }
-        Format::Q4_0 => {
-            for (b, q) in row.chunks_exact(18).zip(x) {
-                // Σ (nibble − 8)·a, with the offset taken out of the integer sum.
-                let acc = D::nibbles(&b[2..], &q.qs) - 8 * D::sum(&q.qs);
-                sum += acc as f32 * (half_at(b, 0) * q.d);
-            }
-        }
-        Format::Q4_1 => {
-            for (b, q) in row.chunks_exact(20).zip(x) {
-                let acc = D::nibbles(&b[4..], &q.qs);
-                sum += half_at(b, 0) * q.d * acc as f32 + half_at(b, 2) * q.s;
-            }
-        }
-        // Float weights never reach here (they take the f32 path); zero keeps this total.
-        Format::F32 | Format::F16 => {}
+    for (b, q) in row.chunks_exact(format.block_bytes()).zip(x) {
+        sum += block_term::<D>(format, b, q);
     }
     sum
 }
@@ -155,43 +157,59 @@ pub fn dot_row(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
     dot_row_with::<Scalar>(format, row, x)
 }
 
-/// The reference matrix product: `out[t * out_stride + r] = row r of w · token t of x` for the
-/// `rows` rows stored in `w` and the `n` tokens of `x` (each `x.len() / n` blocks), one
-/// [`dot_row`] each. `scratch` is unused here (optimized kernels may stage weights in it).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm(
-    format: Format,
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
-    _scratch: &mut [f32],
-) {
-    gemm_with::<Scalar>(format, w, rows, x, n, out, out_stride);
+/// The reference matrix product ([`Product`]), in any layout: each (row, token) sums its
+/// blocks' [`block_term`]s in order, so the result does not depend on the layout.
+pub fn gemm(mut p: Product<'_>) {
+    let g = p.w.geometry;
+    let nb = g.blocks;
+    let out = p.out.checked(p.n, p.rows.len());
+    let plain = g.groups() * GROUP;
+    let mut block = [0u8; 34];
+    for (c, r) in p.rows.clone().enumerate() {
+        if r >= plain {
+            let row = p.w.plain_rows(r..r + 1);
+            for t in 0..p.n {
+                let v = dot_row(g.format, row, &p.x[t * nb..(t + 1) * nb]);
+                p.out.set(t, c, v);
+            }
+            continue;
+        }
+        for t in 0..p.n {
+            p.out.set(t, c, 0.0);
+        }
+        for b in 0..nb {
+            g.block(p.w.bytes, r, b, &mut block);
+            for t in 0..p.n {
+                let term = block_term::<Scalar>(g.format, &block, &p.x[t * nb + b]);
+                // SAFETY: `(t, c)` is inside the output `checked` vouched for.
+                unsafe { *out.add(t * p.out.stride() + c) += term };
+            }
+        }
+    }
 }
 
-/// [`gemm`] one row and token at a time on the block dots `D`.
-#[allow(clippy::too_many_arguments)]
+/// [`gemm`] over a matrix of ggml rows, one row and token at a time on the block dots `D`.
 #[inline(always)]
-pub fn gemm_with<D: BlockDot>(
-    format: Format,
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    if rows == 0 || n == 0 {
-        return;
-    }
-    let (rb, nb) = (w.len() / rows, x.len() / n);
-    for r in 0..rows {
-        let row = &w[r * rb..(r + 1) * rb];
+pub fn gemm_rows_with<D: BlockDot>(p: Product<'_>) {
+    let Product {
+        w,
+        rows,
+        x,
+        n,
+        mut out,
+        ..
+    } = p;
+    let (format, nb) = (w.geometry.format, w.geometry.blocks);
+    let bytes = w.plain_rows(rows.clone());
+    let rb = w.geometry.row_bytes();
+    for c in 0..rows.len() {
+        let row = &bytes[c * rb..(c + 1) * rb];
         for t in 0..n {
-            out[t * out_stride + r] = dot_row_with::<D>(format, row, &x[t * nb..(t + 1) * nb]);
+            out.set(
+                t,
+                c,
+                dot_row_with::<D>(format, row, &x[t * nb..(t + 1) * nb]),
+            );
         }
     }
 }

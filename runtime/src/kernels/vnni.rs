@@ -14,8 +14,10 @@
 
 use std::arch::x86_64::*;
 
+use super::product::Product;
 use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::q8::Q8Block;
+use crate::layout::Layout;
 use crate::quant::Format;
 
 /// Rows × tokens of the register tile for batches, and rows per tile for one token.
@@ -433,14 +435,14 @@ unsafe fn gemm_format<
     rows: usize,
     x: &[Q8Block],
     n: usize,
-    out: &mut [f32],
+    o: *mut f32,
     stride: usize,
     scratch: &mut [f32],
 ) {
     let (rb, nb) = (w.len() / rows, x.len() / n);
-    let (w, x, o) = (w.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+    let (w, x) = (w.as_ptr(), x.as_ptr());
     // SAFETY: `gemm` checked that `w` holds `rows` rows of `nb` blocks, `x` holds `n` tokens of
-    // `nb` blocks and `out` reaches `(n - 1)·stride + rows`; every call stays inside them.
+    // `nb` blocks and `o` reaches `(n - 1)·stride + rows`; every call stays inside them.
     unsafe {
         if n == 1 {
             return tokens_of::<F, RV, 1, PF>(w, rows, rb, x, nb, o, stride, scratch);
@@ -459,77 +461,81 @@ unsafe fn gemm_format<
     }
 }
 
-/// [`q8::gemm`](super::q8::gemm) with AVX-512 VNNI.
+/// [`q8::gemm`](super::q8::gemm) with AVX-512 VNNI, for matrices of ggml rows.
 ///
 /// SAFETY: the caller has detected AVX-512F/BW/VL/VNNI, F16C, AVX2 and FMA.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
-    format: Format,
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    stride: usize,
-    scratch: &mut [f32],
-) {
+pub unsafe fn gemm(p: Product<'_>) {
     // SAFETY: passed on from the caller.
-    unsafe { gemm_with::<R, T, R1, PREFETCH>(format, w, rows, x, n, out, stride, scratch) }
+    unsafe { gemm_with::<R, T, R1, PREFETCH>(p) }
 }
 
 /// [`gemm`] with the tile shape and prefetch distance as parameters (see [`variants`]).
 ///
 /// SAFETY: as [`gemm`].
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_with<const RB: usize, const TB: usize, const RV: usize, const PF: usize>(
-    format: Format,
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    stride: usize,
-    scratch: &mut [f32],
+    p: Product<'_>,
 ) {
-    if rows == 0 || n == 0 {
-        return;
-    }
-    let nb = x.len() / n;
-    let f = match format {
+    let Product {
+        w,
+        rows,
+        x,
+        n,
+        mut out,
+        scratch,
+    } = p;
+    let (range, nb) = (rows, w.geometry.blocks);
+    let rows = range.len();
+    let f = match w.geometry.format {
         Format::Q4_0 => Q4_0,
         Format::Q4_1 => Q4_1,
         Format::Q8_0 => Q8_0,
         Format::F32 | Format::F16 => return,
     };
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let bytes = w.plain_rows(range);
     assert!(
-        w.len() >= rows * nb * block_bytes(f)
-            && x.len() == n * nb
-            && out.len() >= (n - 1) * stride + rows
-            && (n == 1 || stride >= rows),
-        "gemm: {rows} rows of {nb} blocks × {n} tokens do not fit the slices"
+        x.len() >= n * nb,
+        "gemm: {n} tokens of {nb} blocks do not fit the activations"
     );
-    let w = &w[..rows * nb * block_bytes(f)];
+    let (x, o) = (&x[..n * nb], out.checked(n, rows));
     // SAFETY: the features were detected by the caller; the lengths were just checked.
     unsafe {
         match f {
-            Q4_0 => gemm_format::<Q4_0, RB, TB, RV, PF>(w, rows, x, n, out, stride, scratch),
-            Q4_1 => gemm_format::<Q4_1, RB, TB, RV, PF>(w, rows, x, n, out, stride, scratch),
-            _ => gemm_format::<Q8_0, RB, TB, RV, PF>(w, rows, x, n, out, stride, scratch),
+            Q4_0 => {
+                gemm_format::<Q4_0, RB, TB, RV, PF>(bytes, rows, x, n, o, out.stride(), scratch)
+            }
+            Q4_1 => {
+                gemm_format::<Q4_1, RB, TB, RV, PF>(bytes, rows, x, n, o, out.stride(), scratch)
+            }
+            _ => gemm_format::<Q8_0, RB, TB, RV, PF>(bytes, rows, x, n, o, out.stride(), scratch),
         }
     }
 }
 
 /// Tile shapes and prefetch distances to compare in benchmarks, with the one [`gemm`] uses
-/// first. Each entry needs what [`gemm`] needs: call them only after the same detection.
+/// first, for ggml rows (other layouts take the reference). Each entry needs what [`gemm`]
+/// needs: call them only after the same detection.
 pub fn variants() -> Vec<(&'static str, super::GemmQ8)> {
     macro_rules! v {
         ($name:expr, $rb:expr, $tb:expr, $rv:expr, $pf:expr, $prep:expr) => {
             (
                 $name,
                 // SAFETY: handed out only to callers that detected the features (see above).
-                |f, w, r, x, n, o, s, sc| unsafe {
-                    let sc: &mut [f32] = if $prep { sc } else { &mut [] };
-                    gemm_with::<$rb, $tb, $rv, $pf>(f, w, r, x, n, o, s, sc)
+                |p| {
+                    if p.w.geometry.layout != Layout::Rows {
+                        return super::q8::gemm(p);
+                    }
+                    let p = if $prep {
+                        p
+                    } else {
+                        Product {
+                            scratch: &mut [],
+                            ..p
+                        }
+                    };
+                    unsafe { gemm_with::<$rb, $tb, $rv, $pf>(p) }
                 },
             )
         };

@@ -4,9 +4,11 @@
 //! reference by at most this much per result, so running a model on this table shows how far
 //! such differences can carry to the logits: end-to-end tests derive their budgets from it.
 
-use super::q8::{self, Q8Block};
+use alloc::vec;
+
+use super::product::Product;
+use super::q8;
 use super::{budget, generic, Kernels, KvRows, TILE_ROWS};
-use crate::quant::Format;
 
 /// Moves `v` by `by`, up or down as a hash of `v`, `at` and the table's seed `S` says.
 fn push<const S: u64>(v: f32, by: f32, at: usize) -> f32 {
@@ -41,28 +43,22 @@ pub fn dot4<const S: u64>(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_q8<const S: u64>(
-    format: Format,
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    stride: usize,
-    scratch: &mut [f32],
-) {
-    q8::gemm(format, w, rows, x, n, out, stride, scratch);
-    if rows == 0 || n == 0 {
-        return;
-    }
-    let (rb, nb) = (w.len() / rows, x.len() / n);
-    for t in 0..n {
-        let xt = &x[t * nb..(t + 1) * nb];
-        for r in 0..rows {
-            let terms = q8::abs_terms(format, &w[r * rb..(r + 1) * rb], xt);
-            let o = &mut out[t * stride + r];
-            *o = push::<S>(*o, q8::error_budget(nb, terms), t * rows + r);
+pub fn gemm_q8<const S: u64>(mut p: Product<'_>) {
+    let (g, x, n, rows) = (p.w.geometry, p.x, p.n, p.rows.clone());
+    let bytes = p.w.bytes;
+    let out = p.out.checked(n, rows.len());
+    let stride = p.out.stride();
+    q8::gemm(p);
+    let nb = g.blocks;
+    let mut row = vec![0u8; g.row_bytes()];
+    for (c, r) in rows.enumerate() {
+        g.row(bytes, r, &mut row);
+        for t in 0..n {
+            let terms = q8::abs_terms(g.format, &row, &x[t * nb..(t + 1) * nb]);
+            // SAFETY: `(t, c)` is inside the output `checked` vouched for; the reference has
+            // finished writing it.
+            let o = unsafe { &mut *out.add(t * stride + c) };
+            *o = push::<S>(*o, q8::error_budget(nb, terms), t * g.rows + r);
         }
     }
 }

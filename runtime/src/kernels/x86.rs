@@ -2,9 +2,10 @@
 
 use std::arch::x86_64::*;
 
+use super::product::Product;
 use super::q8::{self, BlockDot, Q8Block};
-use super::{generic, vnni, Kernels, KvRows, Level, TILE_ROWS};
-use crate::quant::Format;
+use super::{generic, vnni, x16, Kernels, KvRows, Level, TILE_ROWS};
+use crate::layout::Layout;
 use crate::quant::BLOCK;
 
 #[target_feature(enable = "avx2,fma")]
@@ -81,20 +82,14 @@ impl BlockDot for Avx2 {
     }
 }
 
-/// [`q8::gemm`] one row and token at a time on the AVX2 block dots.
-#[allow(clippy::too_many_arguments)]
+/// [`q8::gemm`] one row and token at a time on the AVX2 block dots (ggml rows; other layouts
+/// take the reference).
 #[target_feature(enable = "avx2,fma")]
-fn gemm_q8_avx2(
-    format: Format,
-    w: &[u8],
-    rows: usize,
-    x: &[Q8Block],
-    n: usize,
-    out: &mut [f32],
-    out_stride: usize,
-    _scratch: &mut [f32],
-) {
-    q8::gemm_with::<Avx2>(format, w, rows, x, n, out, out_stride);
+fn gemm_q8_avx2(p: Product<'_>) {
+    match p.w.geometry.layout {
+        Layout::Rows => q8::gemm_rows_with::<Avx2>(p),
+        _ => q8::gemm(p),
+    }
 }
 
 /// [`q8::quantize`] with AVX-512, bit-identical to it: the same scalar scale arithmetic, the
@@ -499,7 +494,7 @@ pub fn table(level: Level, base: &Kernels) -> Option<Kernels> {
         name: "x86-64 avx2",
         dot: |a, b| unsafe { dot_avx2(a, b) },
         dot4: |w, x| unsafe { dot4_avx2(w, x) },
-        gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { gemm_q8_avx2(f, w, r, x, n, o, s, sc) },
+        gemm_q8: |p| unsafe { x16::gemm_avx2(p, |p| gemm_q8_avx2(p)) },
         ..*base
     };
     let avx512 = || Kernels {
@@ -518,11 +513,17 @@ pub fn table(level: Level, base: &Kernels) -> Option<Kernels> {
     };
     match level {
         Level::Avx2 => Some(avx2),
+        Level::AvxVnni => Some(Kernels {
+            level,
+            name: "x86-64 avxvnni",
+            gemm_q8: |p| unsafe { x16::gemm_avxvnni(p, |p| gemm_q8_avx2(p)) },
+            ..avx2
+        }),
         Level::Avx512 => Some(avx512()),
         Level::Avx512Vnni => Some(Kernels {
             level,
             name: "x86-64 avx512vnni",
-            gemm_q8: |f, w, r, x, n, o, s, sc| unsafe { vnni::gemm(f, w, r, x, n, o, s, sc) },
+            gemm_q8: |p| unsafe { x16::gemm_avx512vnni(p, |p| vnni::gemm(p)) },
             ..avx512()
         }),
         _ => None,
