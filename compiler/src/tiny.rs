@@ -25,7 +25,7 @@ const EOS: [u32; 3] = [128_001, 128_008, 128_009];
 const INIT_STD: f64 = 0.02;
 
 /// Llama 3.2 Instruct's own chat template.
-const CHAT_TEMPLATE: &str = include_str!("../../testdata/chat/llama-3.2-instruct.jinja");
+pub(crate) const CHAT_TEMPLATE: &str = include_str!("../../testdata/chat/llama-3.2-instruct.jinja");
 
 /// Why the tiny checkpoint could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -207,10 +207,10 @@ fn weights(seed: u64) -> Result<Vec<u8>, SafeTensorError> {
 }
 
 /// SplitMix64: a tiny seedable generator whose output is the same on every platform.
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -19,8 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::forced::{self, Budget};
+use kiln_runtime::artifact::{parse, tensor_bytes, TensorEntry};
 use kiln_runtime::generate::Model;
 use kiln_runtime::kernels::Kernels;
+use kiln_runtime::layout::Geometry;
 use kiln_runtime::logits::LogitsReader;
 use kiln_runtime::quant::Format;
 use serde_json::Value;
@@ -198,32 +200,52 @@ fn compile_for(dir: &Path, name: &str) -> PathBuf {
     out
 }
 
-/// Asserts two artifacts hold the same model: metadata apart from the required CPU features,
-/// tokenizer and weights byte for byte.
+/// Asserts two artifacts hold the same model: metadata apart from the required CPU features
+/// and the layouts, the same tokenizer, and every tensor's rows byte for byte once unpacked.
 fn assert_same_model(device: &Path, host: &Path) {
     let (a, b) = (
         std::fs::read(device).expect("device artifact"),
         std::fs::read(host).expect("host artifact"),
     );
     let (pa, pb) = (
-        kiln_runtime::artifact::parse(&a).expect("parse the device artifact"),
-        kiln_runtime::artifact::parse(&b).expect("parse the host artifact"),
+        parse(&a).expect("parse the device artifact"),
+        parse(&b).expect("parse the host artifact"),
     );
     let mut meta = pa.meta.clone();
     meta.required_cpu_features
         .clone_from(&pb.meta.required_cpu_features);
+    for (t, h) in meta.tensors.iter_mut().zip(&pb.meta.tensors) {
+        t.layout = h.layout;
+    }
     assert!(
         meta == pb.meta,
-        "{} and {} differ beyond the required CPU features",
+        "{} and {} differ beyond the required CPU features and layouts",
         device.display(),
         host.display()
     );
     assert!(
-        a[pa.tokenizer] == b[pb.tokenizer] && a[pa.weights] == b[pb.weights],
-        "{} and {} hold different tokenizer or weight bytes",
-        device.display(),
-        host.display()
+        a[pa.tokenizer.clone()] == b[pb.tokenizer.clone()],
+        "different tokenizers"
     );
+    let rows = |weights: &[u8], e: &TensorEntry| -> Vec<u8> {
+        let g = Geometry {
+            format: e.format,
+            layout: e.layout,
+            rows: e.rows(),
+            blocks: e.cols() / e.format.block_len(),
+        };
+        let bytes = tensor_bytes(weights, e);
+        let rb = g.row_bytes();
+        let mut out = vec![0u8; bytes.len()];
+        for r in 0..e.rows() {
+            g.row(bytes, r, &mut out[r * rb..(r + 1) * rb]);
+        }
+        out
+    };
+    let (wa, wb) = (&a[pa.weights.clone()], &b[pb.weights.clone()]);
+    for (t, h) in pa.meta.tensors.iter().zip(&pb.meta.tensors) {
+        assert!(rows(wa, t) == rows(wb, h), "{}: different weights", t.name);
+    }
 }
 
 #[test]

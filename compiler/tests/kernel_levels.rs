@@ -1,6 +1,6 @@
 //! Every kernel level this CPU runs, teacher-forced over the same windows of the golden text
-//! as the reference kernels, on the default model in each block format, batched and token by
-//! token: each must stay within the budget the worst tables of the kernel contract set
+//! as the reference kernels, on the default model in each block format, in ggml's rows and in
+//! the level's packed layout, batched and token by token: each must stay within the budget the worst tables of the kernel contract set
 //! (`common::forced`). `KILN_KERNELS`
 //! does not matter here: each level is chosen explicitly, so every x86-64 machine checks every
 //! level it has, AVX2 always.
@@ -10,6 +10,7 @@ mod common;
 use common::forced;
 use kiln_runtime::generate::Model;
 use kiln_runtime::kernels::{Kernels, Level};
+use kiln_runtime::layout::Layout;
 use kiln_runtime::quant::Format;
 
 fn check_levels(quant: Format) {
@@ -30,15 +31,31 @@ fn check_levels(quant: Format) {
     }
     for level in levels {
         let kernels = Kernels::for_level(level).expect("an available level");
-        // Whole windows go through the batched kernels, token by token through the decoding ones.
-        for batch in [forced::CTX, 1] {
-            let rows = forced::scored_rows(&model, &tokens, kernels, batch);
-            budget.check(
-                &format!("{} {level}, passes of {batch}", quant.name()),
-                &reference,
-                &rows,
-                model.facts().vocab_size,
-            );
+        // ggml's rows and the layout the level packs for (the reference is the same on both).
+        let mut layouts = vec![Layout::Rows, level.preferred_layout()];
+        layouts.dedup();
+        for layout in layouts {
+            let packed = Model::open(&common::smollm2_packed(quant, layout)).expect("open");
+            // Whole windows go through the batched kernels, token by token (in the layout the
+            // level packs for, which users run) through the decoding ones.
+            let batches: &[usize] = if layout == level.preferred_layout() {
+                &[forced::CTX, 1]
+            } else {
+                &[forced::CTX]
+            };
+            for &batch in batches {
+                let rows = forced::scored_rows(&packed, &tokens, kernels, batch);
+                budget.check(
+                    &format!(
+                        "{} {level}, {}, passes of {batch}",
+                        quant.name(),
+                        layout.name()
+                    ),
+                    &reference,
+                    &rows,
+                    model.facts().vocab_size,
+                );
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
-//! An artifact compiled for a target records the CPU features the target's descriptor assumes,
-//! and the runtime refuses it on a CPU that lacks one: the default model compiled for `rpi5`
-//! requires NEON, dotprod and fp16 and does not open on x86-64; compiled for `host` it requires
-//! nothing and opens.
+//! An artifact compiled for a target records the CPU features the target's descriptor assumes
+//! (and its layout's kernels need), and the runtime refuses it on a CPU that lacks one: the
+//! default model compiled for `rpi5` requires NEON, dotprod and fp16 and does not open on
+//! x86-64; compiled for `host` it requires only the features of this CPU's kernels and opens.
 
 mod common;
 
@@ -54,14 +54,24 @@ fn an_rpi5_artifact_requires_its_features_and_is_refused_where_they_are_missing(
     }
 }
 
+/// The host's artifact is packed for this CPU's best kernels and requires only their
+/// features (on x86-64 the 4x16 layout, AVX2's), so it opens here.
 #[test]
-fn a_host_artifact_requires_nothing_and_opens() {
+fn a_host_artifact_requires_its_layouts_kernels_and_opens() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (assumed, path) = compile_for(dir.path(), "host");
-    assert!(assumed.is_empty());
-    assert!(recorded_features(&path).is_empty());
+    let (required, path) = compile_for(dir.path(), "host");
+    let layout = kiln_runtime::kernels::Level::best().preferred_layout();
+    assert_eq!(required, layout.features());
+    assert_eq!(recorded_features(&path), required);
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(required, ["avx2", "fma", "f16c"]);
     let artifact = Artifact::open(&path).expect("opens on the host");
-    assert!(artifact.meta().required_cpu_features.is_empty());
+    assert!(artifact
+        .meta()
+        .tensors
+        .iter()
+        .filter(|t| t.shape.len() == 2)
+        .all(|t| t.layout == layout));
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod compile;
 mod export;
 mod fetch;
 mod flash;
+mod gen_shaped;
 mod gen_tiny;
 mod hf;
 mod onnxruntime;
@@ -58,6 +59,8 @@ enum Command {
     Targets(targets::Args),
     /// Write a tiny random Llama 3.2-shaped checkpoint (Hugging Face layout) for tests.
     GenTiny(gen_tiny::Args),
+    /// Write an f16 GGUF with the exact shape of Llama 3.2 1B/3B or 3.1 8B and random weights.
+    GenShaped(gen_shaped::Args),
     /// Fetch, compile and run the default model (or another card) on a prompt.
     Run(run::Args),
     /// Fetch the test assets and Python peers, then run the whole test suite.
@@ -78,6 +81,7 @@ fn main() -> std::process::ExitCode {
         Command::Flash(args) => flash::run(args),
         Command::Targets(args) => targets::run(args),
         Command::GenTiny(args) => gen_tiny::run(args),
+        Command::GenShaped(args) => gen_shaped::run(args),
         Command::Run(args) => run::run(args),
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),

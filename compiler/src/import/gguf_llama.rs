@@ -19,16 +19,54 @@ pub fn import(path: &Path) -> Result<Checkpoint, ImportError> {
             architecture: arch,
         });
     }
-    let facts = facts(&file)?;
+    let mut facts = facts(&file)?;
+    facts.rope_scaling = rope_scaling(&file, &facts)?;
     let tokenizer = tokenizer(&file)?;
     let weights = weights(&file, &facts)?;
-    let mut facts = facts;
     facts.tie_word_embeddings = weights.lm_head.is_none();
     Ok(Checkpoint {
         facts,
         tokenizer,
         weights,
     })
+}
+
+/// Llama 3's `llama3` RoPE scaling, which llama.cpp's converter stores as `rope_freqs.weight`
+/// (the factor each frequency is divided by): the scaled frequencies must be ones kiln's
+/// formula makes, else the file is refused naming the tensor.
+fn rope_scaling(
+    file: &GgufFile,
+    facts: &ModelFacts,
+) -> Result<Option<kiln_runtime::model::Llama3RopeScaling>, ImportError> {
+    let Some(info) = file.tensors.get("rope_freqs.weight") else {
+        return Ok(None);
+    };
+    let half = facts.head_dim / 2;
+    let corrupt = |what: String| ImportError::Corrupt {
+        path: file.path().to_path_buf(),
+        what: format!("rope_freqs.weight: {what}"),
+    };
+    if info.format != kiln_runtime::quant::Format::F32 || info.dims != [half as u64] {
+        return Err(corrupt(format!(
+            "expected {half} f32 factors, found {:?} {}",
+            info.dims,
+            info.format.name()
+        )));
+    }
+    let plain = kiln_runtime::model::rope_inv_freq(facts.head_dim, facts.rope_theta, None);
+    let scaled: Vec<f64> = file
+        .tensor_bytes(info)
+        .chunks_exact(4)
+        .zip(&plain)
+        .map(|(b, &p)| f64::from(p) / f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        .collect();
+    match crate::lower::freqs::fit(&scaled, facts.head_dim) {
+        Some(rope) => Ok(rope.scaling),
+        None => Err(corrupt(
+            "these factors are not Llama 3's `llama3` RoPE scaling (the only one kiln implements)"
+                .into(),
+        )),
+    }
 }
 
 fn facts(file: &GgufFile) -> Result<ModelFacts, ImportError> {

@@ -13,7 +13,7 @@
 mod attention;
 mod decoder;
 mod facts;
-mod freqs;
+pub(crate) mod freqs;
 mod kv_cache;
 mod layout;
 mod linear;

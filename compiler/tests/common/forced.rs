@@ -18,8 +18,8 @@ use kiln_runtime::perplexity::{perplexity_with, Windows};
 pub const CTX: usize = 64;
 pub const CHUNKS: usize = 4;
 
-/// How much more than the worst tables a level may diverge (their spread between seeds is
-/// about 1.3× in KL divergence and 2× in the largest logit change).
+/// How much more than the worst tables a level may diverge (their spread between seeds was
+/// measured at about 1.3× in KL divergence and 2× in the largest logit change).
 const SLACK: f32 = 3.0;
 
 /// The text every table scores (its first [`CHUNKS`] windows).

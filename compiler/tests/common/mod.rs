@@ -77,6 +77,36 @@ pub fn compile_smollm2(dir: &Path, quant: Format) -> PathBuf {
     out
 }
 
+/// The default model compiled to `quant` with its matrices packed in `layout`, once per test
+/// binary and layout.
+pub fn smollm2_packed(quant: Format, layout: kiln_runtime::layout::Layout) -> PathBuf {
+    if layout == kiln_runtime::layout::Layout::Rows {
+        return smollm2_artifact(quant);
+    }
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static BUILT: OnceLock<Mutex<HashMap<(Format, kiln_runtime::layout::Layout), PathBuf>>> =
+        OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
+    let mut built = BUILT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    built
+        .entry((quant, layout))
+        .or_insert_with(|| {
+            let checkpoint = kiln_compiler::import::import(&smollm2_gguf()).expect("import");
+            let converted = kiln_compiler::emit::convert(&checkpoint, quant).expect("convert");
+            let out = dir
+                .path()
+                .join(format!("smollm2-{}-{}.kiln", quant.name(), layout.name()));
+            let packing = kiln_compiler::emit::Packing::new(&[], layout);
+            kiln_compiler::emit::write_artifact_for(&converted, &out, &packing)
+                .expect("write artifact");
+            out
+        })
+        .clone()
+}
+
 /// Python for the peer checks: `$KILN_PYTHON`, else `python3`.
 pub fn python() -> String {
     std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into())

@@ -1,5 +1,7 @@
-//! aarch64 versions of the generic kernels: NEON (every aarch64 CPU), then the block-quantized
-//! product again with `sdot` (dotprod) and with `smmla` (i8mm) where the CPU has them.
+//! aarch64 versions of the generic kernels: NEON (every aarch64 CPU; the float ones over
+//! [`super::lanes`]), then the block-quantized product again with `sdot` (dotprod) and with
+//! `smmla` (i8mm) where the CPU has them. This file holds the products over ggml rows; those
+//! over the packed layouts are in [`super::x4`].
 //!
 //! The block products take a tile of 4 weight rows, decode each block of them once to 32 signed
 //! bytes (`nibble − 8` for `q4_0`, the nibble for `q4_1`, as stored for `q8_0`) and multiply it
@@ -20,7 +22,7 @@ use core::arch::asm;
 use super::product::{Out, Product};
 use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::q8::{self, f16_to_f32, Q8Block};
-use super::{Kernels, Level, TILE_ROWS, TILE_TOKENS};
+use super::{x4, Kernels, Level, TILE_ROWS, TILE_TOKENS};
 use crate::layout::Layout;
 use crate::quant::{Format, BLOCK};
 
@@ -402,46 +404,59 @@ fn gemm_level<L: Tiles>(p: Product<'_>) {
     }
 }
 
-fn gemm_neon(p: Product<'_>) {
+fn rows_neon(p: Product<'_>) {
     gemm_level::<Neon>(p);
 }
 
 #[target_feature(enable = "dotprod")]
-fn gemm_dotprod(p: Product<'_>) {
+fn rows_dotprod(p: Product<'_>) {
     gemm_level::<Dotprod>(p);
 }
 
 #[target_feature(enable = "dotprod,i8mm")]
-fn gemm_i8mm(p: Product<'_>) {
+fn rows_i8mm(p: Product<'_>) {
     gemm_level::<I8mm>(p);
 }
 
-/// `Σ a·b` with four 4-lane `vfmaq_f32` accumulators.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let len = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut i = 0;
-    // SAFETY: every load reads 4 floats below `len` of both slices; NEON is baseline.
-    let sum = unsafe {
-        let mut acc = [vdupq_n_f32(0.0); 4];
-        while i + 16 <= len {
-            for (k, acc) in acc.iter_mut().enumerate() {
-                let at = i + 4 * k;
-                *acc = vfmaq_f32(*acc, vld1q_f32(pa.add(at)), vld1q_f32(pb.add(at)));
-            }
-            i += 16;
-        }
-        while i + 4 <= len {
-            acc[0] = vfmaq_f32(acc[0], vld1q_f32(pa.add(i)), vld1q_f32(pb.add(i)));
-            i += 4;
-        }
-        vaddvq_f32(vaddq_f32(
-            vaddq_f32(acc[0], acc[1]),
-            vaddq_f32(acc[2], acc[3]),
-        ))
-    };
-    let tail: f32 = a[i..len].iter().zip(&b[i..len]).map(|(x, y)| x * y).sum();
-    sum + tail
+/// The float kernels over NEON's 4 lanes ([`lanes`]); NEON is part of every aarch64 CPU.
+mod float {
+    use super::super::lanes::{self, V128};
+    use super::super::KvRows;
+
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: NEON is baseline.
+        unsafe { lanes::dot::<V128, f32>(a, b) }
+    }
+
+    pub fn scores(q: &[f32], k: KvRows<'_>, scale: f32, out: &mut [f32]) {
+        // SAFETY: NEON is baseline.
+        unsafe { lanes::scores_rows::<V128>(q, k, scale, out) }
+    }
+
+    pub fn mix(w: &[f32], v: KvRows<'_>, out: &mut [f32]) {
+        // SAFETY: NEON is baseline.
+        unsafe { lanes::mix_rows::<V128>(w, v, out) }
+    }
+
+    pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        // SAFETY: NEON is baseline.
+        unsafe { lanes::rms_norm::<V128>(x, weight, eps, out) }
+    }
+
+    pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        // SAFETY: NEON is baseline.
+        unsafe { lanes::swiglu::<V128>(gate, up, out) }
+    }
+
+    pub fn softmax(x: &mut [f32]) {
+        // SAFETY: NEON is baseline.
+        unsafe { lanes::softmax::<V128>(x) }
+    }
+
+    pub fn to_f16(x: &[f32], out: &mut [u16]) {
+        // SAFETY: NEON is baseline.
+        unsafe { lanes::to_f16::<V128>(x, out) }
+    }
 }
 
 /// Four rows of `w` against `x`, two accumulators per row.
@@ -505,32 +520,37 @@ fn quantize(x: &[f32], out: &mut [Q8Block]) {
     }
 }
 
-/// The table of an aarch64 `level` over `base`'s entries (`None` for other levels). The caller
+/// The table of an aarch64 `level` (`None` for other levels). The caller
 /// has checked that the CPU has the level's features ([`Level::check`]).
-pub fn table(level: Level, base: &Kernels) -> Option<Kernels> {
+pub fn table(level: Level) -> Option<Kernels> {
     let neon = Kernels {
         level: Level::Neon,
         name: "aarch64 neon",
-        dot,
+        dot: float::dot,
         dot4,
-        gemm_q8: gemm_neon,
+        gemm_q8: |p| x4::gemm_neon(p, rows_neon),
         quantize,
-        ..*base
+        rms_norm: float::rms_norm,
+        swiglu: float::swiglu,
+        softmax: float::softmax,
+        scores: float::scores,
+        mix: float::mix,
+        to_f16: float::to_f16,
     };
     match level {
         Level::Neon => Some(neon),
         Level::Dotprod => Some(Kernels {
             level,
             name: "aarch64 dotprod",
-            // SAFETY: `gemm_dotprod` only needs dotprod, which the caller checked.
-            gemm_q8: |p| unsafe { gemm_dotprod(p) },
+            // SAFETY: these only need dotprod, which the caller checked.
+            gemm_q8: |p| unsafe { x4::gemm_dotprod(p, |p| rows_dotprod(p)) },
             ..neon
         }),
         Level::I8mm => Some(Kernels {
             level,
             name: "aarch64 i8mm",
-            // SAFETY: `gemm_i8mm` only needs dotprod and i8mm, which the caller checked.
-            gemm_q8: |p| unsafe { gemm_i8mm(p) },
+            // SAFETY: these only need dotprod and i8mm, which the caller checked.
+            gemm_q8: |p| unsafe { x4::gemm_i8mm(p, |p| rows_i8mm(p)) },
             ..neon
         }),
         _ => None,
