@@ -374,12 +374,7 @@ mod tests {
 
     #[test]
     fn a_bad_layout_is_named() {
-        let with = |layout: &str| {
-            RPI5.replace(
-                "detect = []",
-                &format!("detect = []\nlayout = \"{layout}\""),
-            )
-        };
+        let with = |layout: &str| RPI5.replace("\"4x4\"", &format!("\"{layout}\""));
         assert!(Target::from_toml("board", &with("4x4")).is_ok());
         let e = error(&with("8x8"));
         assert!(

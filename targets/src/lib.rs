@@ -27,6 +27,10 @@ const SHIPPED: &[(&str, &str)] = &[
         "aarch64-linux",
         include_str!("../descriptors/aarch64-linux.toml"),
     ),
+    (
+        "aarch64-i8mm",
+        include_str!("../descriptors/aarch64-i8mm.toml"),
+    ),
 ];
 
 /// CPU feature names kiln's runtime checks on x86-64 (`kiln_runtime::cpu::has_feature`).

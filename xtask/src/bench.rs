@@ -3,11 +3,12 @@
 //! configuration) so that the machine's noise hits both, with each figure's median, its spread
 //! and the ratio kiln/llama.cpp, and decode speed against the memory-bandwidth bound.
 //!
-//! kiln runs as `kiln bench --reps 1 --json` (native over a `.kiln` artifact, or `--backend ort`
-//! over the MatMulNBits ONNX); llama.cpp through llama-cpp-python's low-level API
-//! (`bench_llama_cpp.py`, embedded), timed the same way. Inputs are made once and cached under
+//! kiln runs as `kiln bench --reps 1 --json` (native over a `.kiln` artifact at each `--kernels`
+//! level, or `--backend ort` over the MatMulNBits ONNX); llama.cpp as native `llama-bench` built
+//! for the matching instruction set (`llama_bench.rs`), or through llama-cpp-python's low-level
+//! API (`bench_llama_cpp.py`, embedded). Inputs are made once and cached under
 //! `$KILN_HOME/artifacts`: the artifact per quantization (as `cargo xtask compile`), the ONNX
-//! (as `cargo xtask export --quantized --quant`) and, for a quantization the card's GGUF is not
+//! (as `cargo xtask export --quantized --quant`) and, for a quantization the model's GGUF is not
 //! stored in, a GGUF written by llama.cpp's own quantizer.
 
 use std::collections::BTreeMap;
@@ -20,21 +21,36 @@ use anyhow::{bail, ensure, Context};
 use kiln_compiler::import::gguf::GgufFile;
 use kiln_compiler::onnx::{export_quantized, ExportOptions};
 use kiln_runtime::artifact::{Artifact, Metadata, Op};
+use kiln_runtime::kernels::Level;
 use kiln_runtime::quant::Format;
 use kiln_runtime::stats::Stats;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::llama_bench::{self, Build, LlamaCpp};
 use crate::{cache, compile, pypi, source};
 
 /// llama.cpp's side, run as `python -c SCRIPT MODE ARGS…`.
 const LLAMA_CPP_SCRIPT: &str = include_str!("bench_llama_cpp.py");
 /// The binding the comparison was written against.
 const LLAMA_CPP_PYTHON: &str = "llama-cpp-python==0.3.36";
-/// Bytes read to measure memory bandwidth: larger than the caches of the machines kiln targets.
-const BANDWIDTH_BYTES: usize = 1 << 30;
-/// Passes over the buffer; the fastest counts.
+/// Bytes the bandwidth triad's three arrays take: larger than the caches of the machines kiln
+/// targets.
+const BANDWIDTH_BYTES: usize = 3 << 28;
+/// Passes of the triad; the fastest counts.
 const BANDWIDTH_PASSES: usize = 5;
+
+/// Who kiln is compared with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    /// Native `llama-bench`, built from the llama.cpp in llama-cpp-python 0.3.36's sdist for
+    /// each compared instruction set, with its defaults (repacked weights on).
+    LlamaBench,
+    /// llama.cpp through llama-cpp-python 0.3.36's low-level API (repacked weights off).
+    LlamaCppPython,
+    /// kiln alone.
+    None,
+}
 
 /// Which kiln engine runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -51,17 +67,28 @@ pub enum Backend {
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Every combination of --quant, --threads and --depth is one configuration; \
-within it each repetition runs every --backend and then llama.cpp, each in a fresh process, so \
-that the machine's noise hits all of them. Each process loads the model, fills the cache to the \
-depth and makes one untimed warm-up pass before it measures.
+within it each repetition runs every kiln engine (each --backend, and each --kernels level of \
+the native one) and then llama.cpp, each in a fresh process, so that the machine's noise hits \
+all of them. Each process loads the model, fills the cache to the depth and makes one untimed \
+warm-up pass before it measures.
 
-llama.cpp runs through llama-cpp-python (`pip install llama-cpp-python==0.3.36`, which builds \
-llama.cpp from source in about 10 minutes), on the card's GGUF, or on a GGUF that llama.cpp's own \
-quantizer writes for another --quant; --no-llama-cpp leaves it out.
+--peer llama-bench (the default) builds native llama.cpp once per instruction set from the \
+llama.cpp vendored in PyPI's llama-cpp-python 0.3.36 sdist (cmake, about 10 minutes on 2 \
+cores, cached under $KILN_HOME/llama.cpp) and runs `llama-bench` with its defaults; each kiln \
+level is compared with the llama.cpp build for the same instruction set (avx2 with an AVX2-only \
+build, avxvnni with AVX2 + AVX-VNNI, avx512 and avx512vnni with -DGGML_NATIVE). llama.cpp runs \
+the model's GGUF, or one its own llama-quantize writes for another --quant (token embedding and \
+output head kept at q8_0, as kiln keeps them). --peer llama-cpp-python uses the Python binding \
+(`pip install llama-cpp-python==0.3.36`) instead; --peer none (or --no-llama-cpp) leaves \
+llama.cpp out.
+
+The bound is decode speed if the bytes a step reads streamed at the machine's memory bandwidth, \
+measured with a STREAM triad (a = b + s·c).
 
 Examples:
-  cargo xtask bench --quant q4_0,q4_1,q8_0 --threads 1,2 --backend native,ort
-  cargo xtask bench --quant q4_1 --depth 0,512,1536 --json"
+  cargo xtask bench --quant q4_0,q4_1,q8_0 --threads 1,2 --kernels avx2,avx512vnni
+  cargo xtask bench --model llama1b.f16.gguf --quant q4_0 --threads 1,2   (cargo xtask gen-shaped)
+  cargo xtask bench --quant q4_1 --depth 0,512,1536 --backend native,ort --json"
 )]
 pub struct Args {
     /// The model: a card name (fetched on demand) or a GGUF file (llama.cpp needs a GGUF; a
@@ -89,7 +116,14 @@ pub struct Args {
     /// kiln engines, comma-separated: native (`.kiln` artifact), ort (onnxruntime over ONNX).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "native")]
     pub backend: Vec<Backend>,
-    /// Leave llama.cpp out (kiln only).
+    /// kiln's kernel levels for the native engine, comma-separated (`KILN_KERNELS` names:
+    /// generic, avx2, avxvnni, avx512, avx512vnni, neon, dotprod, i8mm); default: this CPU's best.
+    #[arg(long, value_delimiter = ',')]
+    pub kernels: Vec<String>,
+    /// Who kiln is compared with: llama-bench (native llama.cpp), llama-cpp-python, none.
+    #[arg(long, value_enum, default_value = "llama-bench")]
+    pub peer: Peer,
+    /// Leave llama.cpp out (kiln only); the same as --peer none.
     #[arg(long)]
     pub no_llama_cpp: bool,
     /// The `kiln` binary to measure (default: `cargo build --release --bin kiln`).
@@ -101,6 +135,11 @@ pub struct Args {
     /// Compile the artifacts, export the ONNX and write llama.cpp's GGUFs again even when cached.
     #[arg(long)]
     pub rebuild: bool,
+    /// `aarch64`: instead of timing this machine, count the guest instructions per prompt and
+    /// decoded token of kiln and llama.cpp cross-built for each aarch64 level under qemu-user
+    /// (a deterministic proxy, not a speed; see `bench_arm.rs`), for the first --quant.
+    #[arg(long, value_name = "ARCH")]
+    pub arch: Option<String>,
     /// Print one JSON object with every figure instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -113,10 +152,11 @@ struct Plan {
     threads: Vec<usize>,
     depths: Vec<usize>,
     backends: Vec<Backend>,
+    levels: Vec<Level>,
     n_prompt: usize,
     n_gen: usize,
     reps: usize,
-    llama_cpp: bool,
+    peer: Peer,
 }
 
 /// `items` without repeats, in first-seen order.
@@ -151,38 +191,82 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         );
         dedup(&args.threads)
     };
+    let levels = if args.kernels.is_empty() {
+        vec![Level::best()]
+    } else {
+        args.kernels
+            .iter()
+            .map(|name| {
+                let level = Level::from_name(name.trim())?;
+                level.check()?;
+                Ok(level)
+            })
+            .collect::<Result<Vec<Level>, kiln_runtime::kernels::LevelError>>()?
+    };
     Ok(Plan {
         quants: dedup(&quants),
         threads,
         depths: dedup(&args.depth),
         backends: dedup(&args.backend),
+        levels: dedup(&levels),
         n_prompt: args.n_prompt,
         n_gen: args.n_gen,
         reps: args.reps,
-        llama_cpp: !args.no_llama_cpp,
+        peer: if args.no_llama_cpp {
+            Peer::None
+        } else {
+            args.peer
+        },
     })
+}
+
+/// The llama.cpp build a kiln level is compared with: the same instruction set.
+fn build_for(level: Level) -> Build {
+    match level {
+        Level::Avx2 => Build::Avx2,
+        Level::AvxVnni => Build::AvxVnni,
+        _ => Build::Native,
+    }
 }
 
 /// Who ran a measurement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Engine {
-    Kiln(Backend),
-    LlamaCpp,
+    /// kiln native at a kernel level.
+    Kiln(Level),
+    KilnOrt,
+    LlamaBench(Build),
+    LlamaCppPython,
 }
 
 impl Engine {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Engine::Kiln(Backend::Native) => "kiln",
-            Engine::Kiln(Backend::Ort) => "kiln-ort",
-            Engine::LlamaCpp => "llama.cpp",
+            Engine::Kiln(level) => format!("kiln {level}"),
+            Engine::KilnOrt => "kiln-ort".to_owned(),
+            Engine::LlamaBench(build) => format!("llama-bench {}", build.name()),
+            Engine::LlamaCppPython => "llama-cpp-python".to_owned(),
+        }
+    }
+
+    fn is_llama_cpp(self) -> bool {
+        matches!(self, Engine::LlamaBench(_) | Engine::LlamaCppPython)
+    }
+
+    /// The llama.cpp engine a kiln engine is compared with under `peer`.
+    fn peer(self, peer: Peer) -> Option<Engine> {
+        match (peer, self) {
+            (Peer::None, _) | (_, Engine::LlamaBench(_) | Engine::LlamaCppPython) => None,
+            (Peer::LlamaCppPython, _) => Some(Engine::LlamaCppPython),
+            (Peer::LlamaBench, Engine::Kiln(level)) => Some(Engine::LlamaBench(build_for(level))),
+            (Peer::LlamaBench, Engine::KilnOrt) => Some(Engine::LlamaBench(Build::Native)),
         }
     }
 }
 
 impl Serialize for Engine {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
+        s.serialize_str(&self.name())
     }
 }
 
@@ -222,6 +306,8 @@ struct Row {
     threads: usize,
     depth: usize,
     engine: Engine,
+    /// The llama.cpp engine a kiln row is compared with.
+    compared_with: Option<Engine>,
     backend: String,
     prompt_tokens_per_s: Stats,
     decode_tokens_per_s: Stats,
@@ -237,12 +323,12 @@ struct Row {
 
 impl Row {
     fn new(
-        key: (Format, usize, usize, Engine),
+        key: (Format, usize, usize, Engine, Peer),
         samples: &[Sample],
         bytes_per_token: u64,
         bandwidth_gb_per_s: f64,
     ) -> Row {
-        let (quant, threads, depth, engine) = key;
+        let (quant, threads, depth, engine, peer) = key;
         let stat = |f: fn(&Sample) -> f64| Stats::of(samples.iter().map(f).collect());
         let decode = stat(|s| s.decode_tokens_per_s);
         let bound = bandwidth_gb_per_s * 1e9 / bytes_per_token.max(1) as f64;
@@ -251,6 +337,7 @@ impl Row {
             threads,
             depth,
             engine,
+            compared_with: engine.peer(peer),
             backend: samples
                 .first()
                 .map_or_else(String::new, |s| s.backend.clone()),
@@ -266,6 +353,13 @@ impl Row {
 
     fn same_config(&self, other: &Row) -> bool {
         (self.quant, self.threads, self.depth) == (other.quant, other.threads, other.depth)
+    }
+
+    /// The llama.cpp row this kiln row is compared with, in `rows`.
+    fn peer_in<'r>(&self, rows: &'r [Row]) -> Option<&'r Row> {
+        let peer = self.compared_with?;
+        rows.iter()
+            .find(|l| l.engine == peer && l.same_config(self))
     }
 }
 
@@ -286,11 +380,9 @@ struct Ratio {
 /// A ratio for every kiln row that has a llama.cpp row in its configuration.
 fn ratios(rows: &[Row]) -> Vec<Ratio> {
     rows.iter()
-        .filter(|r| r.engine != Engine::LlamaCpp)
+        .filter(|r| !r.engine.is_llama_cpp())
         .filter_map(|k| {
-            let l = rows
-                .iter()
-                .find(|l| l.engine == Engine::LlamaCpp && l.same_config(k))?;
+            let l = k.peer_in(rows)?;
             let div = |a: &Stats, b: &Stats| a.median / b.median;
             Some(Ratio {
                 quant: k.quant,
@@ -309,9 +401,10 @@ fn ratios(rows: &[Row]) -> Vec<Ratio> {
 /// The comparison as an aligned text table: a line per kiln engine and configuration, with
 /// llama.cpp's figures and the ratios beside it (`—` without llama.cpp).
 fn table(rows: &[Row]) -> String {
-    const HEADER: [&str; 11] = [
+    const HEADER: [&str; 12] = [
         "config",
         "engine",
+        "peer",
         "pp t/s",
         "llama.cpp pp",
         "pp ratio",
@@ -324,10 +417,8 @@ fn table(rows: &[Row]) -> String {
     ];
     let dash = || "—".to_owned();
     let mut lines: Vec<Vec<String>> = vec![HEADER.iter().map(|h| (*h).to_owned()).collect()];
-    for k in rows.iter().filter(|r| r.engine != Engine::LlamaCpp) {
-        let l = rows
-            .iter()
-            .find(|l| l.engine == Engine::LlamaCpp && l.same_config(k));
+    for k in rows.iter().filter(|r| !r.engine.is_llama_cpp()) {
+        let l = k.peer_in(rows);
         let other = |f: &dyn Fn(&Row) -> String| l.map_or_else(dash, f);
         let ratio = |f: fn(&Row) -> f64| other(&|l| format!("{:.2}×", f(k) / f(l)));
         let pair = |f: fn(&Row) -> &Stats, d: usize| {
@@ -335,7 +426,8 @@ fn table(rows: &[Row]) -> String {
         };
         lines.push(vec![
             format!("{} t={} d={}", k.quant, k.threads, k.depth),
-            k.engine.name().to_owned(),
+            k.engine.name(),
+            l.map_or_else(dash, |l| l.engine.name()),
             k.prompt_tokens_per_s.cell(1),
             other(&|l| l.prompt_tokens_per_s.cell(1)),
             ratio(|r| r.prompt_tokens_per_s.median),
@@ -524,6 +616,8 @@ struct Tools {
     kiln: PathBuf,
     ort_lib: Option<PathBuf>,
     python: OsString,
+    /// The llama.cpp builds `--peer llama-bench` compares with.
+    llama_bench: Vec<LlamaCpp>,
 }
 
 /// The `.kiln` artifact of `model` at `quant`, compiled unless a valid one is cached.
@@ -534,8 +628,20 @@ fn ensure_artifact(
     rebuild: bool,
 ) -> anyhow::Result<Metadata> {
     if !rebuild {
+        // A cached artifact counts only if packed as `--target host` packs now.
+        let host = kiln_targets::find("host")?.context("the host target")?;
+        let packing = kiln_compiler::emit::Packing::for_target(&host);
         if let Ok(artifact) = Artifact::open(out) {
-            return Ok(artifact.meta().clone());
+            let meta = artifact.meta();
+            let current = meta.required_cpu_features == packing.required_features
+                && meta
+                    .tensors
+                    .iter()
+                    .filter(|t| t.shape.len() == 2)
+                    .all(|t| t.layout == packing.layout.for_format(t.format));
+            if current {
+                return Ok(meta.clone());
+            }
         }
     }
     let compiled = compile::compile(&compile::Args {
@@ -619,7 +725,19 @@ fn ensure_gguf(
             && out.is_file()
             && GgufFile::open(out).is_ok_and(|g| gguf_format(&g) == Some(quant));
         if !cached {
-            requantize(&source, out, quant, tools)?;
+            match tools.llama_bench.first() {
+                Some(llama) => {
+                    let spinner = source::spinner(&format!(
+                        "llama-quantize: {} to {}",
+                        source.display(),
+                        quant.name()
+                    ));
+                    let done = llama_bench::quantize(llama, &source, out, quant.name());
+                    spinner.finish_and_clear();
+                    done?;
+                }
+                None => requantize(&source, out, quant, tools)?,
+            }
         }
         (out.to_owned(), Some(source))
     };
@@ -740,25 +858,30 @@ fn llama_cpp_version(python: &OsString) -> anyhow::Result<String> {
     Ok(v["llama_cpp_python"].as_str().unwrap_or("?").to_owned())
 }
 
-/// Read bandwidth in GB/s: `threads` threads each sum their share of `buf`; the fastest of
-/// [`BANDWIDTH_PASSES`] passes counts.
-fn bandwidth_gb_per_s(buf: &[u64], threads: usize) -> f64 {
-    let chunk = buf.len().div_ceil(threads.max(1)).max(1);
+/// Memory bandwidth in GB/s by a STREAM triad, `a = b + s·c`, each of `threads` threads over
+/// its share of the three arrays; 24 bytes an element (two read, one written), the fastest of
+/// [`BANDWIDTH_PASSES`] passes.
+fn triad_gb_per_s(a: &mut [f64], b: &[f64], c: &[f64], threads: usize) -> f64 {
+    let chunk = a.len().div_ceil(threads.max(1)).max(1);
     let mut best: f64 = 0.0;
-    for _ in 0..BANDWIDTH_PASSES {
+    for pass in 0..BANDWIDTH_PASSES {
+        let s = 1.0 + pass as f64;
         let t = Instant::now();
-        let total = std::thread::scope(|s| {
-            let handles: Vec<_> = buf
-                .chunks(chunk)
-                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(0))
-                .fold(0u64, u64::wrapping_add)
+        std::thread::scope(|scope| {
+            for ((a, b), c) in a
+                .chunks_mut(chunk)
+                .zip(b.chunks(chunk))
+                .zip(c.chunks(chunk))
+            {
+                scope.spawn(move || {
+                    for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                        *a = b + s * c;
+                    }
+                });
+            }
         });
-        std::hint::black_box(total);
-        best = best.max(std::mem::size_of_val(buf) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        std::hint::black_box(&*a);
+        best = best.max(24.0 * a.len() as f64 / t.elapsed().as_secs_f64() / 1e9);
     }
     best
 }
@@ -774,14 +897,16 @@ fn measure(
 ) -> anyhow::Result<Sample> {
     let counts = [threads, plan.n_prompt, plan.n_gen, depth].map(|n| n.to_string());
     let v = match engine {
-        Engine::Kiln(backend) => {
+        Engine::Kiln(_) | Engine::KilnOrt => {
             let mut cmd = Command::new(&tools.kiln);
             cmd.arg("bench");
-            match backend {
-                Backend::Native => {
-                    cmd.arg(&inputs.artifact).args(["--backend", "native"]);
+            match engine {
+                Engine::Kiln(level) => {
+                    cmd.arg(&inputs.artifact)
+                        .args(["--backend", "native"])
+                        .env("KILN_KERNELS", level.name());
                 }
-                Backend::Ort => {
+                _ => {
                     cmd.arg(inputs.onnx.as_ref().context("no ONNX was prepared")?)
                         .args(["--backend", "ort"]);
                     if let Some(lib) = &tools.ort_lib {
@@ -792,9 +917,34 @@ fn measure(
             for (flag, n) in ["-t", "-p", "-n", "-d"].iter().zip(&counts) {
                 cmd.args([flag, n.as_str()]);
             }
-            json_output(engine.name(), cmd.args(["-r", "1", "--json"]))?
+            json_output(&engine.name(), cmd.args(["-r", "1", "--json"]))?
         }
-        Engine::LlamaCpp => {
+        Engine::LlamaBench(build) => {
+            let gguf = inputs.llama_cpp.as_ref().context("no GGUF was prepared")?;
+            let llama = tools
+                .llama_bench
+                .iter()
+                .find(|l| l.build == build)
+                .context("that llama.cpp build was not made")?;
+            let m = llama_bench::bench(
+                llama,
+                &gguf.path,
+                [threads, plan.n_prompt, plan.n_gen, depth],
+            )?;
+            return Ok(Sample {
+                prompt_tokens_per_s: m.prompt_tokens_per_s,
+                decode_tokens_per_s: m.decode_tokens_per_s,
+                // The prompt pass, as kiln bench times its first token.
+                ttft_ms: 1e3 * plan.n_prompt as f64 / m.prompt_tokens_per_s,
+                peak_rss_mb: m.peak_rss_mb,
+                backend: format!(
+                    "llama-bench {} {}",
+                    llama_bench::LLAMA_CPP_COMMIT,
+                    build.name()
+                ),
+            });
+        }
+        Engine::LlamaCppPython => {
             let gguf = inputs.llama_cpp.as_ref().context("no GGUF was prepared")?;
             json_output(
                 "llama.cpp",
@@ -879,14 +1029,29 @@ struct Report {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let plan = plan(&args)?;
+    match args.arch.as_deref() {
+        None | Some("x86_64") => {}
+        Some("aarch64") => return run_aarch64(&args, &plan),
+        Some(other) => bail!("--arch {other}: kiln counts aarch64 (or times this x86_64 machine)"),
+    }
     let load_start = load_average();
     let python = pypi::python_from_env();
-    let llama_cpp_python = if plan.llama_cpp {
+    let llama_cpp_python = if plan.peer == Peer::LlamaCppPython {
         Some(llama_cpp_version(&python)?)
     } else {
         None
     };
+    let mut builds: Vec<Build> = Vec::new();
+    if plan.peer == Peer::LlamaBench {
+        // The native build first: it also quantizes the GGUFs.
+        builds.push(Build::Native);
+        builds.extend(plan.levels.iter().map(|&l| build_for(l)));
+    }
     let tools = Tools {
+        llama_bench: dedup(&builds)
+            .into_iter()
+            .map(llama_bench::ensure)
+            .collect::<anyhow::Result<Vec<_>>>()?,
         kiln: kiln_binary(args.kiln.clone())?,
         ort_lib: match (&args.ort_lib, plan.backends.contains(&Backend::Ort)) {
             (Some(lib), _) => Some(lib.clone()),
@@ -947,6 +1112,46 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--arch aarch64`: instruction counts per token under qemu, kiln against llama.cpp.
+fn run_aarch64(args: &Args, plan: &Plan) -> anyhow::Result<()> {
+    let quant = plan.quants[0];
+    let tools = Tools {
+        kiln: PathBuf::new(),
+        ort_lib: None,
+        python: pypi::python_from_env(),
+        llama_bench: vec![llama_bench::ensure(Build::Native)?],
+    };
+    let dir = cache::kiln_home()?.join("artifacts");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let gguf_path = dir.join(format!(
+        "{}.{}.llama-cpp.gguf",
+        cache_stem(&args.model),
+        quant.name()
+    ));
+    let gguf = ensure_gguf(&args.model, quant, &gguf_path, &tools, args.rebuild)?;
+    let rows = crate::bench_arm::run(&args.model, quant, &gguf.path)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": args.model,
+                "quant": quant.name(),
+                "llama_cpp_gguf": gguf.path,
+                "what": "guest instructions per token under qemu-user, 1 thread: a deterministic proxy for speed, not a speed",
+                "rows": rows,
+            }))?
+        );
+    } else {
+        println!(
+            "{} {}: guest instructions per token under qemu-user (1 thread), a proxy for speed: instructions are not time",
+            args.model,
+            quant.name()
+        );
+        print!("{}", crate::bench_arm::table(&rows));
+    }
+    Ok(())
+}
+
 /// The artifact, ONNX and GGUF of every quantization, made or found in `$KILN_HOME/artifacts`.
 fn prepare(args: &Args, plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Inputs>> {
     let dir = cache::kiln_home()?.join("artifacts");
@@ -964,7 +1169,7 @@ fn prepare(args: &Args, plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Inputs
         } else {
             None
         };
-        let llama_cpp = if plan.llama_cpp {
+        let llama_cpp = if plan.peer != Peer::None {
             let gguf = file("llama-cpp.gguf");
             Some(ensure_gguf(&args.model, quant, &gguf, tools, args.rebuild)?)
         } else {
@@ -982,18 +1187,19 @@ fn prepare(args: &Args, plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Inputs
     Ok(inputs)
 }
 
-/// Read bandwidth at each thread count, over one buffer of [`BANDWIDTH_BYTES`].
+/// Triad bandwidth at each thread count, over three arrays of [`BANDWIDTH_BYTES`] in all.
 fn measure_bandwidth(threads: &[usize]) -> Vec<Bandwidth> {
     eprintln!(
-        "measuring memory bandwidth ({} MiB read)",
+        "measuring memory bandwidth (STREAM triad over {} MiB)",
         BANDWIDTH_BYTES >> 20
     );
-    let buf = vec![1u64; BANDWIDTH_BYTES / 8];
+    let n = BANDWIDTH_BYTES / 24;
+    let (mut a, b, c) = (vec![0f64; n], vec![1f64; n], vec![2f64; n]);
     threads
         .iter()
         .map(|&threads| Bandwidth {
             threads,
-            gb_per_s: bandwidth_gb_per_s(&buf, threads),
+            gb_per_s: triad_gb_per_s(&mut a, &b, &c, threads),
         })
         .collect()
 }
@@ -1005,10 +1211,15 @@ fn measure_all(
     bandwidth: &[Bandwidth],
     tools: &Tools,
 ) -> anyhow::Result<Vec<Row>> {
-    let mut engines: Vec<Engine> = plan.backends.iter().map(|&b| Engine::Kiln(b)).collect();
-    if plan.llama_cpp {
-        engines.push(Engine::LlamaCpp);
+    let mut engines: Vec<Engine> = Vec::new();
+    for backend in &plan.backends {
+        match backend {
+            Backend::Native => engines.extend(plan.levels.iter().map(|&l| Engine::Kiln(l))),
+            Backend::Ort => engines.push(Engine::KilnOrt),
+        }
     }
+    let peers: Vec<Engine> = engines.iter().filter_map(|e| e.peer(plan.peer)).collect();
+    engines.extend(dedup(&peers));
     let configs = plan.quants.len() * plan.threads.len() * plan.depths.len();
     let mut rows = Vec::new();
     for (input, &quant) in inputs.iter().zip(&plan.quants) {
@@ -1023,7 +1234,7 @@ fn measure_all(
                 let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); engines.len()];
                 for _ in 0..plan.reps {
                     for (engine, samples) in engines.iter().zip(&mut samples) {
-                        eprint!(" {}", engine.name());
+                        eprint!(" [{}]", engine.name());
                         samples.push(measure(*engine, input, tools, plan, threads, depth)?);
                     }
                 }
@@ -1033,12 +1244,14 @@ fn measure_all(
                 for (&engine, samples) in engines.iter().zip(&samples) {
                     let kv = positions * input.kv_bytes_per_position;
                     let bytes = match (engine, &input.llama_cpp) {
-                        (Engine::LlamaCpp, Some(g)) => g.weight_bytes_per_token + kv,
-                        (Engine::Kiln(Backend::Ort), _) => input.weight_bytes_per_token + 2 * kv,
+                        (Engine::LlamaBench(_) | Engine::LlamaCppPython, Some(g)) => {
+                            g.weight_bytes_per_token + kv
+                        }
+                        (Engine::KilnOrt, _) => input.weight_bytes_per_token + 2 * kv,
                         _ => input.weight_bytes_per_token + kv,
                     };
                     rows.push(Row::new(
-                        (quant, threads, depth, engine),
+                        (quant, threads, depth, engine, plan.peer),
                         samples,
                         bytes,
                         bw.gb_per_s,
@@ -1082,7 +1295,7 @@ fn notes(
         .map(|b| format!("{:.1} GB/s at {}", b.gb_per_s, plural(b.threads, "thread")))
         .collect();
     notes.push(format!(
-        "bound: tokens/s if the bytes one decode step reads (weights; plus the KV cache at the mean decode position: f16 for kiln and llama.cpp, f32 for kiln on onnxruntime) streamed at the bandwidth measured by reading a {} MiB buffer: {}; weights that stay in a cache larger than the model can beat it",
+        "bound: tokens/s if the bytes one decode step reads (weights; plus the KV cache at the mean decode position: f16 for kiln and llama.cpp, f32 for kiln on onnxruntime) streamed at the bandwidth a STREAM triad over {} MiB measured: {}; weights that stay in a cache larger than the model can beat it",
         BANDWIDTH_BYTES >> 20,
         bw.join(", ")
     ));
@@ -1117,6 +1330,15 @@ fn notes(
             }
         }
         notes.push(line);
+    }
+    for llama in &tools.llama_bench {
+        notes.push(format!(
+            "llama-bench {}: llama.cpp {} from llama-cpp-python 0.3.36's sdist, built with cmake for {} ({}), run with its defaults (repacked weights on, f16 KV cache); its TTFT is the prompt pass, -p / pp t/s",
+            llama.build.name(),
+            llama_bench::LLAMA_CPP_COMMIT,
+            llama.build.name(),
+            llama.bench.display()
+        ));
     }
     if let Some(version) = llama_cpp_python {
         notes.push(format!(
@@ -1183,18 +1405,45 @@ mod tests {
         assert_eq!(p.threads, vec![1, 2]);
         assert_eq!(p.depths, vec![0, 512, 1536]);
         assert_eq!(p.backends, vec![Backend::Native, Backend::Ort]);
-        assert_eq!((p.n_prompt, p.n_gen, p.reps, p.llama_cpp), (8, 4, 1, false));
+        assert_eq!((p.n_prompt, p.n_gen, p.reps, p.peer), (8, 4, 1, Peer::None));
+        assert_eq!(p.levels, vec![Level::best()]);
     }
 
     #[test]
-    fn defaults_measure_q4_1_natively_against_llama_cpp() {
+    fn kernel_levels_pair_with_the_llama_cpp_build_of_their_instruction_set() {
+        let p = plan(&parse(&["--kernels", "generic,generic"])).expect("valid");
+        assert_eq!(p.levels, vec![Level::Generic]);
+        let other = if cfg!(target_arch = "x86_64") {
+            "neon"
+        } else {
+            "avx2"
+        };
+        let e = plan(&parse(&["--kernels", other])).expect_err("another architecture");
+        assert!(e.to_string().contains("this is a"), "{e}");
+        assert_eq!(
+            Engine::Kiln(Level::Avx2).peer(Peer::LlamaBench),
+            Some(Engine::LlamaBench(Build::Avx2))
+        );
+        assert_eq!(
+            Engine::Kiln(Level::Avx512Vnni).peer(Peer::LlamaBench),
+            Some(Engine::LlamaBench(Build::Native))
+        );
+        assert_eq!(
+            Engine::KilnOrt.peer(Peer::LlamaCppPython),
+            Some(Engine::LlamaCppPython)
+        );
+        assert_eq!(Engine::Kiln(Level::Avx2).peer(Peer::None), None);
+    }
+
+    #[test]
+    fn defaults_measure_q4_1_natively_against_llama_bench() {
         let p = plan(&parse(&[])).expect("valid");
         assert_eq!(p.quants, vec![Format::Q4_1]);
         assert_eq!(p.depths, vec![0]);
         assert_eq!(p.backends, vec![Backend::Native]);
         assert_eq!(
-            (p.n_prompt, p.n_gen, p.reps, p.llama_cpp),
-            (128, 64, 3, true)
+            (p.n_prompt, p.n_gen, p.reps, p.peer),
+            (128, 64, 3, Peer::LlamaBench)
         );
         assert_eq!(p.threads.len(), 1);
         assert!(p.threads[0] >= 1);
@@ -1217,10 +1466,10 @@ mod tests {
     }
 
     fn rows() -> Vec<Row> {
-        let key = |engine| (Format::Q4_1, 2, 512, engine);
+        let key = |engine| (Format::Q4_1, 2, 512, engine, Peer::LlamaBench);
         vec![
             Row::new(
-                key(Engine::Kiln(Backend::Native)),
+                key(Engine::Kiln(Level::Avx2)),
                 &[
                     sample(300.0, 60.0, 400.0, 120.0),
                     sample(310.0, 62.0, 410.0, 120.0),
@@ -1229,7 +1478,7 @@ mod tests {
                 10.0,
             ),
             Row::new(
-                key(Engine::LlamaCpp),
+                key(Engine::LlamaBench(Build::Avx2)),
                 &[sample(200.0, 40.0, 600.0, 150.0)],
                 100_000_000,
                 10.0,
@@ -1244,7 +1493,7 @@ mod tests {
         assert!((rows[0].decode_of_bound_pct - 61.0).abs() < 1e-9);
         let r = ratios(&rows);
         assert_eq!(r.len(), 1);
-        assert_eq!(r[0].engine, Engine::Kiln(Backend::Native));
+        assert_eq!(r[0].engine, Engine::Kiln(Level::Avx2));
         assert!((r[0].prompt_tokens_per_s - 1.525).abs() < 1e-12);
         assert!((r[0].decode_tokens_per_s - 1.525).abs() < 1e-12);
         assert!((r[0].ttft_ms - 405.0 / 600.0).abs() < 1e-12);
@@ -1261,7 +1510,8 @@ mod tests {
         let row = lines[2];
         for want in [
             "q4_1 t=2 d=512",
-            "| kiln ",
+            "| kiln avx2 ",
+            "| llama-bench avx2 ",
             "305.0 ±1.6%",
             "200.0 ±0.0%",
             "1.52×",

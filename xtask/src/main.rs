@@ -2,6 +2,7 @@
 //! command line and dispatches.
 
 mod bench;
+mod bench_arm;
 mod build;
 mod bundle;
 mod cache;
@@ -12,6 +13,7 @@ mod flash;
 mod gen_shaped;
 mod gen_tiny;
 mod hf;
+mod llama_bench;
 mod onnxruntime;
 mod pypi;
 mod quantize;

@@ -5,7 +5,8 @@
 //! once, untimed), then `-p` random prompt tokens are run in one pass (prompt speed; time to
 //! first token includes picking that token), the cache is cut back to `--depth` and `-n` tokens
 //! are decoded one at a time (decode speed at positions `depth..depth + n`). One untimed
-//! warm-up pass comes first, so page faults of the mapped weights are not measured.
+//! warm-up pass comes first, so page faults of the mapped weights are not measured (unless
+//! `--no-warmup`, as llama-bench's, for counting exactly the work of `-p` and `-n`).
 
 use std::time::Instant;
 
@@ -32,6 +33,9 @@ pub struct Args {
     /// Repetitions; the median and the spread (min, max, standard deviation) are reported.
     #[arg(short = 'r', long, default_value_t = 3)]
     reps: usize,
+    /// Skip the untimed warm-up pass (as llama-bench's `--no-warmup`).
+    #[arg(long)]
+    no_warmup: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -70,10 +74,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.depth > 0 {
         session.forward(&tokens(args.depth, 1 << 20))?;
     }
-    // Warm-up: the prompt pass and one decode step, untimed.
-    let next = argmax(session.forward(&prompt)?);
-    session.rewind(args.depth);
-    session.forward(&[next])?;
+    if !args.no_warmup {
+        // Warm-up: the prompt pass and one decode step, untimed.
+        let next = argmax(session.forward(&prompt)?);
+        session.rewind(args.depth);
+        session.forward(&[next])?;
+    }
     let mut reps = Vec::with_capacity(args.reps);
     for _ in 0..args.reps {
         reps.push(rep(session.as_mut(), &args, &prompt)?);
