@@ -37,7 +37,14 @@ fn bench_json_reports_every_figure_with_its_spread_and_bound() {
     let results = v["results"].as_array().expect("results");
     assert_eq!(results.len(), 1, "one configuration, kiln only: {v}");
     let r = &results[0];
-    assert_eq!(r["engine"], "kiln", "{r}");
+    let level = r["engine"]
+        .as_str()
+        .and_then(|e| e.strip_prefix("kiln "))
+        .expect("engine names kiln and the kernel level it ran");
+    assert!(
+        r["backend"].as_str().is_some_and(|b| b.ends_with(level)),
+        "the backend names the same level: {r}"
+    );
     assert_eq!(r["quant"], "q4_1", "{r}");
     assert_eq!(
         (r["threads"].as_u64(), r["depth"].as_u64()),

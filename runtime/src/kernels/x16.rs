@@ -287,7 +287,8 @@ struct Wt512 {
     lo: __m512i,
     hi: __m512i,
     d: __m512,
-    m: __m512,
+    /// `q4_1`: the four rows' `m`.
+    m: __m128,
 }
 
 #[derive(Clone, Copy)]
@@ -296,18 +297,21 @@ struct Act512 {
     hi: __m512i,
     off: __m512i,
     d: __m512,
-    s: __m512,
+    s: __m128,
 }
 
+/// Per-lane sums, and (`q4_1`) the four rows' `Σ m·s`, which needs no lanes of its own.
+type Acc512 = (__m512, __m128);
+
 impl<const F: u8> Group<F> for Avx512Vnni {
-    type Acc = __m512;
+    type Acc = Acc512;
     type Wt = Wt512;
     type Act = Act512;
 
     #[inline(always)]
-    fn zero() -> __m512 {
+    fn zero() -> Acc512 {
         // SAFETY: register arithmetic inside functions compiled for AVX-512.
-        unsafe { _mm512_setzero_ps() }
+        unsafe { (_mm512_setzero_ps(), _mm_setzero_ps()) }
     }
 
     #[inline(always)]
@@ -337,13 +341,7 @@ impl<const F: u8> Group<F> for Avx512Vnni {
             let wide = _mm512_castps256_ps512(scales);
             let d_idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
             let d = _mm512_permutexvar_ps(d_idx, wide);
-            let m = if F == Q4_1 {
-                let m_idx = _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4);
-                // m once per row: lane 4r only.
-                _mm512_maskz_permutexvar_ps(0x1111, m_idx, wide)
-            } else {
-                _mm512_setzero_ps()
-            };
+            let m = _mm256_extractf128_ps::<1>(scales);
             Wt512 { lo, hi, d, m }
         }
     }
@@ -365,27 +363,27 @@ impl<const F: u8> Group<F> for Avx512Vnni {
                 hi,
                 off,
                 d: _mm512_set1_ps((*a).d),
-                s: _mm512_set1_ps((*a).s),
+                s: _mm_set1_ps((*a).s),
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn step(acc: __m512, w: &Wt512, a: &Act512) -> __m512 {
+    unsafe fn step((acc, ms): Acc512, w: &Wt512, a: &Act512) -> Acc512 {
         // SAFETY: register arithmetic; AVX-512 F/VNNI by the contract.
         unsafe {
             let sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a.off, w.lo, a.lo), w.hi, a.hi);
             let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w.d, a.d), acc);
             if F == Q4_1 {
-                _mm512_fmadd_ps(w.m, a.s, acc)
+                (acc, _mm_fmadd_ps(w.m, a.s, ms))
             } else {
-                acc
+                (acc, ms)
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn store(acc: __m512, out: *mut f32) {
+    unsafe fn store((acc, ms): Acc512, out: *mut f32) {
         // SAFETY: register shuffles, then four floats at `out`.
         unsafe {
             let pairs = _mm512_add_ps(acc, _mm512_permute_ps::<0b10_11_00_01>(acc));
@@ -394,7 +392,7 @@ impl<const F: u8> Group<F> for Avx512Vnni {
                 _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0),
                 quads,
             );
-            _mm_storeu_ps(out, _mm512_castps512_ps128(rows));
+            _mm_storeu_ps(out, _mm_add_ps(_mm512_castps512_ps128(rows), ms));
         }
     }
 }
@@ -412,7 +410,8 @@ struct Wt256 {
     sign_lo: [__m256i; 2],
     sign_hi: [__m256i; 2],
     d: [__m256; 2],
-    m: [__m256; 2],
+    /// `q4_1`: the four rows' `m`.
+    m: __m128,
 }
 
 #[derive(Clone, Copy)]
@@ -421,8 +420,11 @@ struct Act256 {
     hi: __m256i,
     off: __m256i,
     d: __m256,
-    s: __m256,
+    s: __m128,
 }
+
+/// Per-lane sums of the two row pairs, and (`q4_1`) the four rows' `Σ m·s`.
+type Acc256 = ([__m256; 2], __m128);
 
 /// `Σ` of byte pairs `u·s` into i32 lanes: AVX-VNNI's `vpdpbusd`, else `vpmaddubsw` +
 /// `vpmaddwd` (no pair of a nibble or `|w| ≤ 128` with `|a| ≤ 127` saturates i16).
@@ -440,14 +442,14 @@ unsafe fn dot<const V: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
 }
 
 impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
-    type Acc = [__m256; 2];
+    type Acc = Acc256;
     type Wt = Wt256;
     type Act = Act256;
 
     #[inline(always)]
-    fn zero() -> [__m256; 2] {
+    fn zero() -> Acc256 {
         // SAFETY: register arithmetic inside functions compiled for AVX2.
-        unsafe { [_mm256_setzero_ps(); 2] }
+        unsafe { ([_mm256_setzero_ps(); 2], _mm_setzero_ps()) }
     }
 
     #[inline(always)]
@@ -487,20 +489,7 @@ impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
                 _mm256_permutevar8x32_ps(scales, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)),
                 _mm256_permutevar8x32_ps(scales, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)),
             ];
-            let m = if F == Q4_1 {
-                // m once per row: lanes 0 and 4 only.
-                let zero = _mm256_setzero_ps();
-                let (m01, m23) = (
-                    _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5),
-                    _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7),
-                );
-                [
-                    _mm256_blend_ps::<0x11>(zero, _mm256_permutevar8x32_ps(scales, m01)),
-                    _mm256_blend_ps::<0x11>(zero, _mm256_permutevar8x32_ps(scales, m23)),
-                ]
-            } else {
-                [_mm256_setzero_ps(); 2]
-            };
+            let m = _mm256_extractf128_ps::<1>(scales);
             Wt256 {
                 lo,
                 hi,
@@ -529,13 +518,13 @@ impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
                 hi,
                 off,
                 d: _mm256_set1_ps((*a).d),
-                s: _mm256_set1_ps((*a).s),
+                s: _mm_set1_ps((*a).s),
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn step(acc: [__m256; 2], w: &Wt256, a: &Act256) -> [__m256; 2] {
+    unsafe fn step((acc, ms): Acc256, w: &Wt256, a: &Act256) -> Acc256 {
         // SAFETY: register arithmetic; AVX2 (AVX-VNNI when `V`) by the contract.
         unsafe {
             let mut out = acc;
@@ -558,27 +547,27 @@ impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
                 } else {
                     dot::<V>(dot::<V>(a.off, w.lo[p], lo), w.hi[p], hi)
                 };
-                let acc =
+                out[p] =
                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(w.d[p], a.d), acc[p]);
-                out[p] = if F == Q4_1 {
-                    _mm256_fmadd_ps(w.m[p], a.s, acc)
-                } else {
-                    acc
-                };
             }
-            out
+            let ms = if F == Q4_1 {
+                _mm_fmadd_ps(w.m, a.s, ms)
+            } else {
+                ms
+            };
+            (out, ms)
         }
     }
 
     #[inline(always)]
-    unsafe fn store(acc: [__m256; 2], out: *mut f32) {
+    unsafe fn store((acc, ms): Acc256, out: *mut f32) {
         // SAFETY: register shuffles, then four floats at `out`.
         unsafe {
             // [r0 r0 r2 r2 | r1 r1 r3 r3] pair sums, then [r0 r2 r0 r2 | r1 r3 r1 r3].
             let h = _mm256_hadd_ps(acc[0], acc[1]);
             let h = _mm256_hadd_ps(h, h);
             let rows = _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-            _mm_storeu_ps(out, rows);
+            _mm_storeu_ps(out, _mm_add_ps(rows, ms));
         }
     }
 }
