@@ -9,7 +9,7 @@
 use super::KvRows;
 
 #[cfg(target_arch = "aarch64")]
-pub(super) use neon::V128;
+pub(super) use neon::{widen_f16, V128};
 #[cfg(target_arch = "x86_64")]
 pub(super) use x86::{V256, V512};
 
@@ -352,6 +352,26 @@ mod neon {
     #[derive(Clone, Copy)]
     pub struct V128(float32x4_t);
 
+    /// Four f16 at `p` as f32: `fcvtl` (ARMv8.0) widens each exactly.
+    ///
+    /// SAFETY: `p` points at four f16 values.
+    #[inline(always)]
+    pub unsafe fn widen_f16(p: *const u16) -> float32x4_t {
+        // SAFETY: reads the 8 bytes at `p`; the rest is register arithmetic.
+        unsafe {
+            let bits = p.cast::<u64>().read_unaligned();
+            let v: float32x4_t;
+            core::arch::asm!(
+                "fmov {v:d}, {b}",
+                "fcvtl {v:v}.4s, {v:v}.4h",
+                b = in(reg) bits,
+                v = out(vreg) v,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            v
+        }
+    }
+
     /// NEON has no masked loads or stores: tails go through a 4-lane buffer.
     impl Vf for V128 {
         const N: usize = 4;
@@ -382,20 +402,8 @@ mod neon {
         }
         #[inline(always)]
         unsafe fn load_f16(p: *const u16) -> Self {
-            // SAFETY: the trait's contract: four f16 at `p`; `fcvtl` (ARMv8.0) converts each
-            // exactly.
-            unsafe {
-                let bits = p.cast::<u64>().read_unaligned();
-                let v: float32x4_t;
-                core::arch::asm!(
-                    "fmov {v:d}, {b}",
-                    "fcvtl {v:v}.4s, {v:v}.4h",
-                    b = in(reg) bits,
-                    v = out(vreg) v,
-                    options(pure, nomem, nostack, preserves_flags),
-                );
-                V128(v)
-            }
+            // SAFETY: the trait's contract: four f16 at `p`.
+            unsafe { V128(widen_f16(p)) }
         }
         #[inline(always)]
         unsafe fn load_f16_masked(p: *const u16, _m: usize, len: usize) -> Self {

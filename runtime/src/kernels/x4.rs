@@ -19,9 +19,10 @@
 use core::arch::aarch64::*;
 use core::arch::asm;
 
+use super::lanes::widen_f16;
 use super::product::Product;
 use super::q8::consts::{Q4_0, Q4_1, Q8_0};
-use super::q8::{f16_to_f32, Q8Block};
+use super::q8::Q8Block;
 use crate::layout::{Layout, GROUP};
 use crate::quant::Format;
 
@@ -47,14 +48,8 @@ const fn group_scales(f: u8) -> usize {
 /// SAFETY: `p` points at four f16 values.
 #[inline(always)]
 unsafe fn halves(p: *const u8) -> float32x4_t {
-    // SAFETY: reads 8 bytes at `p`; NEON is part of every aarch64 CPU.
-    unsafe {
-        let mut v = [0f32; 4];
-        for (i, v) in v.iter_mut().enumerate() {
-            *v = f16_to_f32(u16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]));
-        }
-        vld1q_f32(v.as_ptr())
-    }
+    // SAFETY: the contract is `widen_f16`'s.
+    unsafe { widen_f16(p.cast()) }
 }
 
 /// A block of a group: the signed quants (`nibble − 8` for `q4_0`, the nibble for `q4_1`, as
