@@ -334,6 +334,36 @@ fn version_1_artifacts_still_open() {
         .all(|t| t.layout == kiln_runtime::layout::Layout::Rows));
 }
 
+/// Version 3 stores `q4_0` in the aarch64 layouts XOR 0x88; a version 2 tensor stored there is
+/// refused by name rather than read with every nibble wrong.
+#[test]
+fn version_2_aarch64_q4_0_tensors_are_refused() {
+    use kiln_runtime::layout::Layout;
+    use kiln_runtime::quant::Format;
+    let dir = temp_dir();
+    let packed = with_meta(&valid_bytes(), |m| {
+        let t = &mut m.tensors[0];
+        (t.format, t.layout, t.shape) = (Format::Q4_0, Layout::X4, vec![4, 32]);
+        t.len = 4 * Format::Q4_0.block_bytes() as u64;
+    });
+    let mut v2 = packed.clone();
+    v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+    expect_open_error(
+        dir.path(),
+        "v2-4x4.kiln",
+        &v2,
+        &[
+            "q4_0 in layout 4x4 from artifact format 2",
+            "compile the model again",
+        ],
+    );
+    let path = dir.path().join("v3-4x4.kiln");
+    std::fs::write(&path, &packed).expect("write");
+    if let Err(e) = Artifact::open(&path) {
+        assert!(!e.to_string().contains("compile the model again"), "{e}");
+    }
+}
+
 #[test]
 fn wrong_endianness_mark() {
     let dir = temp_dir();

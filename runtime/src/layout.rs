@@ -20,6 +20,11 @@
 //! `q8_0`), so each block of a group is one 64-byte-aligned load. The sizes are those of the
 //! ggml rows, so memory plans do not change. A 4-bit block's quant bytes are its 16 packed bytes
 //! (low nibbles: elements 0–15, high nibbles: 16–31), `q8_0`'s its 32 signed bytes.
+//!
+//! In the aarch64 layouts (4×4, 4×8) `q4_0`'s packed bytes are stored XOR `0x88`: nibble `q`
+//! becomes `q ^ 8`, the 4-bit two's complement of `q − 8`, so a shift left by 4 (low nibbles)
+//! or a mask of `0xf0` (high) gives `16·(q − 8)` as a signed byte in one instruction, with no
+//! subtraction ([`Geometry::flips_nibbles`]).
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -30,6 +35,9 @@ use crate::quant::Format;
 
 /// Rows interleaved together.
 pub const GROUP: usize = 4;
+
+/// What [`Geometry::flips_nibbles`] layouts XOR `q4_0`'s packed bytes with: `8` in each nibble.
+pub const NIBBLE_FLIP: u8 = 0x88;
 
 /// The arrangement of one tensor's blocks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -51,6 +59,12 @@ pub enum Layout {
 
 impl Layout {
     pub const ALL: [Layout; 4] = [Layout::Rows, Layout::X4, Layout::X8, Layout::X16];
+
+    /// Whether `format`'s quant bytes are stored XOR [`NIBBLE_FLIP`] here (`q4_0` in 4×4 and
+    /// 4×8; since artifact format 3).
+    pub fn flips_nibbles(self, format: Format) -> bool {
+        format == Format::Q4_0 && matches!(self, Layout::X4 | Layout::X8)
+    }
 
     /// The name in artifacts and target descriptors.
     pub fn name(self) -> &'static str {
@@ -139,6 +153,20 @@ impl Geometry {
         Geometry::quant_bytes(self.format).unwrap_or(0)
     }
 
+    /// Whether the groups' quant bytes are stored XOR [`NIBBLE_FLIP`].
+    pub fn flips_nibbles(&self) -> bool {
+        self.layout.flips_nibbles(self.format)
+    }
+
+    /// XORs `bytes` (a group's quants) with [`NIBBLE_FLIP`] where the layout stores them so.
+    fn flip(&self, bytes: &mut [u8]) {
+        if self.flips_nibbles() {
+            for b in bytes {
+                *b ^= NIBBLE_FLIP;
+            }
+        }
+    }
+
     /// Bytes of one stored row (and a quarter of a group).
     pub fn row_bytes(&self) -> usize {
         self.blocks * self.format.block_bytes()
@@ -185,6 +213,7 @@ impl Geometry {
             let at = quants + (run * GROUP + i) * chunk;
             out[sb + run * chunk..sb + (run + 1) * chunk].copy_from_slice(&bytes[at..at + chunk]);
         }
+        self.flip(&mut out[sb..sb + qb]);
         let scales = self.scales(g) + b * GROUP * sb;
         for s in 0..sb / 2 {
             let at = scales + (s * GROUP + i) * 2;
@@ -212,6 +241,7 @@ impl Geometry {
                         let at = quants + (run * GROUP + i) * chunk;
                         out[at..at + chunk]
                             .copy_from_slice(&block[sb + run * chunk..sb + (run + 1) * chunk]);
+                        self.flip(&mut out[at..at + chunk]);
                     }
                     let scales = self.scales(g) + b * GROUP * sb;
                     for s in 0..sb / 2 {
@@ -282,6 +312,48 @@ mod tests {
         assert_eq!(packed[16..32], row_major[38..54]);
         assert_eq!(g.scales(0), 128);
         assert_eq!(packed[130..132], row_major[36..38]);
+    }
+
+    /// The aarch64 layouts store `q4_0` nibble `q` as `q ^ 8`, whose shifted byte is
+    /// `16·(q − 8)`; other formats and layouts keep the bytes as they are.
+    #[test]
+    fn aarch64_layouts_store_q4_0_nibbles_as_twos_complement() {
+        let (blocks, rb) = (1, 18);
+        let mut row_major = vec![0u8; 4 * rb];
+        for (i, q) in row_major
+            .chunks_mut(rb)
+            .flat_map(|r| r[2..].iter_mut())
+            .enumerate()
+        {
+            *q = (i % 16) as u8 | ((15 - i % 16) as u8) << 4;
+        }
+        for layout in Layout::ALL {
+            let g = Geometry {
+                format: Format::Q4_0,
+                layout,
+                rows: 4,
+                blocks,
+            };
+            let packed = g.pack(&row_major);
+            let flipped = matches!(layout, Layout::X4 | Layout::X8);
+            assert_eq!(g.flips_nibbles(), flipped, "{layout:?}");
+            // Row 0's first quant byte: at 0 in every interleaved layout, after d for rows.
+            let at = if layout == Layout::Rows { 2 } else { 0 };
+            let (lo, hi) = (packed[at] << 4, packed[at] & 0xf0);
+            let expect = |q: u8| (16 * (q as i32 - 8)) as i8;
+            if flipped {
+                assert_eq!((lo as i8, hi as i8), (expect(0), expect(15)));
+            } else {
+                assert_eq!(packed[at], row_major[2]);
+            }
+        }
+        let q8 = Geometry {
+            format: Format::Q8_0,
+            layout: Layout::X4,
+            rows: 4,
+            blocks,
+        };
+        assert!(!q8.flips_nibbles());
     }
 
     #[test]

@@ -23,8 +23,11 @@ fn is_rows(layout: &Layout) -> bool {
 
 pub const MAGIC: [u8; 8] = *b"KILNART\0";
 /// Bumped on any change a reader of the previous version would misread (2: tensors carry a
-/// [`Layout`]).
-pub const FORMAT_VERSION: u32 = 2;
+/// [`Layout`]; 3: `q4_0` in the aarch64 layouts is stored XOR `0x88`,
+/// [`Layout::flips_nibbles`]).
+pub const FORMAT_VERSION: u32 = 3;
+/// The first version whose aarch64-layout `q4_0` nibbles are flipped.
+pub const FLIPPED_NIBBLES_SINCE: u32 = 3;
 /// The oldest version this runtime still reads (version 1 artifacts hold ggml rows only).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Written as a little-endian u32; a reader that sees other bytes was handed a foreign file.

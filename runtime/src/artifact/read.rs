@@ -163,7 +163,7 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ArtifactError> {
     let weights = weights.ok_or(ArtifactError::MissingSection("weights"))?;
     let meta: Metadata =
         serde_json::from_slice(&bytes[meta]).map_err(|e| ArtifactError::Meta(e.to_string()))?;
-    check_tensors(&meta, &bytes[weights.clone()])?;
+    check_tensors(&meta, &bytes[weights.clone()], version)?;
     check_graph(&meta)?;
     Ok(Parsed {
         meta,
@@ -172,7 +172,7 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ArtifactError> {
     })
 }
 
-fn check_tensors(meta: &Metadata, weights: &[u8]) -> Result<(), ArtifactError> {
+fn check_tensors(meta: &Metadata, weights: &[u8], version: u32) -> Result<(), ArtifactError> {
     for t in &meta.tensors {
         let bad = |what: String| ArtifactError::Tensor {
             name: t.name.clone(),
@@ -202,6 +202,14 @@ fn check_tensors(meta: &Metadata, weights: &[u8]) -> Result<(), ArtifactError> {
                 "layout {} is for block formats, not {}",
                 t.layout.name(),
                 t.format.name()
+            )));
+        }
+        if version < FLIPPED_NIBBLES_SINCE && t.layout.flips_nibbles(t.format) {
+            return Err(bad(format!(
+                "{} in layout {} from artifact format {version} stores its nibbles as this \
+                 runtime (format {FORMAT_VERSION}) no longer reads them: compile the model again",
+                t.format.name(),
+                t.layout.name()
             )));
         }
         if t.offset

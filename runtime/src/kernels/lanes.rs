@@ -357,14 +357,13 @@ mod neon {
     /// SAFETY: `p` points at four f16 values.
     #[inline(always)]
     pub unsafe fn widen_f16(p: *const u16) -> float32x4_t {
-        // SAFETY: reads the 8 bytes at `p`; the rest is register arithmetic.
+        // SAFETY: reads the 8 bytes at `p` straight into the vector register (`vld1_u16` needs
+        // no alignment beyond 2); the rest is register arithmetic.
         unsafe {
-            let bits = p.cast::<u64>().read_unaligned();
             let v: float32x4_t;
             core::arch::asm!(
-                "fmov {v:d}, {b}",
-                "fcvtl {v:v}.4s, {v:v}.4h",
-                b = in(reg) bits,
+                "fcvtl {v:v}.4s, {h:v}.4h",
+                h = in(vreg) vld1_u16(p),
                 v = out(vreg) v,
                 options(pure, nomem, nostack, preserves_flags),
             );

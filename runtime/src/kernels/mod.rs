@@ -36,12 +36,22 @@ pub const TILE_ROWS: usize = 4;
 /// keep to multiples of it.
 pub const TILE_TOKENS: usize = 4;
 
+/// Floats of scratch the aarch64 4×8 kernels stage per block of a row for a batch: 8 tokens
+/// as 4 pairs of 96 bytes (their `smmla` operands and scales), whatever the batch.
+pub const STAGED_PAIR_FLOATS: usize = 96;
+
 /// Floats of scratch each participant of a product over rows of `cols` values, for batches of
 /// up to `batch` tokens, needs: [`TILE_ROWS`] dequantized rows for float products, or a
-/// block kernel's per-token staging (16 bytes a block, 64-byte aligned).
+/// block kernel's staging (per block: 16 bytes a token on x86-64, [`STAGED_PAIR_FLOATS`] on
+/// aarch64 4×8; 64-byte aligned). The same on every machine, so plans do not depend on it.
 pub const fn scratch_floats(cols: usize, batch: usize) -> usize {
     let rows = TILE_ROWS * cols;
-    let staged = batch * cols.div_ceil(BLOCK) * 4 + 16;
+    let per_block = if 4 * batch > STAGED_PAIR_FLOATS {
+        4 * batch
+    } else {
+        STAGED_PAIR_FLOATS
+    };
+    let staged = cols.div_ceil(BLOCK) * per_block + 16;
     if rows > staged {
         rows
     } else {

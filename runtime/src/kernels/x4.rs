@@ -6,7 +6,8 @@
 //! block) adds a row's 4 products into its own lane, so an accumulator's four lanes are the
 //! four rows and nothing is reduced at all. NEON without dotprod does the same with `vmull_s8`
 //! and pairwise adds. In 4×8 a register holds 8 bytes of two rows, a 2×8 `smmla` operand, and
-//! two tokens at once make its other one.
+//! two tokens at once make its other one; a single token (decode) meets it with `sdot` by
+//! vector instead, its 8 bytes in both halves of a register, and one pairwise add per block.
 //!
 //! Each block's integer sums (exact) are scaled by `d_w·d_x` into a float accumulator per
 //! (group, token) with `vfmaq_f32`, plus `m·s` for `q4_1`, as the reference does per block; only
@@ -52,8 +53,8 @@ unsafe fn halves(p: *const u8) -> float32x4_t {
     unsafe { widen_f16(p.cast()) }
 }
 
-/// A block of a group: the signed quants (`nibble − 8` for `q4_0`, the nibble for `q4_1`, as
-/// stored for `q8_0`) in the layout's registers, and the rows' `d` (and `m`).
+/// A block of a group: the signed quants (`16·(nibble − 8)` for `q4_0`, the nibble for `q4_1`,
+/// as stored for `q8_0`) in the layout's registers, and the rows' `d` (and `m`).
 #[derive(Clone, Copy)]
 struct Wt<const K: usize> {
     q: [int8x16_t; K],
@@ -65,7 +66,9 @@ struct Wt<const K: usize> {
 const REGS: usize = 8;
 
 /// Unpacks the block at `q` (scales at `s`): the 4-bit formats' register `k < 4` of packed
-/// bytes gives registers `k` (low nibbles) and `4 + k` (high nibbles).
+/// bytes gives registers `k` (low nibbles) and `4 + k` (high nibbles). `q4_0`'s bytes are
+/// stored XOR `0x88` ([`Geometry::flips_nibbles`](crate::layout::Geometry::flips_nibbles)), so
+/// a shift or a mask alone leaves `16·(q − 8)`, scaled back by [`sums_f32`].
 ///
 /// SAFETY: `q` and `s` point at a block's quants and scales.
 #[inline(always)]
@@ -78,21 +81,15 @@ unsafe fn weights<const F: u8>(q: *const u8, s: *const u8) -> Wt<REGS> {
                 *w = vld1q_s8(q.add(16 * k).cast());
             }
         } else {
-            let mask = vdupq_n_u8(0x0f);
             for k in 0..4 {
                 let packed = vld1q_u8(q.add(16 * k));
-                let (lo, hi) = (
-                    vreinterpretq_s8_u8(vandq_u8(packed, mask)),
-                    vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed)),
-                );
-                if F == Q4_0 {
-                    let eight = vdupq_n_s8(8);
-                    w[k] = vsubq_s8(lo, eight);
-                    w[4 + k] = vsubq_s8(hi, eight);
+                let (lo, hi) = if F == Q4_0 {
+                    (vshlq_n_u8::<4>(packed), vandq_u8(packed, vdupq_n_u8(0xf0)))
                 } else {
-                    w[k] = lo;
-                    w[4 + k] = hi;
-                }
+                    (vandq_u8(packed, vdupq_n_u8(0x0f)), vshrq_n_u8::<4>(packed))
+                };
+                w[k] = vreinterpretq_s8_u8(lo);
+                w[4 + k] = vreinterpretq_s8_u8(hi);
             }
         }
         Wt {
@@ -103,6 +100,20 @@ unsafe fn weights<const F: u8>(q: *const u8, s: *const u8) -> Wt<REGS> {
             } else {
                 vdupq_n_f32(0.0)
             },
+        }
+    }
+}
+
+/// A block's integer sums as floats: `q4_0`'s are 16 times the products' (see [`weights`]), and
+/// `scvtf` by 4 fraction bits divides them back exactly (they stay below 2²⁴).
+#[inline(always)]
+fn sums_f32<const F: u8>(sums: int32x4_t) -> float32x4_t {
+    // SAFETY: register arithmetic; NEON is part of every aarch64 CPU.
+    unsafe {
+        if F == Q4_0 {
+            vcvtq_n_f32_s32::<4>(sums)
+        } else {
+            vcvtq_f32_s32(sums)
         }
     }
 }
@@ -151,7 +162,8 @@ impl Lanes for Dotprod {
 struct Neon;
 
 /// `acc + [row r's 4 bytes of w · bytes 4L..4L+4 of a]` without `sdot`: the products fit i16
-/// (at most 128·127) and a pair of them too, summed into i32 before anything overflows.
+/// (at most 128·127, `q4_0`'s `16·(q − 8)` included) and a pair of them too, summed into i32
+/// before anything overflows.
 #[inline(always)]
 fn dot_lane<const L: i32>(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
     // SAFETY: register arithmetic; NEON is part of every aarch64 CPU.
@@ -181,6 +193,9 @@ struct Span {
     x: *const Q8Block,
     out: *mut f32,
     stride: usize,
+    /// The participant's scratch, where 4×8 batches stage their token pairs.
+    stage: *mut u8,
+    stage_bytes: usize,
 }
 
 /// One 4×4 tile: groups `g0..g0 + G` × tokens `t0..t0 + T`.
@@ -216,7 +231,7 @@ unsafe fn tile4<L: Lanes, const F: u8, const G: usize, const T: usize>(
                 for (acc, w) in acc.iter_mut().zip(&w) {
                     let zero = vdupq_n_s32(0);
                     let sums = L::dot4(L::dot4(zero, &w.q[..4], lo), &w.q[4..], hi);
-                    let v = vfmaq_f32(acc[t], vcvtq_f32_s32(sums), vmulq_n_f32(w.d, a.d));
+                    let v = vfmaq_f32(acc[t], sums_f32::<F>(sums), vmulq_n_f32(w.d, a.d));
                     acc[t] = if F == Q4_1 {
                         vfmaq_n_f32(v, w.m, a.s)
                     } else {
@@ -264,71 +279,218 @@ fn smmla(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
     acc
 }
 
-/// One 4×8 tile: groups `g0..g0 + G` × token pairs from `t0` (`tokens` of them, the last
-/// repeated when odd), with `smmla`.
+/// Two tokens' block `b` as `smmla`'s second operands ([`zip64`] of their bytes) and their
+/// `[d_a, d_c, d_a, d_c]`, `[s_a, s_c, s_a, s_c]`, matching the `smmla` lanes.
+#[derive(Clone, Copy)]
+struct Pair {
+    m: [int8x16_t; 4],
+    d: float32x4_t,
+    s: float32x4_t,
+}
+
+/// Bytes of a staged [`Pair`]: its four operands, `d` and `s`.
+const PAIR_BYTES: usize = 96;
+
+/// Tokens staged at a time for 4×8 batches (the pairs of one tile).
+const STAGED_TOKENS: usize = 2 * P8;
+
+const _: () = assert!(P8 * PAIR_BYTES == 4 * super::STAGED_PAIR_FLOATS);
+
+impl Pair {
+    /// Tokens `ta` and `tb` of block `b`.
+    ///
+    /// SAFETY: both tokens' block `b` exists.
+    #[inline(always)]
+    unsafe fn of(s: &Span, ta: usize, tb: usize, b: usize) -> Pair {
+        // SAFETY: reads the two blocks of the contract.
+        unsafe {
+            let (a, c) = (&*s.x.add(ta * s.nb + b), &*s.x.add(tb * s.nb + b));
+            let (alo, ahi) = (vld1q_s8(a.qs.as_ptr()), vld1q_s8(a.qs.as_ptr().add(16)));
+            let (clo, chi) = (vld1q_s8(c.qs.as_ptr()), vld1q_s8(c.qs.as_ptr().add(16)));
+            let [m0, m1] = zip64(alo, clo);
+            let [m2, m3] = zip64(ahi, chi);
+            let lanes = |x: &f32, y: &f32| vzip1q_f32(vld1q_dup_f32(x), vld1q_dup_f32(y));
+            Pair {
+                m: [m0, m1, m2, m3],
+                d: lanes(&a.d, &c.d),
+                s: lanes(&a.s, &c.s),
+            }
+        }
+    }
+
+    /// Writes the pair's [`PAIR_BYTES`] at `at`.
+    ///
+    /// SAFETY: `at` has room for them (any alignment).
+    #[inline(always)]
+    unsafe fn store(&self, at: *mut u8) {
+        // SAFETY: the contract's bytes.
+        unsafe {
+            for (k, &m) in self.m.iter().enumerate() {
+                vst1q_s8(at.add(16 * k).cast(), m);
+            }
+            vst1q_f32(at.add(64).cast(), self.d);
+            vst1q_f32(at.add(80).cast(), self.s);
+        }
+    }
+
+    /// The pair [`store`](Pair::store)d at `at`; `s` only for `q4_1`.
+    ///
+    /// SAFETY: `at` holds a stored pair.
+    #[inline(always)]
+    unsafe fn load<const F: u8>(at: *const u8) -> Pair {
+        // SAFETY: the contract's bytes.
+        unsafe {
+            Pair {
+                m: [0, 1, 2, 3].map(|k| vld1q_s8(at.add(16 * k).cast())),
+                d: vld1q_f32(at.add(64).cast()),
+                s: if F == Q4_1 {
+                    vld1q_f32(at.add(80).cast())
+                } else {
+                    vdupq_n_f32(0.0)
+                },
+            }
+        }
+    }
+}
+
+/// Stages tokens `t0..t0 + tokens` (at most [`STAGED_TOKENS`]; an odd last one paired with
+/// itself) as pairs, pair `p`'s block `b` at `(p·nb + b)·PAIR_BYTES` of the scratch.
+///
+/// SAFETY: the tokens exist and the scratch has room for their pairs (checked by the caller).
+#[inline(always)]
+unsafe fn stage(s: &Span, t0: usize, tokens: usize) {
+    // SAFETY: reads the contract's tokens, writes inside the scratch.
+    unsafe {
+        for p in 0..tokens.div_ceil(2) {
+            let ta = t0 + 2 * p;
+            let tb = (ta + 1).min(t0 + tokens - 1);
+            for b in 0..s.nb {
+                Pair::of(s, ta, tb, b).store(s.stage.add((p * s.nb + b) * PAIR_BYTES));
+            }
+        }
+    }
+}
+
+/// One 4×8 tile: group `g` × staged pairs `p0..p0 + P` (tokens from `t0`, `tokens` in all
+/// staged, the last repeated when odd), with `smmla`.
 ///
 /// In 4×8 register `2j + h` of a block of a group (as [`weights`] unpacks it) holds run `j` of
 /// 8 bytes of row pair `h` (rows 0–1, 2–3): elements `8j..8j+8` of both, for `q8_0` and the
 /// low nibbles (`j < 2`) alike, the high nibbles continuing at `j = 2`.
 ///
-/// SAFETY: the CPU has i8mm; the groups, `tokens` tokens and outputs exist.
+/// SAFETY: the CPU has i8mm; the group, the staged pairs and the outputs exist.
 #[inline(always)]
-unsafe fn tile8<const F: u8, const G: usize, const P: usize>(
+unsafe fn tile8<const F: u8, const P: usize>(
     s: &Span,
-    g0: usize,
+    g: usize,
+    p0: usize,
     t0: usize,
     tokens: usize,
 ) {
     let (qg, sg) = (group_quants(F), group_scales(F));
-    // SAFETY: every pointer stays inside the groups, tokens and outputs of the contract; the
-    // token past an odd end reads the last token again.
+    // SAFETY: every pointer stays inside the group, the staged pairs and the outputs of the
+    // contract.
     unsafe {
-        let mut acc = [[[vdupq_n_f32(0.0); 2]; P]; G];
+        let mut acc = [[vdupq_n_f32(0.0); 2]; P];
         for b in 0..s.nb {
-            for g in 0..G {
-                let w = weights::<F>(
-                    s.quants.add((g0 + g) * s.nb * qg + b * qg),
-                    s.scales.add((g0 + g) * s.nb * sg + b * sg),
-                );
-                // Per row pair: [d_r, d_r, d_r+1, d_r+1], matching the `smmla` lanes.
-                let dw = [vzip1q_f32(w.d, w.d), vzip2q_f32(w.d, w.d)];
-                let mw = [vzip1q_f32(w.m, w.m), vzip2q_f32(w.m, w.m)];
-                for p in 0..P {
-                    let ta = t0 + 2 * p;
-                    let tb = (ta + 1).min(t0 + tokens - 1);
-                    let (a, c) = (&*s.x.add(ta * s.nb + b), &*s.x.add(tb * s.nb + b));
-                    let (alo, ahi) = (vld1q_s8(a.qs.as_ptr()), vld1q_s8(a.qs.as_ptr().add(16)));
-                    let (clo, chi) = (vld1q_s8(c.qs.as_ptr()), vld1q_s8(c.qs.as_ptr().add(16)));
-                    let [m0, m1] = zip64(alo, clo);
-                    let [m2, m3] = zip64(ahi, chi);
-                    let m = [m0, m1, m2, m3];
-                    let dx = vld1q_f32([a.d, c.d, a.d, c.d].as_ptr());
-                    let sx = vld1q_f32([a.s, c.s, a.s, c.s].as_ptr());
-                    for (h, acc) in acc[g][p].iter_mut().enumerate() {
-                        // Row pair `h`, elements 8e..8e+8: register 2e + h (see above).
-                        let mut sums = vdupq_n_s32(0);
-                        for (e, &m) in m.iter().enumerate() {
-                            sums = smmla(sums, w.q[2 * e + h], m);
-                        }
-                        *acc = vfmaq_f32(*acc, vcvtq_f32_s32(sums), vmulq_f32(dw[h], dx));
-                        if F == Q4_1 {
-                            *acc = vfmaq_f32(*acc, mw[h], sx);
-                        }
+            let w = weights::<F>(
+                s.quants.add(g * s.nb * qg + b * qg),
+                s.scales.add(g * s.nb * sg + b * sg),
+            );
+            // Per row pair: [d_r, d_r, d_r+1, d_r+1], matching the `smmla` lanes.
+            let dw = [vzip1q_f32(w.d, w.d), vzip2q_f32(w.d, w.d)];
+            let mw = [vzip1q_f32(w.m, w.m), vzip2q_f32(w.m, w.m)];
+            for (p, acc) in acc.iter_mut().enumerate() {
+                let x = Pair::load::<F>(s.stage.add(((p0 + p) * s.nb + b) * PAIR_BYTES));
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    // Row pair `h`, elements 8e..8e+8: register 2e + h (see above).
+                    let mut sums = vdupq_n_s32(0);
+                    for (e, &m) in x.m.iter().enumerate() {
+                        sums = smmla(sums, w.q[2 * e + h], m);
+                    }
+                    *acc = vfmaq_f32(*acc, sums_f32::<F>(sums), vmulq_f32(dw[h], x.d));
+                    if F == Q4_1 {
+                        *acc = vfmaq_f32(*acc, mw[h], x.s);
                     }
                 }
             }
         }
-        for (g, acc) in acc.iter().enumerate() {
-            for (p, acc) in acc.iter().enumerate() {
-                // [r0·ta, r0·tb, r1·ta, r1·tb] and the same for rows 2–3 → each token's row.
-                let ta = vuzp1q_f32(acc[0], acc[1]);
-                let tb = vuzp2q_f32(acc[0], acc[1]);
-                let t = t0 + 2 * p;
-                vst1q_f32(s.out.add(t * s.stride + (g0 + g) * GROUP), ta);
-                if t + 1 < t0 + tokens {
-                    vst1q_f32(s.out.add((t + 1) * s.stride + (g0 + g) * GROUP), tb);
-                }
+        for (p, acc) in acc.iter().enumerate() {
+            // [r0·ta, r0·tb, r1·ta, r1·tb] and the same for rows 2–3 → each token's row.
+            let ta = vuzp1q_f32(acc[0], acc[1]);
+            let tb = vuzp2q_f32(acc[0], acc[1]);
+            let t = t0 + 2 * (p0 + p);
+            vst1q_f32(s.out.add(t * s.stride + g * GROUP), ta);
+            if t + 1 < t0 + tokens {
+                vst1q_f32(s.out.add((t + 1) * s.stride + g * GROUP), tb);
             }
+        }
+    }
+}
+
+/// `acc + sdot(w, a)` by vector: lane `i` gains `Σ_k w[4i + k]·a[4i + k]`.
+#[inline(always)]
+fn sdot(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
+    // SAFETY: register arithmetic only; inlined only into functions compiled with `dotprod`
+    // and installed after detecting it.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {w:v}.16b, {a:v}.16b",
+            acc = inout(vreg) acc,
+            w = in(vreg) w,
+            a = in(vreg) a,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// One token against groups `g0..g0 + G` of a 4×8 matrix, with `sdot` by vector rather than
+/// `smmla` (which would pair the token with a copy of itself): the token's run `j` of 8 bytes,
+/// in both halves of a register, meets register `2j + h` (rows `2h`, `2h + 1`, see [`tile8`])
+/// to give each row's two 4-byte halves, and one pairwise add per block makes the rows' sums.
+///
+/// SAFETY: the CPU has dotprod; the groups, token `t` and outputs exist.
+#[inline(always)]
+unsafe fn decode8<const F: u8, const G: usize>(s: &Span, g0: usize, t: usize) {
+    let (qg, sg) = (group_quants(F), group_scales(F));
+    // SAFETY: every pointer stays inside the groups, the token and outputs of the contract.
+    unsafe {
+        let mut acc = [vdupq_n_f32(0.0); G];
+        for b in 0..s.nb {
+            let a = &*s.x.add(t * s.nb + b);
+            let (lo, hi) = (
+                vreinterpretq_s64_s8(vld1q_s8(a.qs.as_ptr())),
+                vreinterpretq_s64_s8(vld1q_s8(a.qs.as_ptr().add(16))),
+            );
+            let runs = [
+                vreinterpretq_s8_s64(vdupq_laneq_s64::<0>(lo)),
+                vreinterpretq_s8_s64(vdupq_laneq_s64::<1>(lo)),
+                vreinterpretq_s8_s64(vdupq_laneq_s64::<0>(hi)),
+                vreinterpretq_s8_s64(vdupq_laneq_s64::<1>(hi)),
+            ];
+            for (g, acc) in acc.iter_mut().enumerate() {
+                let w = weights::<F>(
+                    s.quants.add((g0 + g) * s.nb * qg + b * qg),
+                    s.scales.add((g0 + g) * s.nb * sg + b * sg),
+                );
+                let mut halves = [vdupq_n_s32(0); 2];
+                for (h, sums) in halves.iter_mut().enumerate() {
+                    for (j, &run) in runs.iter().enumerate() {
+                        *sums = sdot(*sums, w.q[2 * j + h], run);
+                    }
+                }
+                let sums = vpaddq_s32(halves[0], halves[1]);
+                let v = vfmaq_f32(*acc, sums_f32::<F>(sums), vmulq_n_f32(w.d, a.d));
+                *acc = if F == Q4_1 {
+                    vfmaq_n_f32(v, w.m, a.s)
+                } else {
+                    v
+                };
+            }
+        }
+        for (g, &acc) in acc.iter().enumerate() {
+            vst1q_f32(s.out.add(t * s.stride + (g0 + g) * GROUP), acc);
         }
     }
 }
@@ -356,6 +518,8 @@ fn span(p: &mut Product<'_>) -> (Span, usize) {
         x: p.x.as_ptr(),
         out,
         stride: p.out.stride(),
+        stage: p.scratch.as_mut_ptr().cast(),
+        stage_bytes: core::mem::size_of_val(p.scratch),
     };
     (span, groups)
 }
@@ -407,42 +571,62 @@ unsafe fn tiles4<L: Lanes, const F: u8, const G: usize, const T: usize>(
     }
 }
 
-/// Groups × token pairs of a 4×8 matrix, `G` groups and `P` pairs at a time.
+/// Groups × tokens of a 4×8 matrix: [`STAGED_TOKENS`] tokens staged as pairs at a time, then
+/// every group against them, `P8` pairs per tile.
 ///
 /// SAFETY: the CPU has i8mm; `s` spans `groups` groups and `n` tokens.
 #[inline(always)]
-unsafe fn tiles8<const F: u8, const G: usize, const P: usize>(s: &Span, groups: usize, n: usize) {
-    // SAFETY: every tile lies inside `groups × n` (an odd last token is read twice).
+unsafe fn tiles8<const F: u8>(s: &Span, groups: usize, n: usize) {
+    let need = STAGED_TOKENS.min(n).div_ceil(2) * s.nb * PAIR_BYTES;
+    assert!(
+        s.stage_bytes >= need,
+        "aarch64 gemm: {} bytes of scratch stage {need} (see kernels::scratch_floats)",
+        s.stage_bytes
+    );
+    // SAFETY: every tile lies inside `groups × n`; the staged pairs fit (checked above).
     unsafe {
-        let mut g = 0;
-        while g < groups {
-            let whole = g + G <= groups;
-            let mut t = 0;
-            while t < n {
-                let tokens = (n - t).min(2 * P);
-                match (whole, tokens > 2) {
-                    (true, true) if tokens == 2 * P => tile8::<F, G, P>(s, g, t, tokens),
-                    (true, _) => tile8::<F, G, 1>(s, g, t, tokens.min(2)),
-                    (false, _) => {
-                        for g in g..groups {
-                            tile8::<F, 1, 1>(s, g, t, tokens.min(2));
-                        }
+        let mut t0 = 0;
+        while t0 < n {
+            let tokens = (n - t0).min(STAGED_TOKENS);
+            stage(s, t0, tokens);
+            let pairs = tokens.div_ceil(2);
+            for g in 0..groups {
+                if pairs == P8 {
+                    tile8::<F, P8>(s, g, 0, t0, tokens);
+                } else {
+                    for p in 0..pairs {
+                        tile8::<F, 1>(s, g, p, t0, tokens);
                     }
                 }
-                t += if whole && tokens == 2 * P {
-                    tokens
-                } else {
-                    tokens.min(2)
-                };
             }
-            g += G;
+            t0 += tokens;
         }
     }
 }
 
-/// Tile shapes: decode (`n = 1`) takes two groups at once, batches four tokens per group.
+/// One token against all groups of a 4×8 matrix, `G` at a time.
+///
+/// SAFETY: the CPU has dotprod; `s` spans `groups` groups and token 0.
+#[inline(always)]
+unsafe fn decodes8<const F: u8, const G: usize>(s: &Span, groups: usize) {
+    // SAFETY: every tile lies inside `groups` and the one token.
+    unsafe {
+        let mut g = 0;
+        while g + G <= groups {
+            decode8::<F, G>(s, g, 0);
+            g += G;
+        }
+        for g in g..groups {
+            decode8::<F, 1>(s, g, 0);
+        }
+    }
+}
+
+/// Tile shapes: decode (`n = 1`) takes two groups at once, batches four tokens per group on
+/// 4×4 and four token pairs per group on 4×8.
 const G1: usize = 2;
 const T4: usize = 4;
+const P8: usize = 4;
 
 /// `$f::<…, F>` over `$p`'s groups for its format, then its plain rows on `$rows`.
 macro_rules! by_format {
@@ -475,17 +659,17 @@ unsafe fn x4<L: Lanes, const F: u8>(s: &Span, groups: usize, n: usize) {
     }
 }
 
-/// A 4×8 product with `smmla`: two token pairs per tile for batches.
+/// A 4×8 product: batches with `smmla`, one token with `sdot`.
 ///
-/// SAFETY: the CPU has i8mm.
+/// SAFETY: the CPU has i8mm and dotprod.
 #[inline(always)]
 unsafe fn x8<const F: u8>(s: &Span, groups: usize, n: usize) {
     // SAFETY: passed on.
     unsafe {
-        if n <= 2 {
-            tiles8::<F, G1, 1>(s, groups, n)
+        if n == 1 {
+            decodes8::<F, G1>(s, groups)
         } else {
-            tiles8::<F, 1, 2>(s, groups, n)
+            tiles8::<F>(s, groups, n)
         }
     }
 }
