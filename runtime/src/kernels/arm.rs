@@ -21,7 +21,8 @@ use core::arch::asm;
 
 use super::product::{Out, Product};
 use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q8_0};
-use super::q8::{self, f16_to_f32, Q8Block};
+use super::lanes::widen_f16_bits;
+use super::q8::{self, Q8Block};
 use super::{x4, Kernels, Level, TILE_ROWS, TILE_TOKENS};
 use crate::layout::Layout;
 use crate::quant::{Format, BLOCK};
@@ -108,7 +109,7 @@ struct Wb {
 unsafe fn decode<const F: u8>(p: *const u8) -> Wb {
     // SAFETY: every read stays inside the block at `p` (18, 20 or 34 bytes).
     unsafe {
-        let half = |at: usize| f16_to_f32(u16::from_le_bytes([*p.add(at), *p.add(at + 1)]));
+        let half = |at: usize| widen_f16_bits(u16::from_le_bytes([*p.add(at), *p.add(at + 1)]));
         if F == Q8_0 {
             return Wb {
                 lo: vld1q_s8(p.add(2).cast()),

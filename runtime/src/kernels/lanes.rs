@@ -9,7 +9,7 @@
 use super::KvRows;
 
 #[cfg(target_arch = "aarch64")]
-pub(super) use neon::{widen_f16, V128};
+pub(super) use neon::{widen_f16, widen_f16_bits, V128};
 #[cfg(target_arch = "x86_64")]
 pub(super) use x86::{V256, V512};
 
@@ -369,6 +369,24 @@ mod neon {
             );
             v
         }
+    }
+
+    /// One f16 (its bits) as f32 with the scalar `fcvt`.
+    #[inline(always)]
+    pub fn widen_f16_bits(bits: u16) -> f32 {
+        let out: f32;
+        // SAFETY: register arithmetic only (ARMv8.0).
+        unsafe {
+            core::arch::asm!(
+                "fmov {h:s}, {b:w}",
+                "fcvt {o:s}, {h:h}",
+                b = in(reg) u32::from(bits),
+                h = out(vreg) _,
+                o = out(vreg) out,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        out
     }
 
     /// NEON has no masked loads or stores: tails go through a 4-lane buffer.

@@ -654,7 +654,7 @@ unsafe fn x4<L: Lanes, const F: u8>(s: &Span, groups: usize, n: usize) {
         if n == 1 {
             tiles4::<L, F, G1, 1>(s, groups, n)
         } else {
-            tiles4::<L, F, 1, T4>(s, groups, n)
+            tiles4::<L, F, 2, T4>(s, groups, n)
         }
     }
 }
