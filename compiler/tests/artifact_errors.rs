@@ -247,11 +247,17 @@ fn expect_open_error(dir: &Path, name: &str, bytes: &[u8], phrases: &[&str]) -> 
     message
 }
 
+/// The error of opening `path` (mapped), which must name it and hold every phrase; loading it
+/// into memory instead must fail with the same message.
 fn open_error(path: &Path, phrases: &[&str]) -> String {
     let message = match Artifact::open(path) {
         Ok(_) => panic!("{} opened but should have been refused", path.display()),
         Err(e) => e.to_string(),
     };
+    match Artifact::load(path) {
+        Ok(_) => panic!("{} loaded but should have been refused", path.display()),
+        Err(e) => assert_eq!(e.to_string(), message, "loading and mapping disagree"),
+    }
     common::assert_names_file(message, path, phrases)
 }
 
@@ -271,6 +277,20 @@ fn tiny_artifact_opens_and_runs() {
     assert_eq!(logits.len(), VOCAB);
     assert!(logits.iter().all(|v| v.is_finite()), "{logits:?}");
     assert!(logits.iter().any(|&v| v != 0.0));
+
+    // Read into memory rather than mapped: the same bytes, the same logits.
+    let loaded = Artifact::load(&path).expect("load");
+    assert_eq!(loaded.len(), artifact.len());
+    let again = loaded
+        .session(SessionOptions {
+            context: 16,
+            ..SessionOptions::default()
+        })
+        .expect("session")
+        .forward(&[3, 1, 4, 1, 5])
+        .expect("forward")
+        .to_vec();
+    assert_eq!(again, logits);
 
     // The test's own CRC and layout agree with the writer's, so the re-sealed files below differ
     // from a valid one only where each test says.

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::artifact::{Artifact, ArtifactError};
+use crate::artifact::{Artifact, ArtifactError, Residency};
 use crate::chat::{ChatError, ChatTemplate};
 use crate::decoder::Decoder;
 use crate::exec::{Session, SessionError, SessionOptions};
@@ -50,9 +50,14 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads and validates a `.kiln` file.
+    /// Loads and validates a `.kiln` file, mapped from it.
     pub fn open(path: &Path) -> Result<Model, GenerateError> {
-        Model::from_artifact(Artifact::open(path)?)
+        Model::open_as(path, Residency::Map)
+    }
+
+    /// Loads and validates a `.kiln` file, its bytes brought in as `residency` says.
+    pub fn open_as(path: &Path, residency: Residency) -> Result<Model, GenerateError> {
+        Model::from_artifact(Artifact::from_file(path, residency)?)
     }
 
     /// Uses an already loaded artifact.

@@ -11,5 +11,5 @@ pub mod write;
 pub use format::*;
 pub use load::read_into;
 #[cfg(feature = "std")]
-pub use open::Artifact;
+pub use open::{Artifact, Residency};
 pub use read::{parse, tensor_bytes, ArtifactError, Parsed};

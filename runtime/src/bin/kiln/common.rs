@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use kiln_runtime::artifact::Residency;
 use kiln_runtime::exec::{KvType, SessionOptions};
 use kiln_runtime::generate::Model;
 use kiln_runtime::onnxrt::{Ep, OrtModel, OrtOptions};
@@ -47,6 +48,11 @@ pub struct ModelArgs {
     /// How the KV cache stores keys and values: f16 (half the memory) or f32 (native backend).
     #[arg(long = "cache-type", value_enum, default_value_t = CacheType::F16)]
     pub cache_type: CacheType,
+    /// Map the artifact instead of reading it into (huge-page) memory: nothing copied and only
+    /// touched pages resident, but decode reads the weights through 4 KiB page-cache pages,
+    /// slower on most machines (native backend).
+    #[arg(long)]
+    pub mmap: bool,
 }
 
 /// `--cache-type`, as llama.cpp's `--cache-type-k`/`-v` names them.
@@ -65,7 +71,12 @@ impl ModelArgs {
         };
         if !ort {
             // The error names the file already.
-            return Ok(Model::open(&self.model)?);
+            let residency = if self.mmap {
+                Residency::Map
+            } else {
+                Residency::Load
+            };
+            return Ok(Model::open_as(&self.model, residency)?);
         }
         let eps = self
             .ep
