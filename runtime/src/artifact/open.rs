@@ -13,7 +13,7 @@ use super::{Metadata, TensorEntry};
 pub enum Residency {
     /// Read into anonymous memory, advised for transparent huge pages on Linux: decode streams
     /// every weight once per token, and 2 MiB pages spare it a TLB miss (in a VM, a nested page
-    /// walk) every 4 KiB; page-cache pages of a mapped file are 4 KiB and scattered. Resident
+    /// walk) every 4 KiB, as the page cache's pages of a mapped file would cost it. Resident
     /// memory is the file's size either way, as the memory plan counts it.
     #[default]
     Load,

@@ -19,9 +19,9 @@
 use core::arch::aarch64::*;
 use core::arch::asm;
 
+use super::lanes::widen_f16_bits;
 use super::product::{Out, Product};
 use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q8_0};
-use super::lanes::widen_f16_bits;
 use super::q8::{self, Q8Block};
 use super::{x4, Kernels, Level, TILE_ROWS, TILE_TOKENS};
 use crate::layout::Layout;

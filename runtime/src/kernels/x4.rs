@@ -12,7 +12,8 @@
 //! Each block's integer sums (exact) are scaled by `d_w·d_x` into a float accumulator per
 //! (group, token) with `vfmaq_f32`, plus `m·s` for `q4_1`, as the reference does per block; only
 //! the order of the float sums differs, within [`q8::error_budget`](super::q8::error_budget).
-//! A tile of `G` groups × `T` tokens reads each weight block once per tile.
+//! A tile of `G` groups × `T` tokens reads each weight block once per tile; 4×8 batches first
+//! stage 8 tokens as `smmla` pairs in the participant's scratch, once for all groups.
 //!
 //! `sdot` and `smmla` go through `asm!` (their intrinsics are unstable); each only sits in
 //! `#[inline(always)]` helpers inlined into functions compiled with the feature.
@@ -294,6 +295,7 @@ const PAIR_BYTES: usize = 96;
 /// Tokens staged at a time for 4×8 batches (the pairs of one tile).
 const STAGED_TOKENS: usize = 2 * P8;
 
+// The plans reserve this much per block for the staging (`kernels::scratch_floats`).
 const _: () = assert!(P8 * PAIR_BYTES == 4 * super::STAGED_PAIR_FLOATS);
 
 impl Pair {
