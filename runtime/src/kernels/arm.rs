@@ -59,27 +59,33 @@ struct Dotprod;
 
 impl IDot for Dotprod {
     #[inline(always)]
-    fn dot(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
-        // SAFETY: register arithmetic only; `Dotprod` is only used inside functions compiled
-        // with `dotprod` enabled and installed after detecting it.
-        unsafe {
-            asm!(
-                "sdot {acc:v}.4s, {w:v}.16b, {a:v}.16b",
-                acc = inout(vreg) acc,
-                w = in(vreg) w,
-                a = in(vreg) a,
-                options(pure, nomem, nostack, preserves_flags),
-            );
-        }
-        acc
+    fn dot(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
+        sdot(acc, w, a)
     }
+}
+
+/// `sdot` by vector: lane `i` of `acc` gains `Σ_k w[4i + k]·a[4i + k]`.
+#[inline(always)]
+pub(super) fn sdot(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
+    // SAFETY: register arithmetic only; inlined only into functions compiled with `dotprod`
+    // enabled and installed after detecting it.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {w:v}.16b, {a:v}.16b",
+            acc = inout(vreg) acc,
+            w = in(vreg) w,
+            a = in(vreg) a,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
 }
 
 /// `smmla`: `acc + W·Aᵀ` for the 2×8 byte matrices `w` (two rows) and `a` (two tokens), as
 /// `[w0·a0, w0·a1, w1·a0, w1·a1]`.
 #[inline(always)]
-fn smmla(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
-    // SAFETY: register arithmetic only; only inlined into `gemm_i8mm`, compiled with `i8mm`
+pub(super) fn smmla(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
+    // SAFETY: register arithmetic only; inlined only into functions compiled with `i8mm`
     // enabled and installed after detecting it.
     unsafe {
         asm!(
@@ -227,7 +233,7 @@ unsafe fn dot_tile<D: IDot, const F: u8, const TT: usize>(tile: &Tile) {
 
 /// `[a0[0..8], a1[0..8]]` and `[a0[8..16], a1[8..16]]`: two 2×8 matrices for `smmla`.
 #[inline(always)]
-fn zip64(a0: int8x16_t, a1: int8x16_t) -> [int8x16_t; 2] {
+pub(super) fn zip64(a0: int8x16_t, a1: int8x16_t) -> [int8x16_t; 2] {
     // SAFETY: register shuffles; NEON is part of every aarch64 CPU.
     unsafe {
         let (a0, a1) = (vreinterpretq_s64_s8(a0), vreinterpretq_s64_s8(a1));
@@ -240,7 +246,12 @@ fn zip64(a0: int8x16_t, a1: int8x16_t) -> [int8x16_t; 2] {
 
 /// Both halves of two rows' (or two tokens') blocks as four 2×8 matrices.
 #[inline(always)]
-fn pair(lo0: int8x16_t, hi0: int8x16_t, lo1: int8x16_t, hi1: int8x16_t) -> [int8x16_t; 4] {
+pub(super) fn pair(
+    lo0: int8x16_t,
+    hi0: int8x16_t,
+    lo1: int8x16_t,
+    hi1: int8x16_t,
+) -> [int8x16_t; 4] {
     let [a, b] = zip64(lo0, lo1);
     let [c, d] = zip64(hi0, hi1);
     [a, b, c, d]

@@ -16,11 +16,13 @@
 //! stage 8 tokens as `smmla` pairs in the participant's scratch, once for all groups.
 //!
 //! `sdot` and `smmla` go through `asm!` (their intrinsics are unstable); each only sits in
-//! `#[inline(always)]` helpers inlined into functions compiled with the feature.
+//! `#[inline(always)]` helpers (here `sdot` by element, the rest shared with the ggml-rows
+//! kernels in `arm`) inlined into functions compiled with the feature.
 
 use core::arch::aarch64::*;
 use core::arch::asm;
 
+use super::arm::{pair, sdot, smmla};
 use super::lanes::widen_f16;
 use super::product::Product;
 use super::q8::consts::{Q4_0, Q4_1, Q8_0};
@@ -249,38 +251,7 @@ unsafe fn tile4<L: Lanes, const F: u8, const G: usize, const T: usize>(
     }
 }
 
-/// `[a[0..8], b[0..8]]` and `[a[8..16], b[8..16]]`: two tokens' bytes as 2×8 `smmla` operands.
-#[inline(always)]
-fn zip64(a: int8x16_t, b: int8x16_t) -> [int8x16_t; 2] {
-    // SAFETY: register shuffles; NEON is part of every aarch64 CPU.
-    unsafe {
-        let (a, b) = (vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b));
-        [
-            vreinterpretq_s8_s64(vzip1q_s64(a, b)),
-            vreinterpretq_s8_s64(vzip2q_s64(a, b)),
-        ]
-    }
-}
-
-/// `smmla`: `acc + W·Aᵀ` for the 2×8 byte matrices `w` (two rows) and `a` (two tokens), as
-/// `[w0·a0, w0·a1, w1·a0, w1·a1]`.
-#[inline(always)]
-fn smmla(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
-    // SAFETY: register arithmetic only; inlined only into functions compiled with `i8mm`
-    // and installed after detecting it.
-    unsafe {
-        asm!(
-            "smmla {acc:v}.4s, {w:v}.16b, {a:v}.16b",
-            acc = inout(vreg) acc,
-            w = in(vreg) w,
-            a = in(vreg) a,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-    }
-    acc
-}
-
-/// Two tokens' block `b` as `smmla`'s second operands ([`zip64`] of their bytes) and their
+/// Two tokens' block `b` as `smmla`'s second operands (`arm::pair` of their bytes) and their
 /// `[d_a, d_c, d_a, d_c]`, `[s_a, s_c, s_a, s_c]`, matching the `smmla` lanes.
 #[derive(Clone, Copy)]
 struct Pair {
@@ -309,11 +280,9 @@ impl Pair {
             let (a, c) = (&*s.x.add(ta * s.nb + b), &*s.x.add(tb * s.nb + b));
             let (alo, ahi) = (vld1q_s8(a.qs.as_ptr()), vld1q_s8(a.qs.as_ptr().add(16)));
             let (clo, chi) = (vld1q_s8(c.qs.as_ptr()), vld1q_s8(c.qs.as_ptr().add(16)));
-            let [m0, m1] = zip64(alo, clo);
-            let [m2, m3] = zip64(ahi, chi);
             let lanes = |x: &f32, y: &f32| vzip1q_f32(vld1q_dup_f32(x), vld1q_dup_f32(y));
             Pair {
-                m: [m0, m1, m2, m3],
+                m: pair(alo, ahi, clo, chi),
                 d: lanes(&a.d, &c.d),
                 s: lanes(&a.s, &c.s),
             }
@@ -428,23 +397,6 @@ unsafe fn tile8<const F: u8, const P: usize>(
             }
         }
     }
-}
-
-/// `acc + sdot(w, a)` by vector: lane `i` gains `Σ_k w[4i + k]·a[4i + k]`.
-#[inline(always)]
-fn sdot(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
-    // SAFETY: register arithmetic only; inlined only into functions compiled with `dotprod`
-    // and installed after detecting it.
-    unsafe {
-        asm!(
-            "sdot {acc:v}.4s, {w:v}.16b, {a:v}.16b",
-            acc = inout(vreg) acc,
-            w = in(vreg) w,
-            a = in(vreg) a,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-    }
-    acc
 }
 
 /// One token against groups `g0..g0 + G` of a 4×8 matrix, with `sdot` by vector rather than
