@@ -572,17 +572,17 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
         #[test]
-        fn gemm_q4_0_matches_the_reference(rows in 1usize..14, blocks in 1usize..12, n in 1usize..10, pad in 0usize..3, seed: u64) {
+        fn gemm_q4_0_matches_the_reference(rows in 1usize..40, blocks in 1usize..12, n in 1usize..10, pad in 0usize..3, seed: u64) {
             check_gemm(Format::Q4_0, rows, blocks, n, pad, seed);
         }
 
         #[test]
-        fn gemm_q4_1_matches_the_reference(rows in 1usize..14, blocks in 1usize..12, n in 1usize..10, pad in 0usize..3, seed: u64) {
+        fn gemm_q4_1_matches_the_reference(rows in 1usize..40, blocks in 1usize..12, n in 1usize..10, pad in 0usize..3, seed: u64) {
             check_gemm(Format::Q4_1, rows, blocks, n, pad, seed);
         }
 
         #[test]
-        fn gemm_q8_0_matches_the_reference(rows in 1usize..14, blocks in 1usize..12, n in 1usize..10, pad in 0usize..3, seed: u64) {
+        fn gemm_q8_0_matches_the_reference(rows in 1usize..40, blocks in 1usize..12, n in 1usize..10, pad in 0usize..3, seed: u64) {
             check_gemm(Format::Q8_0, rows, blocks, n, pad, seed);
         }
 
