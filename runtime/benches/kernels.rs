@@ -38,6 +38,11 @@ fn weights(format: Format, rows: usize, cols: usize) -> Vec<u8> {
                 o.copy_from_slice(&v.to_le_bytes());
             }
         }
+        Format::F16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(&values) {
+                o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+            }
+        }
         _ => {
             // Arbitrary but valid blocks: scale from the block's range, random quants.
             for (b, vals) in out.chunks_exact_mut(bb).zip(values.chunks_exact(BLOCK)) {
@@ -71,7 +76,13 @@ fn bench_matmul(c: &mut Criterion) {
             tables.push(k);
         }
     }
-    for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0, Format::F32] {
+    for format in [
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q8_0,
+        Format::F16,
+        Format::F32,
+    ] {
         for (rows, cols) in SHAPES {
             let rows_major = weights(format, rows, cols);
             // Each table runs ggml's rows, and the optimized ones their preferred layout too.
@@ -103,7 +114,7 @@ fn bench_matmul(c: &mut Criterion) {
                     .collect();
                 let mut xq = vec![Q8Block::default(); n * cols / BLOCK];
                 q8::quantize(&x, &mut xq);
-                let input = if format == Format::F32 {
+                let input = if format.block_len() == 1 {
                     Input::F32(&x)
                 } else {
                     Input::Q8(&xq)
@@ -118,7 +129,7 @@ fn bench_matmul(c: &mut Criterion) {
                     .warm_up_time(Duration::from_millis(300))
                     .measurement_time(Duration::from_secs(2));
                 for k in &tables {
-                    if format == Format::F32 && k.name.starts_with("vnni ") {
+                    if format.block_len() == 1 && k.name.starts_with("vnni ") {
                         continue;
                     }
                     // The generic table on the large batched products takes seconds per call.

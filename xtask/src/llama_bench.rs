@@ -217,6 +217,7 @@ fn cmake() -> anyhow::Result<PathBuf> {
     eprintln!("cmake is missing: installing it from PyPI");
     let status = Command::new(&python)
         .args(["-m", "pip", "install", "--quiet", "--user", "cmake"])
+        .stdout(std::io::stderr())
         .status()
         .context("running pip")?;
     ensure!(status.success(), "pip install cmake failed ({status})");

@@ -82,6 +82,8 @@ pub fn pip_download_for(
         .arg(into)
         .args(extra)
         .arg(&requirement)
+        // pip's progress goes to stderr with ours: stdout may be a `--json` answer.
+        .stdout(std::io::stderr())
         .status()
         .with_context(|| {
             format!(

@@ -433,11 +433,23 @@ fn rows_i8mm(p: Product<'_>) {
 /// The float kernels over NEON's 4 lanes ([`lanes`]); NEON is part of every aarch64 CPU.
 mod float {
     use super::super::lanes::{self, V128};
-    use super::super::KvRows;
+    use super::super::{KvRows, TILE_ROWS};
 
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: NEON is baseline.
         unsafe { lanes::dot::<V128, f32>(a, b) }
+    }
+
+    /// 4 rows × 3 tokens × 2 vectors (8 lanes) of sums, 3 activations and a weight: 28 of the
+    /// 32 registers.
+    pub fn dot4(w: &[f32], x: &[f32], out: &mut [[f32; TILE_ROWS]]) {
+        // SAFETY: NEON is baseline.
+        unsafe { lanes::dot4::<V128, f32, 3, 2>(w, x, out) }
+    }
+
+    pub fn dot4_f16(w: &[u16], x: &[f32], out: &mut [[f32; TILE_ROWS]]) {
+        // SAFETY: NEON is baseline.
+        unsafe { lanes::dot4::<V128, u16, 3, 2>(w, x, out) }
     }
 
     pub fn scores(q: &[f32], k: KvRows<'_>, scale: f32, out: &mut [f32]) {
@@ -469,34 +481,6 @@ mod float {
         // SAFETY: NEON is baseline.
         unsafe { lanes::to_f16::<V128>(x, out) }
     }
-}
-
-/// Four rows of `w` against `x`, two accumulators per row.
-fn dot4(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
-    let k = x.len();
-    assert!(w.len() >= TILE_ROWS * k, "dot4: w too short");
-    let (pw, px) = (w.as_ptr(), x.as_ptr());
-    let mut i = 0;
-    // SAFETY: loads read 4 floats at `i..i + 8 ≤ k` of `x` and of each row `r·k..(r+1)·k` of
-    // `w`; NEON is baseline.
-    let sums: [f32; TILE_ROWS] = unsafe {
-        let mut acc = [[vdupq_n_f32(0.0); 2]; TILE_ROWS];
-        while i + 8 <= k {
-            let (x0, x1) = (vld1q_f32(px.add(i)), vld1q_f32(px.add(i + 4)));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let row = pw.add(r * k + i);
-                acc[0] = vfmaq_f32(acc[0], vld1q_f32(row), x0);
-                acc[1] = vfmaq_f32(acc[1], vld1q_f32(row.add(4)), x1);
-            }
-            i += 8;
-        }
-        acc.map(|a| vaddvq_f32(vaddq_f32(a[0], a[1])))
-    };
-    core::array::from_fn(|r| {
-        let row = &w[r * k..(r + 1) * k];
-        let tail: f32 = row[i..].iter().zip(&x[i..]).map(|(a, b)| a * b).sum();
-        sums[r] + tail
-    })
 }
 
 /// [`q8::quantize`], bit-identical to it: the same scalar scale arithmetic, the same products
@@ -539,7 +523,8 @@ pub fn table(level: Level) -> Option<Kernels> {
         level: Level::Neon,
         name: "aarch64 neon",
         dot: float::dot,
-        dot4,
+        dot4: float::dot4,
+        dot4_f16: float::dot4_f16,
         gemm_q8: |p| x4::gemm_neon(p, rows_neon),
         quantize,
         rms_norm: float::rms_norm,

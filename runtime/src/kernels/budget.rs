@@ -10,6 +10,13 @@ pub fn dot(len: usize, abs_terms: f32) -> f32 {
     (len / 16 + 24) as f32 * f32::EPSILON * abs_terms
 }
 
+/// One float weight row against one token, `len` products whose magnitudes sum to
+/// `abs_terms`: `(len/8 + 24)·ε·Σ|w·x|` (the tile kernels keep 8 lanes of partial sums where
+/// registers are 256 bits or fewer, against the reference's 16).
+pub fn float_product(len: usize, abs_terms: f32) -> f32 {
+    (len / 8 + 24) as f32 * f32::EPSILON * abs_terms
+}
+
 /// One RMSNorm output of value `e` over a row of `len`: the mean square is summed in another
 /// order, `(len/16 + 24)·ε·|e|`.
 pub fn rms_norm(len: usize, e: f32) -> f32 {

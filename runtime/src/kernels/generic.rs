@@ -29,29 +29,48 @@ fn dot_of<T: Copy>(a: &[f32], b: &[T], value: impl Fn(T) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// [`super::Kernels::dot4`], token by token.
 #[inline(always)]
-pub fn dot4(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
-    let k = x.len();
-    let (w0, w1, w2, w3) = (&w[..k], &w[k..2 * k], &w[2 * k..3 * k], &w[3 * k..4 * k]);
-    let mut acc = [[0f32; LANES]; TILE_ROWS];
+pub fn dot4(w: &[f32], x: &[f32], out: &mut [[f32; TILE_ROWS]]) {
+    dot4_of(w, x, out, |v| v);
+}
+
+/// [`super::Kernels::dot4_f16`]: as [`dot4`] on the widened (exact) values.
+#[inline(always)]
+pub fn dot4_f16(w: &[u16], x: &[f32], out: &mut [[f32; TILE_ROWS]]) {
+    dot4_of(w, x, out, f16_to_f32);
+}
+
+/// Four rows of `value(w)` against each token of `x`, each sum in [`LANES`] independent
+/// lanes, then the tail.
+#[inline(always)]
+fn dot4_of<T: Copy>(w: &[T], x: &[f32], out: &mut [[f32; TILE_ROWS]], value: impl Fn(T) -> f32) {
+    let k = w.len() / TILE_ROWS;
+    let rows: [&[T]; TILE_ROWS] = core::array::from_fn(|r| &w[r * k..(r + 1) * k]);
     let body = k - k % LANES;
-    let mut i = 0;
-    while i < body {
-        let xs = &x[i..i + LANES];
-        for (r, row) in [w0, w1, w2, w3].iter().enumerate() {
-            let ws = &row[i..i + LANES];
-            for l in 0..LANES {
-                acc[r][l] += ws[l] * xs[l];
+    for (t, sums) in out.iter_mut().enumerate() {
+        let x = &x[t * k..(t + 1) * k];
+        let mut acc = [[0f32; LANES]; TILE_ROWS];
+        let mut i = 0;
+        while i < body {
+            let xs = &x[i..i + LANES];
+            for (r, row) in rows.iter().enumerate() {
+                let ws = &row[i..i + LANES];
+                for l in 0..LANES {
+                    acc[r][l] += value(ws[l]) * xs[l];
+                }
             }
+            i += LANES;
         }
-        i += LANES;
+        for (r, row) in rows.iter().enumerate() {
+            let tail: f32 = row[body..]
+                .iter()
+                .zip(&x[body..])
+                .map(|(&a, b)| value(a) * b)
+                .sum();
+            sums[r] = acc[r].iter().sum::<f32>() + tail;
+        }
     }
-    let mut out = [0f32; TILE_ROWS];
-    for (r, row) in [w0, w1, w2, w3].iter().enumerate() {
-        let tail: f32 = row[body..].iter().zip(&x[body..]).map(|(a, b)| a * b).sum();
-        out[r] = acc[r].iter().sum::<f32>() + tail;
-    }
-    out
 }
 
 /// `Σ a·b` against f16 bits `b` (attention scores over an f16 key cache).

@@ -6,7 +6,7 @@
 //! The results differ from the reference kernels only in the order of float sums (and a vector
 //! `e^x` within 2 ulp of `libm::expf`), within the budgets of [`super::budget`].
 
-use super::KvRows;
+use super::{KvRows, TILE_ROWS};
 
 #[cfg(target_arch = "aarch64")]
 pub(super) use neon::{widen_f16, widen_f16_bits, V128};
@@ -622,6 +622,104 @@ pub(super) unsafe fn dot<V: Vf, T: Elem>(a: &[f32], b: &[T]) -> f32 {
             acc[0] = x.fma(T::load_part::<V>(pb.add(i), left), acc[0]);
         }
         acc[0].add(acc[1]).add(acc[2].add(acc[3])).sum()
+    }
+}
+
+/// [`super::Kernels::dot4`]: four rows of float weights `w` (f32, or f16 bits widened as
+/// they load), `k = w.len() / 4` values each, against each of the `out.len()` tokens of `x`:
+/// `out[t][r] = Σᵢ w[r·k + i]·x[t·k + i]`. `T` tokens at a time keep `4·T·U` sums in
+/// registers, so each weight vector is loaded once per `T` tokens and each activation vector
+/// once per four rows; `U` vectors per sum give it `U·N` lanes of partial sums (at least 8,
+/// [`super::budget::float_product`]).
+///
+/// SAFETY: as [`Vf`]'s; the caller inlines this into a function with those features.
+#[inline(always)]
+pub(super) unsafe fn dot4<V: Vf, W: Elem, const T: usize, const U: usize>(
+    w: &[W],
+    x: &[f32],
+    out: &mut [[f32; TILE_ROWS]],
+) {
+    let k = w.len() / TILE_ROWS;
+    let n = out.len();
+    assert!(
+        w.len() == TILE_ROWS * k && x.len() >= n * k,
+        "dot4: {} weights and {} activations for {n} tokens",
+        w.len(),
+        x.len()
+    );
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut t = 0;
+    // SAFETY: each tile reads rows `0..4` of `k` weights and tokens `t..t + T (or 1) ≤ n` of
+    // `k` activations (checked above).
+    unsafe {
+        while t + T <= n {
+            out[t..t + T].copy_from_slice(&dot4_tile::<V, W, T, U>(pw, px.add(t * k), k));
+            t += T;
+        }
+        while t < n {
+            out[t] = dot4_tile::<V, W, 1, U>(pw, px.add(t * k), k)[0];
+            t += 1;
+        }
+    }
+}
+
+/// One tile of [`dot4`]: four rows at `pw` against `T` tokens at `px`, `k` values each.
+///
+/// SAFETY: as [`Vf`]'s, and `pw` holds `4·k` values, `px` `T·k`.
+#[inline(always)]
+unsafe fn dot4_tile<V: Vf, W: Elem, const T: usize, const U: usize>(
+    pw: *const W,
+    px: *const f32,
+    k: usize,
+) -> [[f32; TILE_ROWS]; T] {
+    // SAFETY: full loads stay below `k` in every row and token, the tail's partial ones cover
+    // the rest (the caller's contract).
+    unsafe {
+        let mut acc = [[[V::splat(0.0); U]; T]; TILE_ROWS];
+        let step = U * V::N;
+        let mut i = 0;
+        while i + step <= k {
+            for u in 0..U {
+                let at = i + u * V::N;
+                let xs: [V; T] = core::array::from_fn(|t| V::load(px.add(t * k + at)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let wv = W::load::<V>(pw.add(r * k + at));
+                    for (a, xv) in acc.iter_mut().zip(xs) {
+                        a[u] = wv.fma(xv, a[u]);
+                    }
+                }
+            }
+            i += step;
+        }
+        while i < k {
+            let len = (k - i).min(V::N);
+            let xs: [V; T] = core::array::from_fn(|t| {
+                let p = px.add(t * k + i);
+                if len == V::N {
+                    V::load(p)
+                } else {
+                    f32::load_part::<V>(p, len)
+                }
+            });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let p = pw.add(r * k + i);
+                let wv = if len == V::N {
+                    W::load::<V>(p)
+                } else {
+                    W::load_part::<V>(p, len)
+                };
+                for (a, xv) in acc.iter_mut().zip(xs) {
+                    a[0] = wv.fma(xv, a[0]);
+                }
+            }
+            i += len;
+        }
+        core::array::from_fn(|t| {
+            core::array::from_fn(|r| {
+                let sums = &acc[r][t];
+                sums[1..].iter().fold(sums[0], |s, &v| s.add(v)).sum()
+            })
+        })
     }
 }
 

@@ -34,13 +34,27 @@ pub fn dot<const S: u64>(a: &[f32], b: &[f32]) -> f32 {
     )
 }
 
-pub fn dot4<const S: u64>(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
-    let k = x.len();
-    let sums = generic::dot4(w, x);
-    core::array::from_fn(|r| {
-        let row = &w[r * k..(r + 1) * k];
-        push::<S>(sums[r], budget::dot(k, abs_dot(row, x)), r)
-    })
+pub fn dot4<const S: u64>(w: &[f32], x: &[f32], out: &mut [[f32; TILE_ROWS]]) {
+    generic::dot4(w, x, out);
+    push_rows::<S>(w, x, out);
+}
+
+pub fn dot4_f16<const S: u64>(w: &[u16], x: &[f32], out: &mut [[f32; TILE_ROWS]]) {
+    generic::dot4_f16(w, x, out);
+    let wide: vec::Vec<f32> = w.iter().map(|&h| q8::f16_to_f32(h)).collect();
+    push_rows::<S>(&wide, x, out);
+}
+
+/// Moves each of [`dot4`]'s sums by its budget.
+fn push_rows<const S: u64>(w: &[f32], x: &[f32], out: &mut [[f32; TILE_ROWS]]) {
+    let k = w.len() / TILE_ROWS;
+    for (t, sums) in out.iter_mut().enumerate() {
+        let xt = &x[t * k..(t + 1) * k];
+        for (r, v) in sums.iter_mut().enumerate() {
+            let row = &w[r * k..(r + 1) * k];
+            *v = push::<S>(*v, budget::float_product(k, abs_dot(row, xt)), r);
+        }
+    }
 }
 
 pub fn gemm_q8<const S: u64>(mut p: Product<'_>) {
@@ -121,6 +135,7 @@ pub fn table<const S: u64>(base: &Kernels) -> Kernels {
         name: "worst-case",
         dot: dot::<S>,
         dot4: dot4::<S>,
+        dot4_f16: dot4_f16::<S>,
         gemm_q8: gemm_q8::<S>,
         rms_norm: rms_norm::<S>,
         swiglu: swiglu::<S>,

@@ -75,6 +75,10 @@ trait Group<const F: u8> {
     unsafe fn act(a: *const Q8Block, off: *const Offsets) -> Self::Act;
     /// SAFETY: the CPU has the ISA's features.
     unsafe fn step(acc: Self::Acc, w: &Self::Wt, a: &Self::Act) -> Self::Acc;
+    /// The sums of two accumulators.
+    ///
+    /// SAFETY: the CPU has the ISA's features.
+    unsafe fn merge(a: Self::Acc, b: Self::Acc) -> Self::Acc;
     /// Writes the four rows' sums to `out[0..4]`.
     ///
     /// SAFETY: the CPU has the ISA's features; `out` has room for four floats.
@@ -107,7 +111,10 @@ unsafe fn tile<K: Group<F>, const F: u8, const G: usize, const T: usize>(
 ) {
     // SAFETY: every pointer stays inside the groups, tokens and outputs of the contract.
     unsafe {
-        let mut acc = [[K::zero(); T]; G];
+        // A tile of one group and one token alternates two sets of sums between blocks, so
+        // that a block's sum does not wait on the one before; larger tiles have enough.
+        let sets = if G * T == 1 { 2 } else { 1 };
+        let mut acc = [[[K::zero(); T]; G]; 2];
         let (qg, sg) = (group_quants(F), group_scales(F));
         // Loops, not closures: a closure may stay out of line, outside the function compiled
         // with the ISA's features, and take every intrinsic with it.
@@ -142,13 +149,19 @@ unsafe fn tile<K: Group<F>, const F: u8, const G: usize, const T: usize>(
             for t in 0..T {
                 let at = (t0 + t) * s.nb + b;
                 let a = K::act(s.x.add(at), s.off.add(at));
-                for (acc, w) in acc.iter_mut().zip(&w) {
+                for (acc, w) in acc[b % sets].iter_mut().zip(&w) {
                     acc[t] = K::step(acc[t], w, &a);
                 }
             }
         }
+        let [acc, odd] = acc;
         for (g, acc) in acc.iter().enumerate() {
             for (t, &acc) in acc.iter().enumerate() {
+                let acc = if sets == 2 {
+                    K::merge(acc, odd[g][t])
+                } else {
+                    acc
+                };
                 K::store(acc, s.out.add((t0 + t) * s.stride + (g0 + g) * GROUP));
             }
         }
@@ -400,6 +413,12 @@ impl<const F: u8> Group<F> for Avx512Vnni {
     }
 
     #[inline(always)]
+    unsafe fn merge((a, am): Acc512, (b, bm): Acc512) -> Acc512 {
+        // SAFETY: register arithmetic; AVX-512 by the contract.
+        unsafe { (_mm512_add_ps(a, b), _mm_add_ps(am, bm)) }
+    }
+
+    #[inline(always)]
     unsafe fn store((acc, ms): Acc512, out: *mut f32) {
         // SAFETY: register shuffles, then four floats at `out`.
         unsafe {
@@ -596,6 +615,12 @@ impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
     }
 
     #[inline(always)]
+    unsafe fn merge((a, am): Acc256, (b, bm): Acc256) -> Acc256 {
+        // SAFETY: register arithmetic; AVX2 by the contract.
+        unsafe { (_mm256_add_ps(a, b), _mm_add_ps(am, bm)) }
+    }
+
+    #[inline(always)]
     unsafe fn store((acc, ms): Acc256, out: *mut f32) {
         // SAFETY: register shuffles, then four floats at `out`.
         unsafe {
@@ -608,18 +633,24 @@ impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
 }
 
 /// Decode asks for each group's weights this many blocks ahead of the one it multiplies: the
-/// hardware prefetchers alone leave DRAM idle between the four streams (AVX2, 1B shape, one
-/// thread: 13.8 tokens/s without, 15.1 at 4–8 blocks ahead, 13.4 at 64).
+/// hardware prefetchers alone leave DRAM idle between the four streams (AVX2 with four groups,
+/// 1B shape, one thread on a Sapphire Rapids: 13.8 tokens/s without, 15.1 at 4–8 blocks
+/// ahead, 13.4 at 64; one group on the EPYC: 17–20 with, 12–17 without).
 const PREFETCH_BLOCKS: usize = 6;
 
-/// Tile shapes: decode (`n = 1`) takes more groups at once (four: each token block broadcast
-/// once for 16 rows, four weight streams in flight; on AVX2 at the 1B shape 14.0 against 12.3
-/// tokens/s with two groups, and eight were no faster), batches a few tokens per group (AVX2
-/// at the 1B shape: four tokens 3–5 % faster than three, as fast as six).
+/// Tile shapes. Decode (`n = 1`) on AVX-512 VNNI and AVX-VNNI takes four groups at once (each
+/// token block broadcast once for 16 rows, four weight streams in flight; on a Sapphire Rapids
+/// at the 1B shape 14.0 against 12.3 tokens/s with two groups, and eight were no faster). AVX2
+/// decodes one group at a time, reading the weights in the order they lie: on an AMD EPYC
+/// (Zen 4 without AVX-512) the four streams decoded SmolLM2 q4_0 at 81–83 tokens/s on one
+/// thread and one group (two sets of sums) at 118–159, at the 1B shape 14–16 and 17–20.
+/// Batches take a few tokens per group (AVX2 at the 1B shape: four tokens 3–5 % faster than
+/// three, as fast as six).
 const G1_512: usize = 4;
 const G_512: usize = 2;
 const T_512: usize = 4;
-const G1_256: usize = 4;
+const G1_VNNI: usize = 4;
+const G1_256: usize = 1;
 const G_256: usize = 1;
 const T_256: usize = 4;
 
@@ -665,7 +696,13 @@ unsafe fn gemm_avx2_with<const V: bool>(p: Product<'_>, rows: fn(Product<'_>)) {
         _ => return super::q8::gemm(p),
     }
     // SAFETY: passed on from the caller.
-    unsafe { by_format!(p, Avx2<V>, V, G1_256, G_256, T_256, rows) }
+    unsafe {
+        if V {
+            by_format!(p, Avx2<V>, V, G1_VNNI, G_256, T_256, rows)
+        } else {
+            by_format!(p, Avx2<V>, V, G1_256, G_256, T_256, rows)
+        }
+    }
 }
 
 /// SAFETY: as [`gemm_avx2_with`] without AVX-VNNI.

@@ -214,10 +214,10 @@ fn f16_round(v: f32) -> f32 {
 
 /// The float kernels of one ISA over [`lanes`], each a function compiled for its features.
 macro_rules! float_kernels {
-    ($name:ident, $v:ty, $features:literal) => {
+    ($name:ident, $v:ty, $tokens:literal, $features:literal) => {
         mod $name {
             use super::super::lanes;
-            use super::super::{generic, KvRows, TILE_ROWS};
+            use super::super::{KvRows, TILE_ROWS};
 
             #[target_feature(enable = $features)]
             pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -226,8 +226,15 @@ macro_rules! float_kernels {
             }
 
             #[target_feature(enable = $features)]
-            pub fn dot4(w: &[f32], x: &[f32]) -> [f32; TILE_ROWS] {
-                generic::dot4(w, x)
+            pub fn dot4(w: &[f32], x: &[f32], out: &mut [[f32; TILE_ROWS]]) {
+                // SAFETY: this function's features are those `lanes` needs.
+                unsafe { lanes::dot4::<$v, f32, $tokens, 1>(w, x, out) }
+            }
+
+            #[target_feature(enable = $features)]
+            pub fn dot4_f16(w: &[u16], x: &[f32], out: &mut [[f32; TILE_ROWS]]) {
+                // SAFETY: this function's features are those `lanes` needs.
+                unsafe { lanes::dot4::<$v, u16, $tokens, 1>(w, x, out) }
             }
 
             #[target_feature(enable = $features)]
@@ -269,8 +276,15 @@ macro_rules! float_kernels {
     };
 }
 
-float_kernels!(f256, lanes::V256, "avx2,fma,f16c");
-float_kernels!(f512, lanes::V512, "avx512f,avx512bw,avx512vl,f16c,avx2,fma");
+// Tokens per float tile: 4 rows × 3 tokens of sums, 3 activations and a weight fill AVX2's 16
+// registers; 4 × 4 leave AVX-512's 32 room.
+float_kernels!(f256, lanes::V256, 3, "avx2,fma,f16c");
+float_kernels!(
+    f512,
+    lanes::V512,
+    4,
+    "avx512f,avx512bw,avx512vl,f16c,avx2,fma"
+);
 
 /// The table of an x86-64 `level` (`None` for other levels). The caller
 /// has checked that the CPU has the level's features ([`Level::check`]).
@@ -281,7 +295,8 @@ pub fn table(level: Level) -> Option<Kernels> {
         level: Level::Avx2,
         name: "x86-64 avx2",
         dot: |a, b| unsafe { f256::dot(a, b) },
-        dot4: |w, x| unsafe { f256::dot4(w, x) },
+        dot4: |w, x, o| unsafe { f256::dot4(w, x, o) },
+        dot4_f16: |w, x, o| unsafe { f256::dot4_f16(w, x, o) },
         gemm_q8: |p| unsafe { x16::gemm_avx2(p, |p| gemm_q8_avx2(p)) },
         quantize: |x, q| unsafe { quantize_avx2(x, q) },
         rms_norm: |x, w, e, o| unsafe { f256::rms_norm(x, w, e, o) },
@@ -295,7 +310,8 @@ pub fn table(level: Level) -> Option<Kernels> {
         level: Level::Avx512,
         name: "x86-64 avx512",
         dot: |a, b| unsafe { f512::dot(a, b) },
-        dot4: |w, x| unsafe { f512::dot4(w, x) },
+        dot4: |w, x, o| unsafe { f512::dot4(w, x, o) },
+        dot4_f16: |w, x, o| unsafe { f512::dot4_f16(w, x, o) },
         rms_norm: |x, w, e, o| unsafe { f512::rms_norm(x, w, e, o) },
         swiglu: |g, u, o| unsafe { f512::swiglu(g, u, o) },
         softmax: |x| unsafe { f512::softmax(x) },
