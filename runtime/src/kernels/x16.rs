@@ -111,58 +111,79 @@ unsafe fn tile<K: Group<F>, const F: u8, const G: usize, const T: usize>(
 ) {
     // SAFETY: every pointer stays inside the groups, tokens and outputs of the contract.
     unsafe {
-        // A tile of one group and one token alternates two sets of sums between blocks, so
-        // that a block's sum does not wait on the one before; larger tiles have enough.
-        let sets = if G * T == 1 { 2 } else { 1 };
-        let mut acc = [[[K::zero(); T]; G]; 2];
+        // A tile of one group and one token takes its blocks in pairs, with a set of sums
+        // for each, so that a block's sum does not wait on the one before; larger tiles have
+        // enough independent sums. Two named sets, not an array indexed by the block, so
+        // that both stay in registers.
+        let pairs = G * T == 1;
+        let mut acc = [[K::zero(); T]; G];
+        let mut odd = [[K::zero(); T]; G];
+        let mut b = 0;
+        while b < s.nb {
+            block::<K, F, G, T>(s, g0, t0, b, &mut acc);
+            b += 1;
+            if pairs && b < s.nb {
+                block::<K, F, G, T>(s, g0, t0, b, &mut odd);
+                b += 1;
+            }
+        }
+        for (g, (acc, odd)) in acc.iter().zip(&odd).enumerate() {
+            for (t, (&acc, &odd)) in acc.iter().zip(odd).enumerate() {
+                let acc = if pairs { K::merge(acc, odd) } else { acc };
+                K::store(acc, s.out.add((t0 + t) * s.stride + (g0 + g) * GROUP));
+            }
+        }
+    }
+}
+
+/// Block `b` of groups `g0..g0 + G` × tokens `t0..t0 + T`, added to `acc`.
+///
+/// SAFETY: as [`tile`], and `b` is one of the span's blocks.
+#[inline(always)]
+unsafe fn block<K: Group<F>, const F: u8, const G: usize, const T: usize>(
+    s: &Span,
+    g0: usize,
+    t0: usize,
+    b: usize,
+    acc: &mut [[K::Acc; T]; G],
+) {
+    // SAFETY: every pointer stays inside the groups, tokens and outputs of the contract.
+    unsafe {
         let (qg, sg) = (group_quants(F), group_scales(F));
         // Loops, not closures: a closure may stay out of line, outside the function compiled
         // with the ISA's features, and take every intrinsic with it.
-        for b in 0..s.nb {
-            if T == 1 {
-                // A hint only: addresses past the matrix are not dereferenced.
-                for g in 0..G {
-                    let quants = s
-                        .quants
-                        .wrapping_add((g0 + g) * s.quants_per_group + b * qg);
-                    for line in (0..qg).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            quants.wrapping_add(PREFETCH_BLOCKS * qg + line).cast(),
-                        );
-                    }
-                    let scales = s
-                        .scales
-                        .wrapping_add((g0 + g) * s.scales_per_group + b * sg);
-                    _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(PREFETCH_BLOCKS * sg).cast());
+        if T == 1 {
+            // A hint only: addresses past the matrix are not dereferenced.
+            for g in 0..G {
+                let quants = s
+                    .quants
+                    .wrapping_add((g0 + g) * s.quants_per_group + b * qg);
+                for line in (0..qg).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        quants.wrapping_add(PREFETCH_BLOCKS * qg + line).cast(),
+                    );
                 }
-            }
-            let mut w = [K::weights(
-                s.quants.add(g0 * s.quants_per_group + b * qg),
-                s.scales.add(g0 * s.scales_per_group + b * sg),
-            ); G];
-            for (g, w) in w.iter_mut().enumerate().skip(1) {
-                *w = K::weights(
-                    s.quants.add((g0 + g) * s.quants_per_group + b * qg),
-                    s.scales.add((g0 + g) * s.scales_per_group + b * sg),
-                );
-            }
-            for t in 0..T {
-                let at = (t0 + t) * s.nb + b;
-                let a = K::act(s.x.add(at), s.off.add(at));
-                for (acc, w) in acc[b % sets].iter_mut().zip(&w) {
-                    acc[t] = K::step(acc[t], w, &a);
-                }
+                let scales = s
+                    .scales
+                    .wrapping_add((g0 + g) * s.scales_per_group + b * sg);
+                _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(PREFETCH_BLOCKS * sg).cast());
             }
         }
-        let [acc, odd] = acc;
-        for (g, acc) in acc.iter().enumerate() {
-            for (t, &acc) in acc.iter().enumerate() {
-                let acc = if sets == 2 {
-                    K::merge(acc, odd[g][t])
-                } else {
-                    acc
-                };
-                K::store(acc, s.out.add((t0 + t) * s.stride + (g0 + g) * GROUP));
+        let mut w = [K::weights(
+            s.quants.add(g0 * s.quants_per_group + b * qg),
+            s.scales.add(g0 * s.scales_per_group + b * sg),
+        ); G];
+        for (g, w) in w.iter_mut().enumerate().skip(1) {
+            *w = K::weights(
+                s.quants.add((g0 + g) * s.quants_per_group + b * qg),
+                s.scales.add((g0 + g) * s.scales_per_group + b * sg),
+            );
+        }
+        for t in 0..T {
+            let at = (t0 + t) * s.nb + b;
+            let a = K::act(s.x.add(at), s.off.add(at));
+            for (acc, w) in acc.iter_mut().zip(&w) {
+                acc[t] = K::step(acc[t], w, &a);
             }
         }
     }
