@@ -3,10 +3,11 @@
 //! qemu's `max` (i8mm). Both machines score the same windows of the golden text teacher-forced
 //! (`kiln perplexity --kl-divergence-base`), batched and token by token: with the reference
 //! kernels (`KILN_KERNELS=generic`, the same arithmetic in the same order) the aarch64 logits
-//! of the first window must equal the x86-64 ones bit for bit; with the aarch64 machine's own kernels (NEON,
-//! dotprod, i8mm) they must stay within the budget the worst tables of the kernel contract set
-//! (`common::forced`), as every x86-64 level must (`kernel_levels.rs`). Which x86-64 level
-//! this machine has does not matter: the x86-64 side only runs the reference and worst tables.
+//! of the first window must equal the x86-64 ones bit for bit; with the aarch64 machine's own
+//! kernels (NEON, dotprod, i8mm) they must stay within the budget the worst tables of the
+//! kernel contract set (`common::forced`), as every x86-64 level must (`kernel_levels.rs`).
+//! Which x86-64 level this machine has does not matter: the x86-64 side only runs the
+//! reference and worst tables.
 //!
 //! Runs when `KILN_TEST_QEMU_KILN` names the aarch64 `kiln`, else each test says it is skipped
 //! and passes (`.ci/arm-lane` sets it). `KILN_TEST_QEMU_ARTIFACT` may name the rpi5 artifact
