@@ -41,34 +41,14 @@ pub fn dot4_f16(w: &[u16], x: &[f32], out: &mut [[f32; TILE_ROWS]]) {
     dot4_of(w, x, out, f16_to_f32);
 }
 
-/// Four rows of `value(w)` against each token of `x`, each sum in [`LANES`] independent
-/// lanes, then the tail.
+/// Four rows of `value(w)` against each token of `x`, each sum as [`dot_of`] takes it.
 #[inline(always)]
 fn dot4_of<T: Copy>(w: &[T], x: &[f32], out: &mut [[f32; TILE_ROWS]], value: impl Fn(T) -> f32) {
     let k = w.len() / TILE_ROWS;
-    let rows: [&[T]; TILE_ROWS] = core::array::from_fn(|r| &w[r * k..(r + 1) * k]);
-    let body = k - k % LANES;
     for (t, sums) in out.iter_mut().enumerate() {
-        let x = &x[t * k..(t + 1) * k];
-        let mut acc = [[0f32; LANES]; TILE_ROWS];
-        let mut i = 0;
-        while i < body {
-            let xs = &x[i..i + LANES];
-            for (r, row) in rows.iter().enumerate() {
-                let ws = &row[i..i + LANES];
-                for l in 0..LANES {
-                    acc[r][l] += value(ws[l]) * xs[l];
-                }
-            }
-            i += LANES;
-        }
-        for (r, row) in rows.iter().enumerate() {
-            let tail: f32 = row[body..]
-                .iter()
-                .zip(&x[body..])
-                .map(|(&a, b)| value(a) * b)
-                .sum();
-            sums[r] = acc[r].iter().sum::<f32>() + tail;
+        let xt = &x[t * k..(t + 1) * k];
+        for (r, sum) in sums.iter_mut().enumerate() {
+            *sum = dot_of(xt, &w[r * k..(r + 1) * k], &value);
         }
     }
 }
