@@ -3,9 +3,9 @@
 //! Layout is Hugging Face's: matrices are `[out_features, in_features]`, row-major, and the
 //! query/key rows are in rotate-half RoPE order (GGUF's interleaved order is undone on import).
 
+use kiln_engine::tokenizer::TokenizerData;
 use kiln_runtime::model::ModelFacts;
 use kiln_runtime::quant::Format;
-use kiln_runtime::tokenizer::TokenizerData;
 use ndarray::Array2;
 
 /// One weight tensor in a storage format, rows contiguous.

@@ -7,9 +7,9 @@ use std::io::Write;
 use std::path::Path;
 
 use half::f16;
+use kiln_engine::tokenizer::TokenizerData;
 use kiln_runtime::model::{rope_inv_freq, Llama3RopeScaling};
 use kiln_runtime::quant::Format;
-use kiln_runtime::tokenizer::TokenizerData;
 use serde_json::Value as Json;
 
 use crate::gguf_write::{self, GgufTensor, TensorBytes};

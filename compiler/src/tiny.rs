@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use half::bf16;
-use kiln_runtime::tokenizer::{TokenizerData, TokenizerError};
+use kiln_engine::tokenizer::{TokenizerData, TokenizerError};
 use safetensors::tensor::{Dtype, SafeTensorError, TensorView};
 use serde_json::{json, Value};
 

@@ -20,11 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::forced::{self, Budget};
+use kiln_engine::generate::Model;
+use kiln_engine::logits::LogitsReader;
 use kiln_runtime::artifact::{parse, tensor_bytes, TensorEntry};
-use kiln_runtime::generate::Model;
 use kiln_runtime::kernels::Kernels;
 use kiln_runtime::layout::Geometry;
-use kiln_runtime::logits::LogitsReader;
 use kiln_runtime::quant::Format;
 use serde_json::Value;
 

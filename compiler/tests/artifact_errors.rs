@@ -7,12 +7,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use kiln_compiler::graph::{Checkpoint, LayerWeights, LlamaWeights, Tensor};
+use kiln_engine::tokenizer::TokenizerData;
 use kiln_runtime::artifact::{
     Artifact, Metadata, ENDIAN_MARK, FORMAT_VERSION, HEADER_LEN, SECTION_ENTRY_LEN,
 };
 use kiln_runtime::exec::SessionOptions;
 use kiln_runtime::model::ModelFacts;
-use kiln_runtime::tokenizer::TokenizerData;
 
 const VOCAB: usize = 32;
 const HIDDEN: usize = 16;

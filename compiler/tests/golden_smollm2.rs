@@ -3,8 +3,8 @@
 
 mod common;
 
+use kiln_engine::generate::{generate, GenerateOptions, Model, StopReason};
 use kiln_runtime::exec::SessionOptions;
-use kiln_runtime::generate::{generate, GenerateOptions, Model, StopReason};
 use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
 

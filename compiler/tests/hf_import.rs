@@ -10,9 +10,9 @@ use half::{bf16, f16};
 use hf_support::{llama_models, read_raw, tiny_checkpoint, write_raw, Raw};
 use kiln_compiler::graph::Checkpoint;
 use kiln_compiler::import::{self, hf};
+use kiln_engine::tokenizer::Tokenizer;
 use kiln_runtime::model::{Llama3RopeScaling, ModelFacts};
 use kiln_runtime::quant::Format;
-use kiln_runtime::tokenizer::Tokenizer;
 use safetensors::tensor::Dtype;
 use serde_json::{json, Value};
 

@@ -8,7 +8,7 @@
 mod common;
 
 use common::forced;
-use kiln_runtime::generate::Model;
+use kiln_engine::generate::Model;
 use kiln_runtime::kernels::{Kernels, Level};
 use kiln_runtime::layout::Layout;
 use kiln_runtime::quant::Format;

@@ -4,7 +4,7 @@
 //! allocations, and the `kiln` process with a full context stays within the predicted peak.
 
 mod common;
-#[path = "../../runtime/tests/counting_alloc/mod.rs"]
+#[path = "../../runtime/core/tests/counting_alloc/mod.rs"]
 mod counting_alloc;
 
 use std::ffi::OsStr;
@@ -15,9 +15,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use counting_alloc::allocations;
+use kiln_engine::generate::Model;
 use kiln_runtime::artifact::Artifact;
 use kiln_runtime::exec::{KvType, MemoryPlan, SessionError, SessionOptions};
-use kiln_runtime::generate::Model;
 use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
 

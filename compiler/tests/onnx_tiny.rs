@@ -8,8 +8,8 @@ use std::path::Path;
 
 use kiln_compiler::graph::{Checkpoint, LayerWeights, LlamaWeights, Tensor};
 use kiln_compiler::onnx::{export, ExportOptions, OnnxError};
+use kiln_engine::tokenizer::TokenizerData;
 use kiln_runtime::model::{Llama3RopeScaling, ModelFacts};
-use kiln_runtime::tokenizer::TokenizerData;
 use onnx_common::{
     argmax, max_abs_diff, ort_logits, run_script, script_logits, temp_dir, tract_logits, Steps,
 };

@@ -5,16 +5,16 @@
 //! This binary holds one test so that nothing else allocates while it counts.
 
 mod common;
-#[path = "../../runtime/tests/counting_alloc/mod.rs"]
+#[path = "../../runtime/core/tests/counting_alloc/mod.rs"]
 mod counting_alloc;
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kiln_compiler::onnx::{export, ExportOptions};
-use kiln_runtime::decoder::Decoder;
+use kiln_engine::decoder::Decoder;
+use kiln_engine::onnxrt::{OrtModel, OrtOptions};
 use kiln_runtime::exec::SessionOptions;
-use kiln_runtime::onnxrt::{OrtModel, OrtOptions};
 
 /// Every `malloc`-family call in the process, Rust's allocator's included.
 static MALLOCS: AtomicUsize = AtomicUsize::new(0);

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use kiln_compiler::onnx::{export, export_quantized, proto, ExportOptions};
-use kiln_runtime::decoder::Decoder;
+use kiln_engine::decoder::Decoder;
+use kiln_engine::generate::{generate, GenerateOptions, Model};
+use kiln_engine::onnxrt::{Ep, OrtModel, OrtOptions};
+use kiln_engine::perplexity::{perplexity, Windows};
 use kiln_runtime::exec::SessionOptions;
-use kiln_runtime::generate::{generate, GenerateOptions, Model};
-use kiln_runtime::onnxrt::{Ep, OrtModel, OrtOptions};
-use kiln_runtime::perplexity::{perplexity, Windows};
 use kiln_runtime::quant::Format;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
 use prost::Message;

@@ -6,9 +6,9 @@ mod common;
 
 use std::collections::HashMap;
 
+use kiln_engine::generate::Model;
 use kiln_runtime::artifact::Artifact;
 use kiln_runtime::exec::SessionOptions;
-use kiln_runtime::generate::Model;
 use kiln_runtime::quant::Format;
 
 #[test]

@@ -79,7 +79,7 @@ fn every_descriptor_execution_provider_is_one_the_ort_backend_knows() {
     for target in kiln_targets::all().expect("descriptors") {
         for ep in &target.execution_providers {
             assert!(
-                kiln_runtime::onnxrt::Ep::parse(ep.key()).is_some(),
+                kiln_engine::onnxrt::Ep::parse(ep.key()).is_some(),
                 "{}: {} is not a `kiln --ep` name",
                 target.name,
                 ep.key()

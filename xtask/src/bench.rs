@@ -20,10 +20,10 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context};
 use kiln_compiler::import::gguf::GgufFile;
 use kiln_compiler::onnx::{export_quantized, ExportOptions};
+use kiln_engine::stats::Stats;
 use kiln_runtime::artifact::{Artifact, Metadata, Op};
 use kiln_runtime::kernels::Level;
 use kiln_runtime::quant::Format;
-use kiln_runtime::stats::Stats;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 

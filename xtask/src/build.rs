@@ -308,11 +308,11 @@ fn artifact_name(model: &str, quant: &str) -> anyhow::Result<String> {
     Ok(format!("{}.{quant}.kiln", stem.to_string_lossy()))
 }
 
-/// `cargo build --release -p kiln-runtime --bin kiln --target <triple>` into `target_dir`
+/// `cargo build --release -p kiln-cli --bin kiln --target <triple>` into `target_dir`
 /// (cargo's output on stderr); returns the binary's path.
 fn build_kiln(toolchain: &Toolchain, triple: &str, target_dir: &Path) -> anyhow::Result<PathBuf> {
     let mut cmd = Command::new(&toolchain.cargo);
-    cmd.args(["build", "--release", "-p", "kiln-runtime", "--bin", "kiln"])
+    cmd.args(["build", "--release", "-p", "kiln-cli", "--bin", "kiln"])
         .args(["--target", triple, "--target-dir"])
         .arg(target_dir)
         .current_dir(workspace_root())

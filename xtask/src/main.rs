@@ -91,7 +91,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", kiln_runtime::report::error_line(e.as_ref()));
+            eprintln!("error: {}", kiln_engine::report::error_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

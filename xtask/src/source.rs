@@ -25,13 +25,30 @@ pub fn import(model: &str) -> anyhow::Result<Checkpoint> {
     let path = checkpoint_path(model)?;
     let spinner = spinner(&format!("importing {}", path.display()));
     let checkpoint = if is_onnx(&path) {
-        kiln_compiler::lower::import_onnx(&path).map_err(anyhow::Error::from)
+        import_onnx(&path)
     } else {
         kiln_compiler::import::import(&path).map_err(anyhow::Error::from)
     }
     .with_context(|| format!("importing {}", path.display()));
     spinner.finish_and_clear();
     checkpoint
+}
+
+/// An ONNX decoder lowered back through tract (feature `onnx-input`).
+#[cfg(feature = "onnx-input")]
+fn import_onnx(path: &Path) -> anyhow::Result<Checkpoint> {
+    Ok(kiln_compiler::lower::import_onnx(path)?)
+}
+
+/// Without tract in the build, an ONNX input is refused with the way to add it.
+#[cfg(not(feature = "onnx-input"))]
+fn import_onnx(path: &Path) -> anyhow::Result<Checkpoint> {
+    anyhow::bail!(
+        "{}: ONNX input is read through tract, which this build leaves out to build faster; \
+         run `cargo run --release -p xtask --features onnx-input -- <command> ...` (or give the \
+         GGUF or Hugging Face checkpoint)",
+        path.display()
+    )
 }
 
 /// An ONNX decoder (`.onnx`), which is lowered rather than imported.

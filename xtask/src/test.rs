@@ -18,6 +18,9 @@ const PYTHON_PEERS: &[(&str, &str)] = &[
     ("jinja2", "jinja2==3.1.6"),
 ];
 
+/// Every optional part of the workspace the tests cover (ONNX input through tract).
+const TEST_FEATURES: &str = "kiln-compiler/onnx-input,xtask/onnx-input";
+
 /// Fetch the test assets, install the Python peers, run the whole test suite.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -39,6 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let status = Command::new(cargo)
         .args(["test", "--release", "--workspace", "--no-fail-fast"])
+        .args(["--features", TEST_FEATURES])
         .args(&args.cargo_args)
         .env("KILN_TEST_GGUF", gguf)
         .env("KILN_TEST_LLAMA3_TOKENIZER", tokenizer)

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
+use kiln_engine::tokenizer::TokenizerData;
 use kiln_runtime::model::ModelFacts;
-use kiln_runtime::tokenizer::TokenizerData;
 
 use super::gguf::{GgufFile, TensorInfo};
 use super::ImportError;
@@ -60,7 +60,7 @@ fn rope_scaling(
         .zip(&plain)
         .map(|(b, &p)| f64::from(p) / f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
         .collect();
-    match crate::lower::freqs::fit(&scaled, facts.head_dim) {
+    match crate::freqs::fit(&scaled, facts.head_dim) {
         Some(rope) => Ok(rope.scaling),
         None => Err(corrupt(
             "these factors are not Llama 3's `llama3` RoPE scaling (the only one kiln implements)"

@@ -6,8 +6,8 @@ mod weights;
 
 use std::path::{Path, PathBuf};
 
+use kiln_engine::tokenizer::{Tokenizer, TokenizerData};
 use kiln_runtime::model::ModelFacts;
-use kiln_runtime::tokenizer::{Tokenizer, TokenizerData};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -129,7 +129,7 @@ impl TokenizerSource {
         })
     }
 
-    fn error(&self, source: kiln_runtime::tokenizer::TokenizerError) -> ImportError {
+    fn error(&self, source: kiln_engine::tokenizer::TokenizerError) -> ImportError {
         ImportError::Tokenizer {
             path: self.path.clone(),
             source,

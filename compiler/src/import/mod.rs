@@ -32,7 +32,7 @@ pub enum ImportError {
     #[error("{path}: tokenizer: {source}")]
     Tokenizer {
         path: PathBuf,
-        source: kiln_runtime::tokenizer::TokenizerError,
+        source: kiln_engine::tokenizer::TokenizerError,
     },
     #[error("{path}: not a GGUF file or a Hugging Face checkpoint directory (config.json + *.safetensors)")]
     UnknownKind { path: PathBuf },

@@ -8,9 +8,9 @@ use std::path::Path;
 use kiln_runtime::model::ModelFacts;
 
 use super::decoder::Structure;
-use super::freqs::{fit, reproduces, Rope};
 use super::metadata::Metadata;
 use super::tokenizer::TokenSource;
+use crate::freqs::{fit, reproduces, Rope};
 
 /// The facts, or what is inconsistent.
 pub fn facts(

@@ -13,7 +13,7 @@ use tract_onnx::prelude::Tensor as TractTensor;
 #[derive(Default)]
 pub struct Metadata {
     pub facts: Option<ModelFacts>,
-    /// kiln's tokenizer encoding ([`kiln_runtime::tokenizer::TokenizerData::to_bytes`]).
+    /// kiln's tokenizer encoding ([`kiln_engine::tokenizer::TokenizerData::to_bytes`]).
     pub tokenizer: Option<Vec<u8>>,
     pub name: Option<String>,
     pub context_length: Option<usize>,

@@ -13,7 +13,6 @@
 mod attention;
 mod decoder;
 mod facts;
-pub(crate) mod freqs;
 mod kv_cache;
 mod layout;
 mod linear;
@@ -73,7 +72,7 @@ pub enum LowerError {
     #[error("{path}: tokenizer: {source}")]
     Tokenizer {
         path: PathBuf,
-        source: kiln_runtime::tokenizer::TokenizerError,
+        source: kiln_engine::tokenizer::TokenizerError,
     },
     #[error(transparent)]
     Import(#[from] ImportError),

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_engine::tokenizer::{Tokenizer, TokenizerData};
 use kiln_runtime::model::ModelFacts;
-use kiln_runtime::tokenizer::{Tokenizer, TokenizerData};
 use serde_json::Value as Json;
 
 use super::metadata::Metadata;

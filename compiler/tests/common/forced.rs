@@ -8,11 +8,11 @@
 //! budget is derived, not guessed: run the worst tables, see how far they move the logits, and
 //! allow a level no more than a small multiple of that.
 
+use kiln_engine::generate::{GenerateError, Model};
+use kiln_engine::logits::{self, Divergence, RowDivergence};
+use kiln_engine::perplexity::{perplexity_with, Windows};
 use kiln_runtime::exec::SessionOptions;
-use kiln_runtime::generate::{GenerateError, Model};
 use kiln_runtime::kernels::Kernels;
-use kiln_runtime::logits::{self, Divergence, RowDivergence};
-use kiln_runtime::perplexity::{perplexity_with, Windows};
 
 /// Window length and count: 4 windows of 64 tokens, 124 scored rows.
 pub const CTX: usize = 64;

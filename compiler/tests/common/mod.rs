@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use kiln_runtime::generate::Model;
-use kiln_runtime::perplexity::{perplexity, Windows};
+use kiln_engine::generate::Model;
+use kiln_engine::perplexity::{perplexity, Windows};
 use kiln_runtime::quant::Format;
 
 /// A binary cargo built next to this test's `deps/` (`target/<profile>/NAME`); a missing one

@@ -1,0 +1,197 @@
+//! Options and helpers shared by the subcommands: model loading, threads, sampling flags.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use kiln_engine::generate::Model;
+use kiln_engine::onnxrt::{Ep, OrtModel, OrtOptions};
+use kiln_runtime::artifact::Residency;
+use kiln_runtime::exec::{KvType, SessionOptions};
+use kiln_runtime::sampler::SamplerConfig;
+
+/// Which engine runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// By the file: `.onnx` → ort, anything else → native.
+    Auto,
+    /// kiln's own executor over a `.kiln` artifact.
+    Native,
+    /// onnxruntime over an ONNX model written by `cargo xtask export`.
+    Ort,
+}
+
+/// The model and how to run it.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// The model: a compiled `.kiln` artifact, or an `.onnx` from `cargo xtask export` (ort backend).
+    pub model: PathBuf,
+    /// The engine: kiln's own (native) or onnxruntime (ort).
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// onnxruntime execution providers in order of preference, comma-separated: cpu, xnnpack,
+    /// cuda, tensorrt, qnn, nnapi, coreml, openvino, acl (ort backend; default cpu).
+    #[arg(long, value_delimiter = ',')]
+    pub ep: Vec<String>,
+    /// Run on the CPU when a requested execution provider is not in the library (default: fail).
+    #[arg(long)]
+    pub ep_fallback: bool,
+    /// The libonnxruntime to load (default: $ORT_DYLIB_PATH, then the kiln cache, then the system's).
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+    /// Worker threads (default: the number of physical cores, as llama.cpp).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Context length in tokens (default: the model's, at most 4096).
+    #[arg(short = 'c', long = "ctx")]
+    pub ctx: Option<usize>,
+    /// How the KV cache stores keys and values: f16 (half the memory) or f32 (native backend).
+    #[arg(long = "cache-type", value_enum, default_value_t = CacheType::F16)]
+    pub cache_type: CacheType,
+    /// Map the artifact instead of reading it into (huge-page) memory: nothing copied and only
+    /// touched pages resident, but decode reads the weights through 4 KiB page-cache pages,
+    /// slower on most machines (native backend).
+    #[arg(long)]
+    pub mmap: bool,
+}
+
+/// `--cache-type`, as llama.cpp's `--cache-type-k`/`-v` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheType {
+    F16,
+    F32,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Model> {
+        let ort = match self.backend {
+            Backend::Ort => true,
+            Backend::Native => false,
+            Backend::Auto => self.model.extension().is_some_and(|e| e == "onnx"),
+        };
+        if !ort {
+            // The error names the file already.
+            let residency = if self.mmap {
+                Residency::Map
+            } else {
+                Residency::Load
+            };
+            return Ok(Model::open_as(&self.model, residency)?);
+        }
+        let eps = self
+            .ep
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| {
+                Ep::parse(e).with_context(|| {
+                    let known: Vec<&str> = Ep::ALL.iter().map(|e| e.key()).collect();
+                    format!(
+                        "unknown execution provider {e:?} (one of {})",
+                        known.join(", ")
+                    )
+                })
+            })
+            .collect::<anyhow::Result<Vec<Ep>>>()?;
+        let opts = OrtOptions {
+            library: self.ort_lib.clone(),
+            eps,
+            fallback_to_cpu: self.ep_fallback,
+            threads: self.threads(),
+        };
+        let model = OrtModel::load(&self.model, &opts)?;
+        eprintln!(
+            "kiln: {} running {}",
+            model.describe(),
+            self.model.display()
+        );
+        Ok(Model::from_ort(model)?)
+    }
+
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            context: self.ctx.unwrap_or(0),
+            threads: self.threads(),
+            kv_type: match self.cache_type {
+                CacheType::F16 => KvType::F16,
+                CacheType::F32 => KvType::F32,
+            },
+            ..SessionOptions::default()
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(default_threads).max(1)
+    }
+}
+
+/// Physical cores when the kernel says, else the logical ones.
+fn default_threads() -> usize {
+    let logical = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return logical;
+    };
+    let mut cores = std::collections::HashSet::new();
+    let (mut phys, mut core) = (None, None);
+    for line in cpuinfo.lines() {
+        let value = || line.split(':').nth(1).map(|v| v.trim().to_owned());
+        if line.starts_with("physical id") {
+            phys = value();
+        } else if line.starts_with("core id") {
+            core = value();
+        } else if line.trim().is_empty() {
+            if let (Some(p), Some(c)) = (phys.take(), core.take()) {
+                cores.insert((p, c));
+            }
+        }
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
+}
+
+/// Sampling flags, named and defaulted as llama.cpp's.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Temperature; 0 = greedy.
+    #[arg(long = "temp", default_value_t = SamplerConfig::default().temperature)]
+    pub temp: f32,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = SamplerConfig::default().top_k)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = SamplerConfig::default().top_p)]
+    pub top_p: f32,
+    /// Drop tokens below this fraction of the top probability (0 = off).
+    #[arg(long, default_value_t = SamplerConfig::default().min_p)]
+    pub min_p: f32,
+    /// Penalize recently generated tokens (1 = off).
+    #[arg(long, default_value_t = SamplerConfig::default().repeat_penalty)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty considers.
+    #[arg(long, default_value_t = SamplerConfig::default().repeat_last_n)]
+    pub repeat_last_n: usize,
+    /// Random seed (sampling is reproducible for a seed).
+    #[arg(long, default_value_t = SamplerConfig::DEFAULT_SEED)]
+    pub seed: u64,
+    /// Stop when this text is generated (repeatable; the text is cut before it).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    pub fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
+}
