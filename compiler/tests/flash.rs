@@ -84,7 +84,7 @@ fn fake_bundle(dir: &Path, name: &str, kiln_script: &str) -> PathBuf {
         "[Service]\nExecStart=/opt/kiln/current/bin/kiln serve\n",
         0o644,
     );
-    let installer = workspace().join("xtask/src/install.sh");
+    let installer = workspace().join("compiler/src/pipeline/install.sh");
     std::fs::copy(&installer, src.join("install.sh")).expect("install.sh");
     let files = [
         "bin/kiln",

@@ -28,7 +28,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::llama_bench::{self, Build, LlamaCpp};
-use crate::{cache, compile, pypi, source};
+use kiln_compiler::pipeline::{cache, compile, pypi, source};
 
 /// llama.cpp's side, run as `python -c SCRIPT MODE ARGS…`.
 const LLAMA_CPP_SCRIPT: &str = include_str!("bench_llama_cpp.py");
@@ -180,7 +180,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
     let quants = args
         .quant
         .iter()
-        .map(|name| crate::quantize::plan(name.trim(), &[]).map(|p| p.default))
+        .map(|name| kiln_compiler::pipeline::quantize::plan(name.trim(), &[]).map(|p| p.default))
         .collect::<anyhow::Result<Vec<Format>>>()?;
     let threads = if args.threads.is_empty() {
         vec![std::thread::available_parallelism().map_or(1, |n| n.get())]
@@ -653,6 +653,7 @@ fn ensure_artifact(
         ctx: None,
         max_memory: None,
         json: true,
+        emit: compile::Emit::Kiln,
     })?;
     eprintln!("{}", compiled.summary);
     Ok(Artifact::open(out)?.meta().clone())
@@ -673,9 +674,9 @@ fn ensure_onnx(model: &str, quant: Format, out: &Path, rebuild: bool) -> anyhow:
     if out.is_file() && !rebuild {
         return Ok(());
     }
-    let plan = crate::quantize::plan(quant.name(), &[])?;
+    let plan = kiln_compiler::pipeline::quantize::plan(quant.name(), &[])?;
     let checkpoint = source::import(model)?;
-    let converted = crate::quantize::convert(&checkpoint, &plan)?;
+    let converted = kiln_compiler::pipeline::quantize::convert(&checkpoint, &plan)?;
     drop(checkpoint);
     let dir = out.parent().context("the ONNX path has a parent")?;
     let scratch = tempfile::Builder::new()
@@ -1055,7 +1056,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         kiln: kiln_binary(args.kiln.clone())?,
         ort_lib: match (&args.ort_lib, plan.backends.contains(&Backend::Ort)) {
             (Some(lib), _) => Some(lib.clone()),
-            (None, true) => Some(crate::onnxruntime::ensure(std::env::consts::ARCH)?),
+            (None, true) => Some(kiln_compiler::pipeline::onnxruntime::ensure(
+                std::env::consts::ARCH,
+            )?),
             (None, false) => None,
         },
         python,

@@ -22,7 +22,7 @@ use kiln_runtime::quant::Format;
 use serde::Serialize;
 
 use crate::llama_bench::{self, Build, LlamaCpp};
-use crate::{build, cache};
+use kiln_compiler::pipeline::{build, cache};
 
 /// The plugin's source, compiled once with the host's `gcc`.
 const PLUGIN_SOURCE: &str = include_str!("qemu/insn_count.c");

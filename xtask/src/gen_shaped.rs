@@ -42,7 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
     let tokenizer = match args.tokenizer {
         Some(path) => path,
-        None => crate::fetch::ensure_model("llama3-tokenizer")?.primary,
+        None => kiln_compiler::pipeline::fetch::ensure_model("llama3-tokenizer")?.primary,
     };
     let tensors = shape.tensors().len();
     let bar = ProgressBar::new(tensors as u64).with_style(

@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::{bail, ensure, Context};
 use sha2::{Digest, Sha256};
 
-use crate::{cache, source};
+use kiln_compiler::pipeline::{cache, source};
 
 /// The sdist and its sha256, as PyPI lists them.
 const SDIST: &str = "llama_cpp_python-0.3.36.tar.gz";
@@ -213,7 +213,7 @@ fn cmake() -> anyhow::Result<PathBuf> {
     {
         return Ok(PathBuf::from("cmake"));
     }
-    let python = crate::pypi::python_from_env();
+    let python = kiln_compiler::pipeline::pypi::python_from_env();
     eprintln!("cmake is missing: installing it from PyPI");
     let status = Command::new(&python)
         .args(["-m", "pip", "install", "--quiet", "--user", "cmake"])
@@ -302,7 +302,7 @@ fn download_sdist(root: &Path) -> anyhow::Result<PathBuf> {
 
 /// The body of `url`, through Python's `urllib`.
 fn fetch(url: &str) -> anyhow::Result<Vec<u8>> {
-    let out = Command::new(crate::pypi::python_from_env())
+    let out = Command::new(kiln_compiler::pipeline::pypi::python_from_env())
         .args([
             "-c",
             "import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1], timeout=120).read())",

@@ -1,26 +1,16 @@
-//! `cargo xtask`: kiln's host pipeline. One module per subcommand; `main` only parses the
-//! command line and dispatches.
+//! `cargo xtask`: this repository's automation — test, bench, run, gen-tiny, gen-shaped — beside
+//! the compiler's own pipeline (`kilnc`'s commands, from `kiln_compiler::cli`). One module per
+//! subcommand; `main` only parses the command line and dispatches.
 
 mod bench;
 mod bench_arm;
-mod build;
-mod bundle;
-mod cache;
-mod compile;
-mod export;
-mod fetch;
-mod flash;
 mod gen_shaped;
 mod gen_tiny;
-mod hf;
 mod llama_bench;
-mod onnxruntime;
-mod pypi;
-mod quantize;
 mod run;
-mod source;
-mod targets;
 mod test;
+#[cfg(test)]
+mod tidy;
 
 use clap::{Parser, Subcommand};
 
@@ -40,25 +30,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Download a model card's checkpoint into the kiln cache (~/.cache/kiln, or $KILN_HOME).
-    Fetch(fetch::Args),
-    /// List the model cards kiln ships (same as `fetch --list`).
-    Models(fetch::ListArgs),
-    /// Write a model as a standard ONNX decoder with KV cache.
-    Export(export::Args),
-    /// Compile a model into a `.kiln` artifact for a target.
-    Compile(compile::Args),
-    /// Quantize a model (q8_0, q4_0, q4_1, per-tensor overrides) into a `.kiln` artifact for
-    /// this machine or a MatMulNBits ONNX decoder for onnxruntime.
-    Quantize(quantize::Args),
-    /// Cross-compile the `kiln` runtime and compile a model for a device, into `dist/<target>/`.
-    Build(build::Args),
-    /// Package `kiln`, a model and a systemd unit for a device into one archive.
-    Bundle(bundle::Args),
-    /// Install a bundle on a device over ssh, or into a mounted root file system.
-    Flash(flash::Args),
-    /// List the devices kiln compiles for (`targets/descriptors/*.toml`).
-    Targets(targets::Args),
+    #[command(flatten)]
+    Pipeline(kiln_compiler::cli::Command),
     /// Write a tiny random Llama 3.2-shaped checkpoint (Hugging Face layout) for tests.
     GenTiny(gen_tiny::Args),
     /// Write an f16 GGUF with the exact shape of Llama 3.2 1B/3B or 3.1 8B and random weights.
@@ -73,15 +46,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
-        Command::Fetch(args) => fetch::run(args),
-        Command::Models(args) => fetch::list(args),
-        Command::Export(args) => export::run(args),
-        Command::Compile(args) => compile::run(args),
-        Command::Quantize(args) => quantize::run(args),
-        Command::Build(args) => build::run(args),
-        Command::Bundle(args) => bundle::run(args),
-        Command::Flash(args) => flash::run(args),
-        Command::Targets(args) => targets::run(args),
+        Command::Pipeline(command) => kiln_compiler::cli::run(command),
         Command::GenTiny(args) => gen_tiny::run(args),
         Command::GenShaped(args) => gen_shaped::run(args),
         Command::Run(args) => run::run(args),

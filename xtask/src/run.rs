@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use crate::{compile, export};
+use kiln_compiler::pipeline::{compile, export};
 
 /// Fetch, compile and run a model card (default: the default model) on a prompt.
 #[derive(Debug, clap::Args)]
@@ -40,7 +40,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (model, backend_args) = match backend {
         "native" => (artifact(&args)?, Vec::new()),
         "ort" => {
-            let library = crate::onnxruntime::ensure(std::env::consts::ARCH)?;
+            let library = kiln_compiler::pipeline::onnxruntime::ensure(std::env::consts::ARCH)?;
             let eps: Vec<&str> = target.execution_providers.iter().map(|e| e.key()).collect();
             let mut flags = vec!["--ort-lib".into(), library.into_os_string()];
             if !eps.is_empty() {
@@ -67,7 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// The card compiled for this machine, cached under `$KILN_HOME/artifacts`.
 fn artifact(args: &Args) -> anyhow::Result<PathBuf> {
-    let out = crate::cache::kiln_home()?
+    let out = kiln_compiler::pipeline::cache::kiln_home()?
         .join("artifacts")
         .join(format!("{}.{}.kiln", args.model, args.quant));
     if !out.is_file() {
@@ -81,6 +81,7 @@ fn artifact(args: &Args) -> anyhow::Result<PathBuf> {
             ctx: None,
             max_memory: None,
             json: false,
+            emit: compile::Emit::Kiln,
         })?;
     }
     Ok(out)
@@ -88,7 +89,7 @@ fn artifact(args: &Args) -> anyhow::Result<PathBuf> {
 
 /// The card exported as ONNX (`MatMulNBits` for block formats), cached under `$KILN_HOME/artifacts`.
 fn onnx(args: &Args) -> anyhow::Result<PathBuf> {
-    let out = crate::cache::kiln_home()?
+    let out = kiln_compiler::pipeline::cache::kiln_home()?
         .join("artifacts")
         .join(format!("{}.{}.onnx", args.model, args.quant));
     if !out.is_file() {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use crate::pypi::python_from_env;
+use kiln_compiler::pipeline::pypi::python_from_env;
 
 /// The peers kiln is checked against, pinned; installed with pip when missing.
 const PYTHON_PEERS: &[(&str, &str)] = &[
@@ -32,9 +32,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let python = python_from_env();
     install_peers(&python)?;
-    let gguf = crate::fetch::ensure_model("smollm2-135m-instruct")?.primary;
-    let tokenizer = crate::fetch::ensure_model("llama3-tokenizer")?.primary;
-    let onnxruntime = crate::onnxruntime::ensure(std::env::consts::ARCH)?;
+    let gguf = kiln_compiler::pipeline::fetch::ensure_model("smollm2-135m-instruct")?.primary;
+    let tokenizer = kiln_compiler::pipeline::fetch::ensure_model("llama3-tokenizer")?.primary;
+    let onnxruntime = kiln_compiler::pipeline::onnxruntime::ensure(std::env::consts::ARCH)?;
     let llama_models = python_output(
         &python,
         "import llama_models, os; print(os.path.dirname(llama_models.__file__))",

@@ -4,7 +4,8 @@
 use std::io::{BufRead, Write};
 
 use kiln_engine::chat::ChatMessage;
-use kiln_engine::generate::{generate, GenerateError, GenerateOptions};
+use kiln_engine::conversation::Conversation;
+use kiln_engine::generate::{GenerateError, GenerateOptions};
 use kiln_runtime::sampler::Sampler;
 
 use crate::common::{ModelArgs, SamplingArgs};
@@ -26,7 +27,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let template = model.chat_template()?;
-    let mut session = model.decoder(args.model.session_options())?;
+    let mut conversation = Conversation::new(&model, model.decoder(args.model.session_options())?);
     let mut sampler = Sampler::new(args.sampling.config(), model.facts().vocab_size);
     let opts = GenerateOptions {
         max_tokens: args.n_predict,
@@ -38,14 +39,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|s| ChatMessage::new("system", s.as_str()))
         .collect();
     let mut messages = system.clone();
-    // Token ids now in the KV cache, to reuse the longest common prefix on the next turn.
-    let mut cached: Vec<u32> = Vec::new();
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     if interactive {
         eprintln!(
             "kiln chat — {} ({} tokens of context). /clear starts over, /exit or Ctrl-D quits.",
             model.facts().name,
-            session.context()
+            conversation.context()
         );
     }
     let mut stdout = std::io::stdout().lock();
@@ -63,8 +62,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "/exit" | "/quit" => break,
             "/clear" => {
                 messages = system.clone();
-                cached.clear();
-                session.rewind(0);
+                conversation.clear();
                 continue;
             }
             _ => {}
@@ -72,28 +70,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         messages.push(ChatMessage::new("user", line));
         let text = template.render(&messages, true)?;
         let ids = model.encode_chat(&text);
-        let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count();
-        // At least one token must run to get logits for the reply.
-        let keep = common.min(ids.len() - 1);
-        session.rewind(keep);
-        cached.truncate(keep);
-        let reply = generate(
-            &model,
-            session.as_mut(),
-            &mut sampler,
-            &ids[keep..],
-            &opts,
-            |piece| {
-                let _ = stdout
-                    .write_all(piece.as_bytes())
-                    .and_then(|()| stdout.flush());
-            },
-        );
+        let reply = conversation.generate(&ids, &mut sampler, &opts, |piece| {
+            let _ = stdout
+                .write_all(piece.as_bytes())
+                .and_then(|()| stdout.flush());
+        });
         match reply {
             Ok(reply) => {
                 writeln!(stdout)?;
-                cached.extend_from_slice(&ids[keep..]);
-                cached.extend_from_slice(&reply.ids);
                 messages.push(ChatMessage::new("assistant", reply.text));
             }
             Err(GenerateError::Session(
@@ -101,7 +85,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )) => {
                 eprintln!("error: {e}; this turn was dropped — /clear to start over");
                 messages.pop();
-                session.rewind(keep);
             }
             Err(e) => return Err(e.into()),
         }

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use kiln_engine::chat::{ChatMessage, ChatTemplate};
-use kiln_engine::decoder::Decoder;
-use kiln_engine::generate::{generate, GenerateOptions, Generated, Model, StopReason};
+use kiln_engine::conversation::Conversation;
+use kiln_engine::generate::{GenerateOptions, Generated, Model, StopReason};
 use kiln_runtime::sampler::Sampler;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -121,9 +121,8 @@ struct HttpRequest {
 struct Server<'m> {
     model: &'m Model,
     template: Option<ChatTemplate>,
-    session: Box<dyn Decoder + 'm>,
-    /// Token ids now in the KV cache, reused as a prefix by the next request.
-    cached: Vec<u32>,
+    /// The session, which reuses the cached prefix each request shares with the one before.
+    conversation: Conversation<'m>,
     defaults: &'m Args,
     /// Requests answered, for response ids.
     served: u64,
@@ -133,20 +132,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = args.model.load()?;
     // A model without a template still serves /v1/completions.
     let template = model.chat_template().ok();
-    let session = model.decoder(args.model.session_options())?;
+    let conversation = Conversation::new(&model, model.decoder(args.model.session_options())?);
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
     eprintln!(
         "kiln serve: {} ({} tokens of context) listening on http://{addr}",
         model.facts().name,
-        session.context()
+        conversation.context()
     );
     let mut server = Server {
         model: &model,
         template,
-        session,
-        cached: Vec::new(),
+        conversation,
         defaults: &args,
         served: 0,
     };
@@ -166,8 +164,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Err(_) => {
                 // The cache may be half-written: start the next request from scratch.
                 eprintln!("kiln serve: a request failed unexpectedly; the KV cache was reset");
-                server.cached.clear();
-                server.session.rewind(0);
+                server.conversation.clear();
             }
         }
     }
@@ -394,7 +391,7 @@ impl Server<'_> {
         if ids.is_empty() {
             return Err(bad_request("the prompt is empty"));
         }
-        let context = self.session.context();
+        let context = self.conversation.context();
         if ids.len() >= context {
             return Err(bad_request(format!(
                 "the prompt has {} tokens; the context holds {context}, which must leave room for \
@@ -467,20 +464,6 @@ impl Server<'_> {
             "text_completion"
         };
         let ids = &job.ids;
-        let common = self
-            .cached
-            .iter()
-            .zip(ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        // At least one token must run to get logits for the reply.
-        let keep = common.min(ids.len() - 1);
-        self.session.rewind(keep);
-        self.cached.truncate(keep);
-        // Ids generated before the reply is done; accepted so a repeat penalty sees the prompt.
-        for &id in &ids[..keep] {
-            job.sampler.accept(id);
-        }
 
         let chunk = |piece: &str, finish: Option<&str>| -> Value {
             let choice = if job.chat {
@@ -522,24 +505,16 @@ impl Server<'_> {
                 }
             }
         };
-        let result = generate(
-            self.model,
-            self.session.as_mut(),
-            &mut job.sampler,
-            &ids[keep..],
-            &job.opts,
-            |piece| {
+        let result = self
+            .conversation
+            .generate(ids, &mut job.sampler, &job.opts, |piece| {
                 if job.stream && !piece.is_empty() {
                     send(stream, &chunk(piece, None));
                 }
-            },
-        );
+            });
         let out: Generated = match result {
             Ok(out) => out,
             Err(e) => {
-                // The cache holds a partial pass: reuse nothing of it.
-                self.session.rewind(0);
-                self.cached.clear();
                 let e = bad_request(e.to_string());
                 if job.stream {
                     send(stream, &error_body(&e));
@@ -549,11 +524,6 @@ impl Server<'_> {
                 return respond(stream, e.status, &error_body(&e));
             }
         };
-        self.cached.extend_from_slice(&ids[keep..]);
-        self.cached.extend_from_slice(&out.ids);
-        // The last generated id was sampled but not yet run through the model.
-        let in_cache = self.session.position();
-        self.cached.truncate(in_cache);
 
         let finish = finish_reason(out.stop);
         let usage = json!({
@@ -561,8 +531,7 @@ impl Server<'_> {
             "completion_tokens": out.ids.len(),
             "total_tokens": ids.len() + out.ids.len(),
         });
-        let kiln =
-            json!({ "prompt_ids": ids, "ids": out.ids, "stop": out.stop, "cached_tokens": keep });
+        let kiln = json!({ "prompt_ids": ids, "ids": out.ids, "stop": out.stop, "cached_tokens": self.conversation.reused() });
         if job.stream {
             let mut last = chunk("", Some(finish));
             last["usage"] = usage;

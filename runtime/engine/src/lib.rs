@@ -3,6 +3,7 @@
 //! executor, both behind one [`decoder::Decoder`] interface.
 
 pub mod chat;
+pub mod conversation;
 pub mod decoder;
 pub mod generate;
 pub mod logits;

@@ -1,5 +1,6 @@
 //! The `.kiln` artifact: its layout, a validating reader and (with `std`) the writer the compiler uses.
 
+pub mod embed;
 pub mod format;
 mod load;
 #[cfg(feature = "std")]

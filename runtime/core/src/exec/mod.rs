@@ -96,8 +96,30 @@ pub enum SessionError {
     ArenaTooSmall { needed: usize, given: usize },
     #[error(transparent)]
     Kernels(#[from] kernels::LevelError),
-    #[error("{0}")]
-    Setup(alloc::string::String),
+    #[error("a context of {context} tokens exceeds the model's {model}")]
+    ContextTooLong { context: usize, model: usize },
+    #[error("tensor {tensor}: a norm weight must be 4-byte aligned f32")]
+    NotF32 { tensor: alloc::string::String },
+    #[error("no tokens to run")]
+    NoTokens,
+    #[error(
+        "every token's logits need a session made with logits_all, and at most {batch} tokens"
+    )]
+    NotLogitsAll { batch: usize },
+    #[error("op {op} names buffer {buffer}, but the graph declares {declared}")]
+    UnknownBuffer {
+        op: usize,
+        buffer: usize,
+        declared: usize,
+    },
+    #[error("memory plan: buffers {first} and {second} share arena floats while both are in use at op {op}")]
+    PlanOverlap {
+        first: alloc::string::String,
+        second: alloc::string::String,
+        op: usize,
+    },
+    #[error("the backend failed: {0}")]
+    Backend(alloc::string::String),
 }
 
 /// A running model: weights borrowed from the artifact, everything else in one arena.
@@ -125,7 +147,7 @@ impl<'a> Session<'a> {
         opts: SessionOptions,
     ) -> Result<Session<'a>, SessionError> {
         let layout = plan::layout(meta, &opts)?;
-        let arena = Arena::Owned(vec![0.0; layout.2.len]);
+        let arena = Arena::Owned(vec![0.0; layout.regions.len]);
         Session::build(meta, weights, opts, arena, layout)
     }
 
@@ -138,9 +160,9 @@ impl<'a> Session<'a> {
         arena: &'a mut [f32],
     ) -> Result<Session<'a>, SessionError> {
         let layout = plan::layout(meta, &opts)?;
-        if arena.len() < layout.2.len {
+        if arena.len() < layout.regions.len {
             return Err(SessionError::ArenaTooSmall {
-                needed: layout.2.len * core::mem::size_of::<f32>(),
+                needed: layout.regions.len * core::mem::size_of::<f32>(),
                 given: core::mem::size_of_val(arena),
             });
         }
@@ -152,7 +174,11 @@ impl<'a> Session<'a> {
         weights: &'a [u8],
         opts: SessionOptions,
         arena: Arena<'a>,
-        (context, batch, regions): (usize, usize, Regions),
+        plan::Layout {
+            context,
+            batch,
+            regions,
+        }: plan::Layout,
     ) -> Result<Session<'a>, SessionError> {
         let tensors: Vec<Matrix<'a>> = meta
             .tensors
@@ -169,10 +195,9 @@ impl<'a> Session<'a> {
             .collect();
         for (m, e) in tensors.iter().zip(&meta.tensors) {
             if e.shape.len() == 1 && m.f32.is_none() {
-                return Err(SessionError::Setup(alloc::format!(
-                    "tensor {} is not 4-byte aligned f32",
-                    e.name
-                )));
+                return Err(SessionError::NotF32 {
+                    tensor: e.name.clone(),
+                });
             }
         }
         let kernels = match opts.kernels {
@@ -258,10 +283,9 @@ impl<'a> Session<'a> {
     /// needs a session created with `logits_all`.
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32], SessionError> {
         if !self.opts.logits_all || tokens.len() > self.opts.batch {
-            return Err(SessionError::Setup(alloc::format!(
-                "forward_all needs logits_all and at most {} tokens",
-                self.opts.batch
-            )));
+            return Err(SessionError::NotLogitsAll {
+                batch: self.opts.batch,
+            });
         }
         self.check(tokens)?;
         self.run(tokens);
@@ -452,7 +476,7 @@ pub fn check_tokens(
     vocab: usize,
 ) -> Result<(), SessionError> {
     if tokens.is_empty() {
-        return Err(SessionError::Setup("no tokens to run".into()));
+        return Err(SessionError::NoTokens);
     }
     let needed = pos + tokens.len();
     if needed > context {

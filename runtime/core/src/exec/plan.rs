@@ -118,10 +118,11 @@ fn check_ids(graph: &Graph) -> Result<(), SessionError> {
             .chain(write)
             .find(|&b| b >= graph.buffers.len())
         {
-            return Err(SessionError::Setup(alloc::format!(
-                "op {i} names buffer {b}, but the graph declares {}",
-                graph.buffers.len()
-            )));
+            return Err(SessionError::UnknownBuffer {
+                op: i,
+                buffer: b,
+                declared: graph.buffers.len(),
+            });
         }
     }
     Ok(())
@@ -223,12 +224,12 @@ fn check(graph: &Graph, regions: &[Range<usize>]) -> Result<(), SessionError> {
                     .windows(2)
                     .find(|w| regions[w[0]].end > regions[w[1]].start)
                 {
-                    let name = |b: usize| graph.buffers[b].name.as_str();
-                    return Err(SessionError::Setup(alloc::format!(
-                        "memory plan: buffers {} and {} share arena floats while both are in use at op {i}",
-                        name(pair[0]),
-                        name(pair[1])
-                    )));
+                    let name = |b: usize| graph.buffers[b].name.clone();
+                    return Err(SessionError::PlanOverlap {
+                        first: name(pair[0]),
+                        second: name(pair[1]),
+                        op: i,
+                    });
                 }
             }
             if let Some(w) = write {
@@ -242,21 +243,28 @@ fn check(graph: &Graph, regions: &[Range<usize>]) -> Result<(), SessionError> {
     Ok(())
 }
 
-/// Context, batch and regions of a session of `opts` over `meta`.
-pub(super) fn layout(
-    meta: &Metadata,
-    opts: &SessionOptions,
-) -> Result<(usize, usize, Regions), SessionError> {
+/// How a session of given options over given metadata is laid out.
+pub(super) struct Layout {
+    /// Tokens of context the KV cache holds.
+    pub context: usize,
+    /// Most tokens per pass.
+    pub batch: usize,
+    /// Where each buffer, the KV cache and the scratch lie in the arena.
+    pub regions: Regions,
+}
+
+/// The layout of a session of `opts` over `meta`.
+pub(super) fn layout(meta: &Metadata, opts: &SessionOptions) -> Result<Layout, SessionError> {
     let f = &meta.facts;
     let context = match opts.context {
         0 => f.context_length.min(DEFAULT_CONTEXT),
         c => c,
     };
     if context > f.context_length {
-        return Err(SessionError::Setup(alloc::format!(
-            "a context of {context} exceeds the model's {} tokens",
-            f.context_length
-        )));
+        return Err(SessionError::ContextTooLong {
+            context,
+            model: f.context_length,
+        });
     }
     let batch = opts.batch.max(1);
     let max_cols = meta.tensors.iter().map(|t| t.cols()).max().unwrap_or(0);
@@ -284,14 +292,14 @@ pub(super) fn layout(
         logits: take(if opts.logits_all { batch } else { 1 } * f.vocab_size),
         len: 0,
     };
-    Ok((
+    Ok(Layout {
         context,
         batch,
-        Regions {
+        regions: Regions {
             len: end,
             ..regions
         },
-    ))
+    })
 }
 
 impl MemoryPlan {
@@ -299,7 +307,11 @@ impl MemoryPlan {
     /// process without its tokenizer, which the metadata does not describe (see
     /// [`MemoryPlan::with_tokenizer`]).
     pub fn new(meta: &Metadata, opts: &SessionOptions) -> Result<MemoryPlan, SessionError> {
-        let (context, batch, r) = layout(meta, opts)?;
+        let Layout {
+            context,
+            batch,
+            regions: r,
+        } = layout(meta, opts)?;
         let bytes = |range: &Range<usize>| range.len() * F32;
         Ok(MemoryPlan {
             context,

@@ -522,24 +522,21 @@ unsafe fn gemm_with<const RB: usize, const TB: usize, const RV: usize, const PF:
 pub fn variants() -> Vec<(&'static str, super::GemmQ8)> {
     macro_rules! v {
         ($name:expr, $rb:expr, $tb:expr, $rv:expr, $pf:expr, $prep:expr) => {
-            (
-                $name,
-                // SAFETY: handed out only to callers that detected the features (see above).
-                |p| {
-                    if p.w.geometry.layout != Layout::Rows {
-                        return super::q8::gemm(p);
+            ($name, |p| {
+                if p.w.geometry.layout != Layout::Rows {
+                    return super::q8::gemm(p);
+                }
+                let p = if $prep {
+                    p
+                } else {
+                    Product {
+                        scratch: &mut [],
+                        ..p
                     }
-                    let p = if $prep {
-                        p
-                    } else {
-                        Product {
-                            scratch: &mut [],
-                            ..p
-                        }
-                    };
-                    unsafe { gemm_with::<$rb, $tb, $rv, $pf>(p) }
-                },
-            )
+                };
+                // SAFETY: handed out only to callers that detected the features (see above).
+                unsafe { gemm_with::<$rb, $tb, $rv, $pf>(p) }
+            })
         };
     }
     vec![

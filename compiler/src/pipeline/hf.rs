@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use ureq::config::RedirectAuthHeaders;
 use ureq::http::HeaderMap;
 
-use crate::cache::{self, Checked, FileRecord, Manifest};
+use crate::pipeline::cache::{self, Checked, FileRecord, Manifest};
 
 /// The Hub used when `HF_ENDPOINT` is not set.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -113,7 +113,7 @@ impl Hub {
             .timeout_recv_response(Some(options.timeout))
             .timeout_per_read(Some(options.timeout))
             .redirect_auth_headers(RedirectAuthHeaders::SameHost)
-            .user_agent(concat!("kiln-xtask/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("kilnc/", env!("CARGO_PKG_VERSION")))
             .build();
         Hub {
             endpoint: endpoint.trim_end_matches('/').to_string(),

@@ -1,13 +1,13 @@
-//! `cargo xtask export`: checkpoint → standard ONNX decoder with KV cache (float32 weights, or
+//! `kilnc export`: checkpoint → standard ONNX decoder with KV cache (float32 weights, or
 //! with `--quantized` onnxruntime's `MatMulNBits` over the checkpoint's q8_0/q4_0/q4_1 blocks).
 
 use std::path::PathBuf;
 
+use crate::onnx::{export, export_quantized, ExportOptions};
 use anyhow::Context;
-use kiln_compiler::onnx::{export, export_quantized, ExportOptions};
 use kiln_runtime::quant::Format;
 
-use crate::source;
+use crate::pipeline::source;
 
 /// Export a model as an ONNX decoder (`input_ids`, `attention_mask`, `position_ids`,
 /// `past_key_values.*` → `logits`, `present.*`) that onnxruntime, onnxruntime-genai and tract run.
@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long)]
     pub quantized: bool,
     /// Convert the weights to this format first (f32, f16, q8_0, q4_0, q4_1; 4-bit formats keep
-    /// the embedding and output head at q8_0), as `cargo xtask compile --quant` does.
+    /// the embedding and output head at q8_0), as `kilnc compile --quant` does.
     #[arg(long)]
     pub quant: Option<String>,
     /// Print a JSON report instead of text.
@@ -42,7 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
             format!("unknown --quant {name:?} (one of {})", names.join(", "))
         })?;
-        checkpoint = kiln_compiler::emit::convert(&checkpoint, quant)?;
+        checkpoint = crate::emit::convert(&checkpoint, quant)?;
     }
     let spinner = source::spinner(&format!("writing {}", args.out.display()));
     let opts = ExportOptions {

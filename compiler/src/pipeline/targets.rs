@@ -1,4 +1,4 @@
-//! `cargo xtask targets`: the device descriptors kiln ships (`targets/descriptors/*.toml`).
+//! `kilnc targets`: the device descriptors kiln ships (`targets/descriptors/*.toml`).
 
 use kiln_targets::{Backend, Target};
 

@@ -1,6 +1,6 @@
 #!/bin/sh
-# kiln's installer, written into every bundle by `cargo xtask bundle` and run by
-# `cargo xtask flash` once a release's files are in <ROOT>/opt/kiln/releases/<RELEASE>:
+# kiln's installer, written into every bundle by `kilnc bundle` and run by
+# `kilnc flash` once a release's files are in <ROOT>/opt/kiln/releases/<RELEASE>:
 # checks every file against SHA256SUMS, switches <ROOT>/opt/kiln/current to the release
 # atomically (a new symlink renamed over the old one), runs `current/bin/kiln --version` and
 # switches back to the previous release if that fails. Then it installs the systemd unit to

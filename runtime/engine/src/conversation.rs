@@ -1,0 +1,110 @@
+//! A decoder that remembers what its KV cache holds, so that each turn of a conversation (or
+//! each request to a server) runs only the tokens the cache does not already have: the longest
+//! prefix the new prompt shares with the cached ids is kept, the rest is forgotten and run.
+
+use kiln_runtime::sampler::Sampler;
+
+use crate::decoder::Decoder;
+use crate::generate::{generate, GenerateError, GenerateOptions, Generated, Model};
+
+/// A session and the token ids in its KV cache, in order.
+pub struct Conversation<'m> {
+    model: &'m Model,
+    decoder: Box<dyn Decoder + 'm>,
+    cached: Vec<u32>,
+    /// Prompt tokens the last [`Conversation::generate`] found cached.
+    reused: usize,
+}
+
+impl<'m> Conversation<'m> {
+    /// A conversation over `decoder`, whose cache must be empty.
+    pub fn new(model: &'m Model, mut decoder: Box<dyn Decoder + 'm>) -> Conversation<'m> {
+        decoder.rewind(0);
+        Conversation {
+            model,
+            decoder,
+            cached: Vec::new(),
+            reused: 0,
+        }
+    }
+
+    /// Generates after `prompt` (the whole conversation so far, as ids), running only what
+    /// follows the prefix already cached; `on_text` receives the reply as it streams. The
+    /// sampler sees the whole prompt, as if it had all run now (for the repeat penalty). On an
+    /// error the cache keeps only the reused prefix, which is still valid.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        sampler: &mut Sampler,
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generated, GenerateError> {
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let keep = self.reuse(prompt);
+        self.reused = keep;
+        for &id in &prompt[..keep] {
+            sampler.accept(id);
+        }
+        let result = generate(
+            self.model,
+            self.decoder.as_mut(),
+            sampler,
+            &prompt[keep..],
+            opts,
+            on_text,
+        );
+        match &result {
+            Ok(out) => {
+                self.cached.extend_from_slice(&prompt[keep..]);
+                self.cached.extend_from_slice(&out.ids);
+                // The last id was sampled but not run through the model.
+                self.cached.truncate(self.decoder.position());
+            }
+            Err(_) => self.decoder.rewind(keep),
+        }
+        result
+    }
+
+    /// Keeps the longest cached prefix of `prompt`, short of its last token (whose logits the
+    /// reply needs), and forgets the rest; returns its length.
+    fn reuse(&mut self, prompt: &[u32]) -> usize {
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let keep = common.min(prompt.len() - 1);
+        self.decoder.rewind(keep);
+        self.cached.truncate(keep);
+        keep
+    }
+
+    /// Forgets everything cached (a new conversation).
+    pub fn clear(&mut self) {
+        self.decoder.rewind(0);
+        self.cached.clear();
+    }
+
+    /// How many tokens of the last prompt came from the cache instead of running.
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
+
+    /// Token ids in the KV cache.
+    pub fn cached(&self) -> &[u32] {
+        &self.cached
+    }
+
+    /// Tokens the cache can hold.
+    pub fn context(&self) -> usize {
+        self.decoder.context()
+    }
+
+    /// What executes the model, for reports.
+    pub fn backend_name(&self) -> String {
+        self.decoder.backend_name()
+    }
+}
