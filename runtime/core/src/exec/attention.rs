@@ -24,21 +24,37 @@ pub struct KvCache<'c> {
 #[cfg(feature = "std")]
 const MIN_PARALLEL_WORK: usize = 1 << 15;
 
-/// Stores this batch's keys/values at their positions, then attends: `out` gets, for each
+/// One batch's part in attention: `n` tokens from position `pos`, their queries, keys and
+/// values (`[token][head][head_dim]`), where the result goes and one context-long row of
+/// scores per participant.
+pub struct Batch<'b> {
+    pub pos: usize,
+    pub n: usize,
+    pub q: &'b [f32],
+    pub k: &'b [f32],
+    pub v: &'b [f32],
+    pub out: &'b mut [f32],
+    pub scores: &'b mut [f32],
+}
+
+/// Stores the batch's keys/values at their positions, then attends: `out` gets, for each
 /// token `t` and head `h`, the softmax-weighted sum of the values at positions `..=pos + t`.
-/// `scores` holds one context-long row per participant.
-#[allow(clippy::too_many_arguments)]
 pub fn attention(
     kernels: &Kernels,
     workers: &Workers,
     f: &ModelFacts,
     cache: KvCache<'_>,
-    pos: usize,
-    n: usize,
-    [q, k, v]: [&[f32]; 3],
-    out: &mut [f32],
-    scores: &mut [f32],
+    batch: Batch<'_>,
 ) {
+    let Batch {
+        pos,
+        n,
+        q,
+        k,
+        v,
+        out,
+        scores,
+    } = batch;
     let (hd, kvh, ctx) = (f.head_dim, f.kv_heads, cache.context);
     let layer = cache.layer * kvh * ctx * hd;
     let (keys, values) = match cache.kind {

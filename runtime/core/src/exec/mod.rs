@@ -337,17 +337,13 @@ impl<'a> Session<'a> {
                             r.xq.clone(),
                         ],
                     );
-                    matmul(
-                        &self.kernels,
-                        &self.workers,
-                        &x[..n * m.cols],
+                    let a = Activations {
+                        x: &x[..n * m.cols],
                         n,
-                        m,
-                        o,
-                        tiles,
                         xq,
-                        self.float_activations,
-                    );
+                        float: self.float_activations,
+                    };
+                    matmul(&self.kernels, &self.workers, a, m, o, tiles);
                 }
                 Op::Rope {
                     buf,
@@ -402,17 +398,16 @@ impl<'a> Session<'a> {
                         context: self.context,
                         layer,
                     };
-                    attention::attention(
-                        &self.kernels,
-                        &self.workers,
-                        &self.facts,
-                        kv,
-                        self.pos,
+                    let batch = attention::Batch {
+                        pos: self.pos,
                         n,
-                        [&*q, &*k, &*v],
-                        o,
+                        q,
+                        k,
+                        v,
+                        out: o,
                         scores,
-                    );
+                    };
+                    attention::attention(&self.kernels, &self.workers, &self.facts, kv, batch);
                 }
                 Op::SwiGlu { gate, up, out } => {
                     let width = r.bufs[gate].len() / self.opts.batch;
@@ -449,17 +444,13 @@ impl<'a> Session<'a> {
                         ],
                     );
                     let rows = &x[first * m.cols..(first + count) * m.cols];
-                    matmul(
-                        &self.kernels,
-                        &self.workers,
-                        rows,
-                        count,
-                        m,
-                        logits,
-                        tiles,
+                    let a = Activations {
+                        x: rows,
+                        n: count,
                         xq,
-                        self.float_activations,
-                    );
+                        float: self.float_activations,
+                    };
+                    matmul(&self.kernels, &self.workers, a, m, logits, tiles);
                 }
             }
         }
@@ -488,21 +479,26 @@ pub fn check_tokens(
     }
 }
 
-/// `out = x · mᵀ` for `n` tokens; block-quantized weights see 8-bit activations, as in llama.cpp,
-/// unless `float_activations`.
-#[allow(clippy::too_many_arguments)]
+/// The activations of one product: `n` tokens of `x`, and the scratch they are quantized into
+/// for block-quantized weights, as llama.cpp does, unless `float` (see
+/// [`Session::set_float_activations`]).
+struct Activations<'x> {
+    x: &'x [f32],
+    n: usize,
+    xq: &'x mut [f32],
+    float: bool,
+}
+
+/// `out = x · mᵀ` for the activations' tokens.
 fn matmul(
     k: &Kernels,
     workers: &parallel::Workers,
-    x: &[f32],
-    n: usize,
+    Activations { x, n, xq, float }: Activations<'_>,
     m: &Matrix<'_>,
     out: &mut [f32],
     tiles: &mut [f32],
-    xq: &mut [f32],
-    float_activations: bool,
 ) {
-    let input = if q8::uses_q8(m.format) && !float_activations {
+    let input = if q8::uses_q8(m.format) && !float {
         let blocks = n * m.cols / BLOCK;
         let xq: &mut [Q8Block] = bytemuck::cast_slice_mut(xq);
         (k.quantize)(x, &mut xq[..blocks]);

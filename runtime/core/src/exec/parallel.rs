@@ -62,7 +62,7 @@ pub fn matmul(
     #[cfg(feature = "std")]
     if let Some(pool) = workers {
         if n * w.rows * w.cols >= MIN_PARALLEL_WORK {
-            return split(k, pool, x, n, w, out, scratch, per);
+            return split(k, pool, Tokens { x, n }, w, out, scratch, per);
         }
     }
     matmul_rows(k, x, n, w, 0..w.rows, out, &mut scratch[..per]);
@@ -115,13 +115,19 @@ impl<'a> SharedOut<'a> {
     }
 }
 
+/// `n` tokens of activations.
 #[cfg(feature = "std")]
-#[allow(clippy::too_many_arguments)]
+struct Tokens<'x> {
+    x: Input<'x>,
+    n: usize,
+}
+
+/// The product over the pool's participants, each with `scratch_per` floats of `scratch`.
+#[cfg(feature = "std")]
 fn split(
     k: &Kernels,
     pool: &super::pool::Pool,
-    x: Input<'_>,
-    n: usize,
+    Tokens { x, n }: Tokens<'_>,
     w: &Matrix<'_>,
     out: Out<'_>,
     scratch: &mut [f32],

@@ -304,8 +304,37 @@ unsafe fn step<const F: u8>(acc: __m512, w: &Wt, a: &Act) -> __m512 {
     }
 }
 
-/// One tile: rows `w[r]` for `r < RR` (row `r` at `w + r·rb`), tokens `x[t]` (at `x + t·nb`)
-/// for `t < TT`, written to `out[t·stride + r]`.
+/// Rows of weights against tokens: row `r` at `w + r·rb`, token `t`'s `nb` blocks at
+/// `x + t·nb`, the result for (token `t`, row `r`) at `out[t·stride + r]`.
+#[derive(Clone, Copy)]
+struct Span {
+    w: *const u8,
+    rb: usize,
+    x: *const Q8Block,
+    nb: usize,
+    out: *mut f32,
+    stride: usize,
+}
+
+impl Span {
+    /// The span from row `r` and token `t` on.
+    ///
+    /// SAFETY: row `r` and token `t` exist.
+    #[inline(always)]
+    unsafe fn at(self, r: usize, t: usize) -> Span {
+        // SAFETY: the offsets stay inside the rows, tokens and outputs by the contract.
+        unsafe {
+            Span {
+                w: self.w.add(r * self.rb),
+                x: self.x.add(t * self.nb),
+                out: self.out.add(t * self.stride + r),
+                ..self
+            }
+        }
+    }
+}
+
+/// One tile: rows `r < RR` for tokens `t < TT` of the span.
 ///
 /// SAFETY: AVX-512F/BW/VNNI and F16C are available; the `RR` rows of `nb` blocks, the `TT`
 /// tokens of `nb` blocks and the outputs exist.
@@ -314,14 +343,17 @@ unsafe fn step<const F: u8>(acc: __m512, w: &Wt, a: &Act) -> __m512 {
 /// these `TT` tokens.
 #[inline(always)]
 unsafe fn tile<const F: u8, const RR: usize, const TT: usize, const PF: usize>(
-    w: *const u8,
-    rb: usize,
-    x: *const Q8Block,
-    nb: usize,
-    out: *mut f32,
-    stride: usize,
+    s: Span,
     prep: *const Prepared,
 ) {
+    let Span {
+        w,
+        rb,
+        x,
+        nb,
+        out,
+        stride,
+    } = s;
     // SAFETY: the pointers stay within the rows, tokens and outputs of the contract above.
     unsafe {
         let bb = block_bytes(F);
@@ -363,30 +395,24 @@ unsafe fn tile<const F: u8, const RR: usize, const TT: usize, const PF: usize>(
     }
 }
 
-/// Rows `r0..` in tiles of `RR` rows (then single rows) for `TT` tokens.
+/// `rows` rows in tiles of `RR` rows (then single rows) for `TT` tokens.
 ///
 /// SAFETY: as [`tile`], for all `rows` rows.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn rows_of<const F: u8, const RR: usize, const TT: usize, const PF: usize>(
-    w: *const u8,
+    s: Span,
     rows: usize,
-    rb: usize,
-    x: *const Q8Block,
-    nb: usize,
-    out: *mut f32,
-    stride: usize,
     prep: *const Prepared,
 ) {
     // SAFETY: each call gets rows and outputs inside the caller's ranges.
     unsafe {
         let mut r = 0;
         while r + RR <= rows {
-            tile::<F, RR, TT, PF>(w.add(r * rb), rb, x, nb, out.add(r), stride, prep);
+            tile::<F, RR, TT, PF>(s.at(r, 0), prep);
             r += RR;
         }
         while r < rows {
-            tile::<F, 1, TT, PF>(w.add(r * rb), rb, x, nb, out.add(r), stride, prep);
+            tile::<F, 1, TT, PF>(s.at(r, 0), prep);
             r += 1;
         }
     }
@@ -396,17 +422,12 @@ unsafe fn rows_of<const F: u8, const RR: usize, const TT: usize, const PF: usize
 ///
 /// SAFETY: as [`rows_of`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn tokens_of<const F: u8, const RR: usize, const TT: usize, const PF: usize>(
-    w: *const u8,
+    s: Span,
     rows: usize,
-    rb: usize,
-    x: *const Q8Block,
-    nb: usize,
-    out: *mut f32,
-    stride: usize,
     scratch: &mut [f32],
 ) {
+    let nb = s.nb;
     let entries = nb.div_ceil(2) * TT;
     let bytes = entries * core::mem::size_of::<Prepared>();
     let base = scratch.as_mut_ptr().cast::<u8>();
@@ -415,13 +436,13 @@ unsafe fn tokens_of<const F: u8, const RR: usize, const TT: usize, const PF: usi
         // SAFETY: `skip + bytes` fit in `scratch`, so the aligned entries do.
         let dst = unsafe { base.add(skip) }.cast::<Prepared>();
         // SAFETY: as [`prepare`]: the tokens exist by the caller's contract, `dst` has room.
-        unsafe { prepare::<F, TT>(x, nb, dst) };
+        unsafe { prepare::<F, TT>(s.x, nb, dst) };
         dst.cast_const()
     } else {
         core::ptr::null()
     };
     // SAFETY: as [`rows_of`]; `prep`, when set, holds these tokens' `entries`.
-    unsafe { rows_of::<F, RR, TT, PF>(w, rows, rb, x, nb, out, stride, prep) }
+    unsafe { rows_of::<F, RR, TT, PF>(s, rows, prep) }
 }
 
 /// SAFETY: AVX-512F/BW/VNNI and F16C are available; lengths are checked by [`gemm`].
@@ -441,23 +462,27 @@ unsafe fn gemm_format<
     stride: usize,
     scratch: &mut [f32],
 ) {
-    let (rb, nb) = (w.len() / rows, x.len() / n);
-    let (w, x) = (w.as_ptr(), x.as_ptr());
+    let s = Span {
+        w: w.as_ptr(),
+        rb: w.len() / rows,
+        x: x.as_ptr(),
+        nb: x.len() / n,
+        out: o,
+        stride,
+    };
     // SAFETY: `gemm` checked that `w` holds `rows` rows of `nb` blocks, `x` holds `n` tokens of
     // `nb` blocks and `o` reaches `(n - 1)·stride + rows`; every call stays inside them.
     unsafe {
         if n == 1 {
-            return tokens_of::<F, RV, 1, PF>(w, rows, rb, x, nb, o, stride, scratch);
+            return tokens_of::<F, RV, 1, PF>(s, rows, scratch);
         }
         let mut t = 0;
         while t + TB <= n {
-            let (xt, ot) = (x.add(t * nb), o.add(t * stride));
-            tokens_of::<F, RB, TB, PF>(w, rows, rb, xt, nb, ot, stride, scratch);
+            tokens_of::<F, RB, TB, PF>(s.at(0, t), rows, scratch);
             t += TB;
         }
         while t < n {
-            let (xt, ot) = (x.add(t * nb), o.add(t * stride));
-            tokens_of::<F, RB, 1, PF>(w, rows, rb, xt, nb, ot, stride, scratch);
+            tokens_of::<F, RB, 1, PF>(s.at(0, t), rows, scratch);
             t += 1;
         }
     }

@@ -659,31 +659,30 @@ impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
 /// ahead, 13.4 at 64; one group on the EPYC: 17–20 with, 12–17 without).
 const PREFETCH_BLOCKS: usize = 6;
 
-/// Tile shapes. Decode (`n = 1`) on AVX-512 VNNI and AVX-VNNI takes four groups at once (each
-/// token block broadcast once for 16 rows, four weight streams in flight; on a Sapphire Rapids
-/// at the 1B shape 14.0 against 12.3 tokens/s with two groups, and eight were no faster). AVX2
-/// decodes one group at a time, reading the weights in the order they lie: on an AMD EPYC
-/// (Zen 4 without AVX-512) the four streams decoded SmolLM2 q4_0 at 81–83 tokens/s on one
-/// thread and one group (two sets of sums) at 118–159, at the 1B shape 14–16 and 17–20.
+/// Tile shapes. Decode (`n = 1`) takes one group at a time on every level, reading the weights
+/// in the order they lie, with two sets of sums (see [`tile`]): on an AMD EPYC (Zen 4 without
+/// AVX-512) four interleaved groups decoded SmolLM2 q4_0 at 81–83 tokens/s on one thread and
+/// one group at 118–159, the 1B shape at 14–16 and 17–20; on a Zen 5 EPYC, one thread,
+/// AVX-512 VNNI 244 → 309 (SmolLM2 q4_0), 176 → 213 (q8_0) and 28–29 → 34–36 (1B shape q4_0),
+/// AVX-VNNI 230–242 → 285–295 and 24–25 → 33–36, two threads no slower. (Four groups had won
+/// on a Sapphire Rapids before the two sets of sums: 14.0 against 12.3 tokens/s with two.)
 /// Batches take a few tokens per group (AVX2 at the 1B shape: four tokens 3–5 % faster than
 /// three, as fast as six).
-const G1_512: usize = 4;
+const G_DECODE: usize = 1;
 const G_512: usize = 2;
 const T_512: usize = 4;
-const G1_VNNI: usize = 4;
-const G1_256: usize = 1;
 const G_256: usize = 1;
 const T_256: usize = 4;
 
 macro_rules! by_format {
-    ($p:expr, $isa:ty, $vnni:expr, $g1:expr, $g:expr, $t:expr, $tail:expr) => {{
+    ($p:expr, $isa:ty, $vnni:expr, $g:expr, $t:expr, $tail:expr) => {{
         let one = $p.n == 1;
         match ($p.w.geometry.format, one) {
-            (Format::Q4_0, true) => gemm_with::<$isa, Q4_0, $g1, 1>($p, $vnni, $tail),
+            (Format::Q4_0, true) => gemm_with::<$isa, Q4_0, G_DECODE, 1>($p, $vnni, $tail),
             (Format::Q4_0, false) => gemm_with::<$isa, Q4_0, $g, $t>($p, $vnni, $tail),
-            (Format::Q4_1, true) => gemm_with::<$isa, Q4_1, $g1, 1>($p, $vnni, $tail),
+            (Format::Q4_1, true) => gemm_with::<$isa, Q4_1, G_DECODE, 1>($p, $vnni, $tail),
             (Format::Q4_1, false) => gemm_with::<$isa, Q4_1, $g, $t>($p, $vnni, $tail),
-            (Format::Q8_0, true) => gemm_with::<$isa, Q8_0, $g1, 1>($p, $vnni, $tail),
+            (Format::Q8_0, true) => gemm_with::<$isa, Q8_0, G_DECODE, 1>($p, $vnni, $tail),
             (Format::Q8_0, false) => gemm_with::<$isa, Q8_0, $g, $t>($p, $vnni, $tail),
             (Format::F32 | Format::F16, _) => {}
         }
@@ -702,7 +701,7 @@ pub unsafe fn gemm_avx512vnni(p: Product<'_>, rows: fn(Product<'_>)) {
         _ => return super::q8::gemm(p),
     }
     // SAFETY: the features are this function's.
-    unsafe { by_format!(p, Avx512Vnni, true, G1_512, G_512, T_512, rows) }
+    unsafe { by_format!(p, Avx512Vnni, true, G_512, T_512, rows) }
 }
 
 /// [`super::q8::gemm`] for the AVX2 levels (with AVX-VNNI when `V`): X16 matrices here, ggml
@@ -717,13 +716,7 @@ unsafe fn gemm_avx2_with<const V: bool>(p: Product<'_>, rows: fn(Product<'_>)) {
         _ => return super::q8::gemm(p),
     }
     // SAFETY: passed on from the caller.
-    unsafe {
-        if V {
-            by_format!(p, Avx2<V>, V, G1_VNNI, G_256, T_256, rows)
-        } else {
-            by_format!(p, Avx2<V>, V, G1_256, G_256, T_256, rows)
-        }
-    }
+    unsafe { by_format!(p, Avx2<V>, V, G_256, T_256, rows) }
 }
 
 /// SAFETY: as [`gemm_avx2_with`] without AVX-VNNI.
