@@ -79,7 +79,11 @@ fn the_firmware_answers_the_golden_prompt_without_opening_a_file() {
         .collect();
 
     let reference = run(&firmware, &["reference"]);
-    assert_eq!(reference.kernels, "generic");
+    assert!(
+        reference.kernels.starts_with("generic "),
+        "{}",
+        reference.kernels
+    );
     assert_eq!(reference.prompt, prompt, "the build script's tokenization");
     assert_eq!(reference.ids, golden_ids(&case, reference.ids.len()));
     assert_eq!(reference.ids.len(), 8, "eight tokens, no end of generation");
@@ -88,9 +92,10 @@ fn the_firmware_answers_the_golden_prompt_without_opening_a_file() {
     // each level to its budget, teacher-forced); the first token leads by 2.5 in llama.cpp's
     // logits.
     let own = run(&firmware, &[]);
-    assert_eq!(
-        own.kernels, "aarch64 dotprod",
-        "no_std picks the build's target features"
+    assert!(
+        own.kernels.starts_with("aarch64 dotprod "),
+        "no_std picks the build's target features: {}",
+        own.kernels
     );
     assert_eq!(own.ids[0], reference.ids[0]);
 

@@ -78,9 +78,16 @@ fn run(reference: bool, out: &mut impl Write) -> Result<(), Error> {
     let mut sampler = Sampler::new(SamplerConfig::greedy(), facts.vocab_size);
     writeln!(
         out,
-        "kernels: {}\narena: {} bytes, static\nprompt: {:?}",
+        "kernels: {} (the artifact requires {:?})\narena: {} bytes, static: KV cache {} for {} tokens, buffers {}, scratch {}, logits {}; weights {} in the binary\nprompt: {:?}",
         session.kernels_name(),
+        model::REQUIRED_CPU_FEATURES,
         core::mem::size_of_val(&ARENA),
+        model::KV_CACHE_BYTES,
+        model::CONTEXT,
+        model::BUFFER_BYTES,
+        model::SCRATCH_BYTES,
+        model::LOGITS_BYTES,
+        model::WEIGHT_BYTES,
         prompt::PROMPT_IDS
     )?;
     write!(out, "ids:")?;
