@@ -42,8 +42,15 @@ fn run() -> Result<(), String> {
         .canonicalize()
         .map_err(|e| format!("{}: {e}", artifact.display()))?;
     let path = path.to_str().ok_or("the artifact's path is not UTF-8")?;
-    let module = rust_module(&bytes, path, &EmbedOptions { context: 256, ..EmbedOptions::default() })
-        .map_err(|e| format!("{}: {e}", artifact.display()))?;
+    let module = rust_module(
+        &bytes,
+        path,
+        &EmbedOptions {
+            context: 256,
+            ..EmbedOptions::default()
+        },
+    )
+    .map_err(|e| format!("{}: {e}", artifact.display()))?;
     let plan = &module.plan;
     let mb = |b: usize| b as f64 / 1e6;
     info!(
@@ -64,7 +71,10 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("{}: tokenizer: {e}", artifact.display()))?;
     let facts = &parsed.meta.facts;
     let bos = facts.bos_id.filter(|_| facts.add_bos);
-    let ids: Vec<u32> = bos.into_iter().chain(tokenizer.encode(PROMPT, false)).collect();
+    let ids: Vec<u32> = bos
+        .into_iter()
+        .chain(tokenizer.encode(PROMPT, false))
+        .collect();
     let prompt = format!(
         "/// {PROMPT:?}, tokenized at build time.\npub const PROMPT_IDS: &[u32] = &{ids:?};\n/// Tokens generated after it.\npub const GENERATE: usize = {GENERATE};\n"
     );

@@ -18,7 +18,9 @@ fn main() -> anyhow::Result<()> {
     );
     let (mut target, mut ctx) = ("rpi5".to_owned(), 256);
     while let Some(flag) = args.next() {
-        let value = args.next().with_context(|| format!("{flag} needs a value"))?;
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--target" => target = value,
             "--ctx" => ctx = value.parse().with_context(|| format!("--ctx {value}"))?,
