@@ -143,6 +143,59 @@ fn chat_answers_every_turn() {
     );
 }
 
+/// `kiln chat --tools`: a named tool is called with arguments that fit its schema, the call is
+/// shown, its result (the next input line) goes back to the model, which then answers in text.
+#[test]
+fn chat_calls_a_tool_and_answers_with_its_result() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tools = dir.path().join("tools.json");
+    std::fs::write(
+        &tools,
+        r#"[{"type": "function", "function": {"name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                           "required": ["city"], "additionalProperties": false}}}]"#,
+    )
+    .expect("write tools");
+    let mut child = kiln()
+        .arg("chat")
+        .arg(common::smollm2_artifact(Format::Q4_1))
+        .arg("--tools")
+        .arg(&tools)
+        .args(["--tool-choice", "get_weather", "-n", "40", "--temp", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln chat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"What is the weather in Lyon?\n{\"temperature\": 11, \"sky\": \"rain\"}\n")
+        .expect("write turns");
+    let out = child.wait_with_output().expect("kiln chat");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let call = lines.first().expect("a call line");
+    let args = call
+        .strip_prefix("[call get_weather(")
+        .and_then(|a| a.strip_suffix(")]"))
+        .unwrap_or_else(|| panic!("{text:?}"));
+    let args: Value = serde_json::from_str(args).expect("JSON arguments");
+    assert!(
+        args["city"].as_str().is_some_and(|c| !c.is_empty()),
+        "{args}"
+    );
+    assert_eq!(lines.len(), 2, "a call, then an answer in text: {text:?}");
+    assert!(!lines[1].starts_with("[call"), "{text:?}");
+}
+
 #[test]
 fn a_prompt_longer_than_the_context_is_a_clear_error() {
     let out = run(kiln()

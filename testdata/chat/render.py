@@ -5,6 +5,7 @@ implementation we did not write.
 Reads one JSON object on stdin:
   {"template": str, "messages": [{"role", "content"}], "add_generation_prompt": bool,
    "bos_token": str, "eos_token": str, "now": unix seconds for strftime_now (UTC)}
+As transformers does, `tools` and `documents` are passed (as None).
 Writes one JSON object on stdout: {"ok": rendered} or {"raised": message}.
 """
 
@@ -45,6 +46,8 @@ def main():
         out = {
             "ok": template.render(
                 messages=req["messages"],
+                tools=None,
+                documents=None,
                 add_generation_prompt=req["add_generation_prompt"],
                 bos_token=req["bos_token"],
                 eos_token=req["eos_token"],

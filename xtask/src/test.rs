@@ -11,11 +11,21 @@ use kiln_compiler::pipeline::pypi::python_from_env;
 
 /// The peers kiln is checked against, pinned; installed with pip when missing.
 const PYTHON_PEERS: &[(&str, &str)] = &[
-    ("numpy", "numpy==2.4.6"),
-    ("onnxruntime", "onnxruntime==1.32.0"),
-    ("tiktoken", "tiktoken==0.14.0"),
-    ("tokenizers", "tokenizers==0.23.3"),
-    ("jinja2", "jinja2==3.1.6"),
+    ("import numpy", "numpy==2.4.6"),
+    ("import onnxruntime", "onnxruntime==1.32.0"),
+    ("import tiktoken", "tiktoken==0.14.0"),
+    ("import tokenizers", "tokenizers==0.23.3"),
+    ("import jinja2", "jinja2==3.1.6"),
+    // The renderer behind `apply_chat_template` (tool conversations; no torch needed).
+    (
+        "from transformers.utils.chat_template_utils import render_jinja_template",
+        "transformers==5.25.0",
+    ),
+    // The validator of structured output, with the checkers of `date-time`, `uri`, … .
+    (
+        "import jsonschema, rfc3339_validator, rfc3986_validator, fqdn, isoduration",
+        "jsonschema[format-nongpl]==4.26.0",
+    ),
 ];
 
 /// Every optional part of the workspace the tests cover (ONNX input through tract).
@@ -57,12 +67,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs (user-wide, pinned) each peer that does not import yet; Meta's reference code
+/// Installs (user-wide, pinned) each peer whose probe fails; Meta's reference code
 /// (llama-models) is installed without its dependencies, since tests only read its source.
 fn install_peers(python: &OsString) -> anyhow::Result<()> {
     let missing: Vec<&str> = PYTHON_PEERS
         .iter()
-        .filter(|(module, _)| python_output(python, &format!("import {module}")).is_err())
+        .filter(|(probe, _)| python_output(python, probe).is_err())
         .map(|(_, spec)| *spec)
         .collect();
     if !missing.is_empty() {

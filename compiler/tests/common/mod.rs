@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod forced;
+pub mod serve;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -11,11 +11,14 @@
 use std::time::Instant;
 
 use anyhow::ensure;
+use kiln_engine::constrain::{Constraint, Guide};
 use kiln_engine::decoder::Decoder;
+use kiln_engine::generate::Model;
 use kiln_engine::stats::Stats;
 use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::sampler::{Sampler, SamplerConfig};
 
-use crate::common::ModelArgs;
+use crate::common::{ConstraintArgs, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -39,6 +42,11 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Decode under a constraint (`--json-schema`, `--grammar`): each token is the most likely
+    /// one the constraint allows, a finished output starts a new one, and the time spent on
+    /// masks is reported beside the decode speed.
+    #[command(flatten)]
+    constraint: ConstraintArgs,
 }
 
 /// One repetition's figures.
@@ -47,13 +55,20 @@ struct Rep {
     decode_tokens_per_s: f64,
     ttft_ms: f64,
     peak_rss_mb: f64,
+    /// Mask computation per decoded token, under a constraint.
+    mask_us_per_token: f64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     ensure!(args.n_prompt >= 1, "-p must be at least 1 token");
     ensure!(args.n_gen >= 1, "-n must be at least 1 token");
     ensure!(args.reps >= 1, "--reps must be at least 1");
+    let constraint = args.constraint.constraint()?;
     let model = args.model.load()?;
+    if let Some(c) = &constraint {
+        // Compile once before timing: a constraint that does not compile is an error now.
+        model.guide(c)?;
+    }
     let vocab = model.facts().vocab_size as u32;
     // Fixed pseudo-random tokens, as llama-bench uses random tokens.
     let tokens = |n: usize, salt: u32| -> Vec<u32> {
@@ -82,13 +97,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut reps = Vec::with_capacity(args.reps);
     for _ in 0..args.reps {
-        reps.push(rep(session.as_mut(), &args, &prompt)?);
+        reps.push(rep(
+            &model,
+            session.as_mut(),
+            &args,
+            &prompt,
+            constraint.as_ref(),
+        )?);
     }
     let stat = |f: fn(&Rep) -> f64| Stats::of(reps.iter().map(f).collect());
     let pp = stat(|r| r.prompt_tokens_per_s);
     let tg = stat(|r| r.decode_tokens_per_s);
     let ttft = stat(|r| r.ttft_ms);
     let rss = stat(|r| r.peak_rss_mb);
+    let mask = stat(|r| r.mask_us_per_token);
+    // The mask's share of a decode step.
+    let mask_share = mask.median * 1e-6 * tg.median;
     if args.json {
         println!(
             "{}",
@@ -109,6 +133,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "depth": args.depth,
                 "reps": args.reps,
                 "backend": session.backend_name(),
+                "constrained": constraint.is_some(),
+                "mask_us_per_token": constraint.as_ref().map(|_| mask.median),
+                "mask_share_of_decode": constraint.as_ref().map(|_| mask_share),
             })
         );
     } else {
@@ -134,21 +161,55 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tg.describe("tokens/s"),
             args.n_gen
         );
+        if constraint.is_some() {
+            println!(
+                "constraint masks: {} per decoded token, {:.1} % of a decode step",
+                mask.describe("µs"),
+                mask_share * 100.0
+            );
+        }
         println!("peak RSS: {}", rss.describe("MB"));
     }
     Ok(())
 }
 
 /// One timed repetition over a cache holding `args.depth` tokens (and maybe more, cut off).
-fn rep(session: &mut dyn Decoder, args: &Args, prompt: &[u32]) -> anyhow::Result<Rep> {
+fn rep(
+    model: &Model,
+    session: &mut dyn Decoder,
+    args: &Args,
+    prompt: &[u32],
+    constraint: Option<&Constraint>,
+) -> anyhow::Result<Rep> {
     session.rewind(args.depth);
     let t0 = Instant::now();
     let mut next = argmax(session.forward(prompt)?);
     let prompt_s = t0.elapsed().as_secs_f64();
     session.rewind(args.depth);
+    let mut guided = constraint
+        .map(|c| -> anyhow::Result<(Guide, Sampler)> {
+            let greedy = Sampler::new(SamplerConfig::greedy(), model.facts().vocab_size);
+            Ok((model.guide(c)?, greedy))
+        })
+        .transpose()?;
+    let mut mask_s = 0.0;
     let t1 = Instant::now();
     for _ in 0..args.n_gen {
-        next = argmax(session.forward(&[next])?);
+        let logits = session.forward(&[next])?;
+        next = match guided.as_mut() {
+            None => argmax(logits),
+            Some((guide, greedy)) => {
+                let t = Instant::now();
+                guide.compute()?;
+                let id = greedy.sample_where(logits, |id| guide.allows(id));
+                guide.accept(id)?;
+                if guide.is_done() {
+                    *guide = model.guide(constraint.expect("guided"))?;
+                }
+                mask_s += t.elapsed().as_secs_f64();
+                id
+            }
+        };
     }
     let decode_s = t1.elapsed().as_secs_f64();
     Ok(Rep {
@@ -156,6 +217,7 @@ fn rep(session: &mut dyn Decoder, args: &Args, prompt: &[u32]) -> anyhow::Result
         decode_tokens_per_s: args.n_gen as f64 / decode_s,
         ttft_ms: prompt_s * 1e3,
         peak_rss_mb: peak_rss_mb(),
+        mask_us_per_token: mask_s * 1e6 / args.n_gen as f64,
     })
 }
 

@@ -1,12 +1,19 @@
 //! `kiln chat`: a multi-turn conversation formatted by the model's own chat template; the KV
-//! cache keeps every earlier turn, so each turn only runs its new tokens.
+//! cache keeps every earlier turn, so each turn only runs its new tokens. With `--tools`, the
+//! model may call them: each call is shown, its result is read from the user (the next input
+//! line) and goes back to the model, which then answers.
 
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 
-use kiln_engine::chat::ChatMessage;
+use anyhow::Context;
+use kiln_engine::chat::{ChatMessage, ToolCall};
 use kiln_engine::conversation::Conversation;
 use kiln_engine::generate::{GenerateError, GenerateOptions};
+use kiln_engine::openai::{prepare, Expect, ToolChoice};
+use kiln_engine::tools::{parse_reply, Reply};
 use kiln_runtime::sampler::Sampler;
+use serde_json::Value;
 
 use crate::common::{ModelArgs, SamplingArgs};
 
@@ -20,13 +27,49 @@ pub struct Args {
     /// Tokens to generate at most per reply.
     #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
     n_predict: usize,
+    /// Tools the model may call: a JSON file with OpenAI-style tool definitions
+    /// (`[{"type": "function", "function": {"name", "description", "parameters"}}]`).
+    #[arg(long, value_name = "FILE")]
+    tools: Option<PathBuf>,
+    /// With --tools: `auto` (the model decides), `required` (every reply is a call) or a
+    /// tool's name (every reply calls it).
+    #[arg(long, default_value = "auto", requires = "tools")]
+    tool_choice: String,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
 
+/// Replies in a row that may call tools before one must answer in text.
+const MAX_CALL_ROUNDS: usize = 4;
+
+/// The tools of `--tools FILE`.
+fn read_tools(path: &PathBuf) -> anyhow::Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--tools: reading {}", path.display()))?;
+    match serde_json::from_str(&text)
+        .with_context(|| format!("--tools {}: not JSON", path.display()))?
+    {
+        Value::Array(tools) => Ok(tools),
+        _ => anyhow::bail!("--tools {}: expected a JSON array of tools", path.display()),
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let tools = args
+        .tools
+        .as_ref()
+        .map(read_tools)
+        .transpose()?
+        .unwrap_or_default();
+    let choice = match args.tool_choice.as_str() {
+        "auto" => ToolChoice::Auto,
+        "required" => ToolChoice::Required,
+        "none" => ToolChoice::None,
+        name => ToolChoice::Named(name.to_owned()),
+    };
     let model = args.model.load()?;
     let template = model.chat_template()?;
+    let source = model.facts().chat_template.clone().unwrap_or_default();
     let mut conversation = Conversation::new(&model, model.decoder(args.model.session_options())?);
     let mut sampler = Sampler::new(args.sampling.config(), model.facts().vocab_size);
     let opts = GenerateOptions {
@@ -68,25 +111,81 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             _ => {}
         }
         messages.push(ChatMessage::new("user", line));
-        let text = template.render(&messages, true)?;
-        let ids = model.encode_chat(&text);
-        let reply = conversation.generate(&ids, &mut sampler, &opts, |piece| {
-            let _ = stdout
-                .write_all(piece.as_bytes())
-                .and_then(|()| stdout.flush());
-        });
-        match reply {
-            Ok(reply) => {
-                writeln!(stdout)?;
-                messages.push(ChatMessage::new("assistant", reply.text));
+        // A reply that calls tools gets their results back, then replies again: as it chooses
+        // (a required or named call is the first reply's), and in text after a few rounds.
+        for round in 0.. {
+            let choice = match round {
+                0 => choice.clone(),
+                r if r < MAX_CALL_ROUNDS => ToolChoice::Auto,
+                _ => ToolChoice::None,
+            };
+            let prepared = prepare(
+                &template,
+                &source,
+                messages.clone(),
+                &tools,
+                &choice,
+                None,
+                Vec::new(),
+            )?;
+            let mut guide = prepared.constraint.map(|c| model.guide(&c)).transpose()?;
+            let ids = model.encode_chat(&prepared.prompt);
+            let quiet = prepared.expect != Expect::Text;
+            let mut shown = String::new();
+            let reply =
+                conversation.generate_guided(&ids, &mut sampler, &opts, guide.as_mut(), |piece| {
+                    // A reply that may be a call is shown once it is known not to be one.
+                    shown.push_str(piece);
+                    if !quiet || !kiln_engine::tools::may_become_call(&shown) {
+                        let _ = stdout
+                            .write_all(std::mem::take(&mut shown).as_bytes())
+                            .and_then(|()| stdout.flush());
+                    }
+                });
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(GenerateError::Session(
+                    e @ kiln_runtime::exec::SessionError::ContextFull { .. },
+                )) => {
+                    eprintln!("error: {e}; this turn was dropped — /clear to start over");
+                    messages.pop();
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let calls = match (quiet, parse_reply(&reply.text)) {
+                (true, Reply::Calls(calls)) => calls,
+                _ => {
+                    stdout.write_all(shown.as_bytes())?;
+                    writeln!(stdout)?;
+                    messages.push(ChatMessage::new("assistant", reply.text));
+                    break;
+                }
+            };
+            let mut turn = ChatMessage::new("assistant", "");
+            for (i, call) in calls.iter().enumerate() {
+                let arguments = Value::Object(call.arguments.clone());
+                writeln!(stdout, "[call {}({arguments})]", call.name)?;
+                turn.tool_calls.push(ToolCall::function(
+                    Some(format!("call_{i}")),
+                    call.name.clone(),
+                    arguments,
+                ));
             }
-            Err(GenerateError::Session(
-                e @ kiln_runtime::exec::SessionError::ContextFull { .. },
-            )) => {
-                eprintln!("error: {e}; this turn was dropped — /clear to start over");
-                messages.pop();
+            messages.push(turn);
+            for (i, call) in calls.iter().enumerate() {
+                if interactive {
+                    eprint!("{} result> ", call.name);
+                }
+                let Some(result) = lines.next().transpose()? else {
+                    // No result will come: the input has ended.
+                    return Ok(());
+                };
+                messages.push(ChatMessage {
+                    tool_call_id: Some(format!("call_{i}")),
+                    ..ChatMessage::new("tool", result.trim())
+                });
             }
-            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use kiln_engine::constrain::Constraint;
 use kiln_engine::generate::Model;
 use kiln_engine::onnxrt::{Ep, OrtModel, OrtOptions};
 use kiln_runtime::artifact::Residency;
@@ -193,5 +194,45 @@ impl SamplingArgs {
             repeat_last_n: self.repeat_last_n,
             seed: self.seed,
         }
+    }
+}
+
+/// Constrained output: what every generated token must keep possible.
+#[derive(Args, Clone, Default)]
+pub struct ConstraintArgs {
+    /// A JSON Schema the output must validate against: inline (`'{"type": "object", …}'`) or a
+    /// file. The output is compact JSON.
+    #[arg(
+        short = 'j',
+        long,
+        value_name = "SCHEMA|FILE",
+        conflicts_with = "grammar"
+    )]
+    pub json_schema: Option<String>,
+    /// A grammar the output must match, in llguidance's Lark dialect (a `.lark` file).
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
+}
+
+impl ConstraintArgs {
+    /// The constraint the flags name, if any.
+    pub fn constraint(&self) -> anyhow::Result<Option<Constraint>> {
+        if let Some(schema) = &self.json_schema {
+            let text = if schema.trim_start().starts_with('{') {
+                schema.clone()
+            } else {
+                std::fs::read_to_string(schema)
+                    .with_context(|| format!("--json-schema: reading {schema}"))?
+            };
+            let value = serde_json::from_str(&text)
+                .with_context(|| format!("--json-schema {schema}: not JSON"))?;
+            return Ok(Some(Constraint::JsonSchema(value)));
+        }
+        if let Some(path) = &self.grammar {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--grammar: reading {}", path.display()))?;
+            return Ok(Some(Constraint::Lark(text)));
+        }
+        Ok(None)
     }
 }

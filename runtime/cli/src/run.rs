@@ -4,10 +4,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use kiln_engine::generate::{generate, GenerateOptions};
+use kiln_engine::generate::{generate_guided, GenerateOptions};
 use kiln_runtime::sampler::Sampler;
 
-use crate::common::{ModelArgs, SamplingArgs};
+use crate::common::{ConstraintArgs, ModelArgs, SamplingArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +30,8 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    constraint: ConstraintArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -40,7 +42,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give a prompt with -p TEXT or -f FILE"),
     };
+    let constraint = args.constraint.constraint()?;
     let model = args.model.load()?;
+    let mut guide = constraint.map(|c| model.guide(&c)).transpose()?;
     let prompt_ids = model.encode_prompt(&prompt, !args.no_special);
     let mut session = model.decoder(args.model.session_options())?;
     let mut sampler = Sampler::new(args.sampling.config(), model.facts().vocab_size);
@@ -50,12 +54,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let json = args.json;
-    let out = generate(
+    let out = generate_guided(
         &model,
         session.as_mut(),
         &mut sampler,
         &prompt_ids,
         &opts,
+        guide.as_mut(),
         |piece| {
             if !json {
                 // A closed pipe (e.g. `| head`) is not an error worth stopping generation for here.

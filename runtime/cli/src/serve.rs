@@ -14,9 +14,12 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use kiln_engine::chat::{ChatMessage, ChatTemplate};
+use kiln_engine::chat::ChatTemplate;
+use kiln_engine::constrain::Guide;
 use kiln_engine::conversation::Conversation;
 use kiln_engine::generate::{GenerateOptions, Generated, Model, StopReason};
+use kiln_engine::openai::{prepare_chat, tool_calls_json, ChatRequest, Expect};
+use kiln_engine::tools::{may_become_call, parse_reply, Reply};
 use kiln_runtime::sampler::Sampler;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -36,7 +39,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 #[command(
     after_help = "Endpoints: GET /health; GET /v1/models; POST /v1/completions with \
 {\"prompt\", \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"seed\", \"stop\", \"stream\"}; \
-POST /v1/chat/completions with {\"messages\": [{\"role\", \"content\"}], ...the same fields}. \
+POST /v1/chat/completions with {\"messages\": [{\"role\", \"content\"}], ...the same fields, \
+\"tools\", \"tool_choice\" (auto, none, required or a function), \"response_format\" (json_object, \
+json_schema)}: tool calls come back as OpenAI's \"tool_calls\" (finish_reason \"tool_calls\"), \
+role \"tool\" messages with \"tool_call_id\" give their results back; a required or named call and \
+a json_schema reply are constrained to their schema. \
 \"stream\": true answers with Server-Sent Events (`data: {...}` lines, then `data: [DONE]`). \
 The sampling flags below are the defaults of fields a request leaves out.\n\nExample:\n  \
 kiln serve model.kiln --port 8080 &\n  curl -s localhost:8080/v1/completions -d \
@@ -74,18 +81,11 @@ enum Prompt {
     Ids(Vec<u32>),
 }
 
-/// One chat turn of a request.
-#[derive(Deserialize)]
-struct Message {
-    role: String,
-    content: String,
-}
-
 /// The fields of a request body both endpoints understand.
 #[derive(Deserialize)]
 struct Request {
     prompt: Option<Prompt>,
-    messages: Option<Vec<Message>>,
+    messages: Option<Vec<serde_json::Value>>,
     max_tokens: Option<usize>,
     temperature: Option<f32>,
     top_p: Option<f32>,
@@ -287,6 +287,10 @@ struct Job {
     opts: GenerateOptions,
     stream: bool,
     chat: bool,
+    /// What the reply must match (`response_format`, a required tool call).
+    guide: Option<Guide>,
+    /// Whether the reply may be, or must be, tool calls.
+    expect: Expect,
 }
 
 /// `"stop"` or `"length"`, as OpenAI's `finish_reason`.
@@ -353,24 +357,23 @@ impl Server<'_> {
         let request: Request = serde_json::from_slice(body)
             .map_err(|e| bad_request(format!("the body is not a valid request: {e}")))?;
         let model = self.model;
+        let mut constraint = None;
+        let mut expect = Expect::Text;
         let ids = if chat {
-            let messages = request
-                .messages
-                .ok_or_else(|| bad_request("missing field `messages`"))?;
-            if messages.is_empty() {
-                return Err(bad_request("`messages` is empty"));
+            if request.messages.is_none() {
+                return Err(bad_request("missing field `messages`"));
             }
+            let chat: ChatRequest = serde_json::from_slice(body)
+                .map_err(|e| bad_request(format!("the body is not a valid chat request: {e}")))?;
             let template = self.template.as_ref().ok_or_else(|| {
                 bad_request("the model has no chat template; use /v1/completions")
             })?;
-            let messages: Vec<ChatMessage> = messages
-                .into_iter()
-                .map(|m| ChatMessage::new(m.role, m.content))
-                .collect();
-            let text = template
-                .render(&messages, true)
-                .map_err(|e| bad_request(format!("rendering the chat template: {e}")))?;
-            model.encode_chat(&text)
+            let source = model.facts().chat_template.as_deref().unwrap_or_default();
+            let prepared = prepare_chat(template, source, &chat, Vec::new())
+                .map_err(|e| bad_request(e.to_string()))?;
+            constraint = prepared.constraint;
+            expect = prepared.expect;
+            model.encode_chat(&prepared.prompt)
         } else {
             match request
                 .prompt
@@ -439,6 +442,11 @@ impl Server<'_> {
             },
             stream: request.stream,
             chat,
+            guide: constraint
+                .map(|c| model.guide(&c))
+                .transpose()
+                .map_err(|e| bad_request(e.to_string()))?,
+            expect,
         })
     }
 
@@ -505,13 +513,30 @@ impl Server<'_> {
                 }
             }
         };
-        let result = self
-            .conversation
-            .generate(ids, &mut job.sampler, &job.opts, |piece| {
-                if job.stream && !piece.is_empty() {
-                    send(stream, &chunk(piece, None));
+        // Text that may yet be a tool call is held back until it cannot be.
+        let mut held = String::new();
+        let mut holding = job.expect != Expect::Text;
+        let result = self.conversation.generate_guided(
+            ids,
+            &mut job.sampler,
+            &job.opts,
+            job.guide.as_mut(),
+            |piece| {
+                if !job.stream || piece.is_empty() {
+                    return;
                 }
-            });
+                if holding {
+                    held.push_str(piece);
+                    if job.expect == Expect::Calls || may_become_call(&held) {
+                        return;
+                    }
+                    holding = false;
+                    send(stream, &chunk(&std::mem::take(&mut held), None));
+                    return;
+                }
+                send(stream, &chunk(piece, None));
+            },
+        );
         let out: Generated = match result {
             Ok(out) => out,
             Err(e) => {
@@ -525,7 +550,14 @@ impl Server<'_> {
             }
         };
 
-        let finish = finish_reason(out.stop);
+        let calls = match (job.expect, parse_reply(&out.text)) {
+            (Expect::Text, _) | (_, Reply::Text(_)) => None,
+            (_, Reply::Calls(calls)) => Some(tool_calls_json(&calls, self.served)),
+        };
+        let finish = match (&calls, out.stop) {
+            (Some(_), StopReason::EndOfGeneration) => "tool_calls",
+            _ => finish_reason(out.stop),
+        };
         let usage = json!({
             "prompt_tokens": ids.len(),
             "completion_tokens": out.ids.len(),
@@ -533,6 +565,27 @@ impl Server<'_> {
         });
         let kiln = json!({ "prompt_ids": ids, "ids": out.ids, "stop": out.stop, "cached_tokens": self.conversation.reused() });
         if job.stream {
+            match &calls {
+                Some(calls) => {
+                    let mut delta = chunk("", None);
+                    let indexed: Vec<Value> = calls
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let mut c = c.clone();
+                            c["index"] = json!(i);
+                            c
+                        })
+                        .collect();
+                    delta["choices"][0]["delta"] =
+                        json!({ "role": "assistant", "content": null, "tool_calls": indexed });
+                    send(stream, &delta);
+                }
+                None if !held.is_empty() => send(stream, &chunk(&held, None)),
+                None => {}
+            }
             let mut last = chunk("", Some(finish));
             last["usage"] = usage;
             last["kiln"] = kiln;
@@ -541,11 +594,11 @@ impl Server<'_> {
             return gone.map_or(Ok(()), Err);
         }
         let choice = if job.chat {
-            json!({
-                "index": 0,
-                "message": { "role": "assistant", "content": out.text },
-                "finish_reason": finish,
-            })
+            let message = match calls {
+                Some(calls) => json!({ "role": "assistant", "content": null, "tool_calls": calls }),
+                None => json!({ "role": "assistant", "content": out.text }),
+            };
+            json!({ "index": 0, "message": message, "finish_reason": finish })
         } else {
             json!({ "index": 0, "text": out.text, "finish_reason": finish, "logprobs": null })
         };

@@ -168,6 +168,13 @@ impl Sampler {
     /// Chooses the next token id. Entries beyond `vocab_size` are ignored, NaN counts as
     /// `-inf`, and an empty row yields 0. Performs no heap allocation.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.sample_where(logits, |_| true)
+    }
+
+    /// [`Sampler::sample`] among the ids `allowed` accepts (a grammar's mask, which always
+    /// accepts one at least): the others count as `-inf`, before the repeat penalty and every
+    /// filter.
+    pub fn sample_where(&mut self, logits: &[f32], allowed: impl Fn(u32) -> bool) -> u32 {
         self.candidates.clear();
         self.candidates
             .extend(
@@ -177,7 +184,7 @@ impl Sampler {
                     .enumerate()
                     .map(|(id, &logit)| Candidate {
                         id: id as u32,
-                        logit: if logit.is_nan() {
+                        logit: if logit.is_nan() || !allowed(id as u32) {
                             f32::NEG_INFINITY
                         } else {
                             logit

@@ -7,24 +7,32 @@
 //! `break`/`continue` and Python string/dict methods (`.strip()`, `.startswith()`, `.items()`, …)
 //! are available.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{
-    context, escape_formatter, AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior, Value,
+    escape_formatter, AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior, Value,
 };
 use serde::Serialize;
 
 const TEMPLATE_NAME: &str = "chat_template";
 
-/// One turn of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One turn of a conversation, with the fields OpenAI's chat API and transformers' templates
+/// use for tools: an assistant turn's `tool_calls`, a `tool` turn's `tool_call_id`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant`, … as the template expects.
+    /// `system`, `user`, `assistant`, `tool`, `ipython`, … as the template expects.
     pub role: String,
     /// The turn's text, passed to the template as is.
     pub content: String,
+    /// The calls an assistant turn made (absent from the template's view when empty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Which call a `tool` turn answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -33,8 +41,60 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
+}
+
+/// A function call in an assistant turn, as transformers' templates read it
+/// (`tool_call.function.name`, `tool_call.function.arguments` as a mapping).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCall {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+/// The function a [`ToolCall`] names and its arguments.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// A JSON object (OpenAI sends it as a string of JSON; it is parsed before rendering).
+    pub arguments: serde_json::Value,
+}
+
+impl ToolCall {
+    /// A call of function `name` with `arguments`.
+    pub fn function(
+        id: Option<String>,
+        name: impl Into<String>,
+        arguments: serde_json::Value,
+    ) -> Self {
+        ToolCall {
+            id,
+            kind: "function".to_owned(),
+            function: FunctionCall {
+                name: name.into(),
+                arguments,
+            },
+        }
+    }
+}
+
+/// What a template sees beside the messages: transformers passes `tools` (JSON schemas, or
+/// none) and `documents` (none here) to every template, and keyword arguments such as
+/// Llama 3's `date_string`, `builtin_tools` or `tools_in_user_message`.
+#[derive(Debug, Default, Clone)]
+pub struct RenderOptions<'a> {
+    /// End where the assistant's reply starts.
+    pub add_generation_prompt: bool,
+    /// The tools offered, as `{"type": "function", "function": {...}}` JSON schemas.
+    pub tools: Option<&'a [serde_json::Value]>,
+    /// More template variables.
+    pub extra: Vec<(&'a str, serde_json::Value)>,
 }
 
 /// Why a template could not be compiled or rendered.
@@ -111,14 +171,37 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
-        let render = || {
-            self.env.get_template(TEMPLATE_NAME)?.render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-            })
-        };
+        self.render_with(
+            messages,
+            &RenderOptions {
+                add_generation_prompt,
+                ..RenderOptions::default()
+            },
+        )
+    }
+
+    /// Renders `messages` with tools and more variables, as transformers'
+    /// `apply_chat_template(messages, tools=…, **kwargs)` does.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        opts: &RenderOptions<'_>,
+    ) -> Result<String, ChatError> {
+        let mut vars: BTreeMap<&str, Value> = opts
+            .extra
+            .iter()
+            .map(|(k, v)| (*k, Value::from_serialize(v)))
+            .collect();
+        vars.insert("messages", Value::from_serialize(messages));
+        vars.insert("tools", Value::from_serialize(opts.tools));
+        vars.insert("documents", Value::from(()));
+        vars.insert(
+            "add_generation_prompt",
+            Value::from(opts.add_generation_prompt),
+        );
+        vars.insert("bos_token", Value::from(self.bos_token.as_str()));
+        vars.insert("eos_token", Value::from(self.eos_token.as_str()));
+        let render = || self.env.get_template(TEMPLATE_NAME)?.render(&vars);
         render().map_err(|e| match raised_message(&e) {
             Some(msg) => ChatError::Raised(msg.to_owned()),
             None => ChatError::Render {

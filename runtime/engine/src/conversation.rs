@@ -4,8 +4,9 @@
 
 use kiln_runtime::sampler::Sampler;
 
+use crate::constrain::Guide;
 use crate::decoder::Decoder;
-use crate::generate::{generate, GenerateError, GenerateOptions, Generated, Model};
+use crate::generate::{generate_guided, GenerateError, GenerateOptions, Generated, Model};
 
 /// A session and the token ids in its KV cache, in order.
 pub struct Conversation<'m> {
@@ -39,6 +40,18 @@ impl<'m> Conversation<'m> {
         opts: &GenerateOptions,
         on_text: impl FnMut(&str),
     ) -> Result<Generated, GenerateError> {
+        self.generate_guided(prompt, sampler, opts, None, on_text)
+    }
+
+    /// [`Conversation::generate`], each token chosen among those `guide` allows.
+    pub fn generate_guided(
+        &mut self,
+        prompt: &[u32],
+        sampler: &mut Sampler,
+        opts: &GenerateOptions,
+        guide: Option<&mut Guide>,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generated, GenerateError> {
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
@@ -47,12 +60,13 @@ impl<'m> Conversation<'m> {
         for &id in &prompt[..keep] {
             sampler.accept(id);
         }
-        let result = generate(
+        let result = generate_guided(
             self.model,
             self.decoder.as_mut(),
             sampler,
             &prompt[keep..],
             opts,
+            guide,
             on_text,
         );
         match &result {

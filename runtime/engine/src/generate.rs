@@ -2,8 +2,10 @@
 //! streaming text, stop ids and stop strings.
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use crate::chat::{ChatError, ChatTemplate};
+use crate::constrain::{ConstrainError, Constraint, Grammars, Guide};
 use crate::decoder::Decoder;
 use crate::tokenizer::{StreamDecoder, Tokenizer, TokenizerData, TokenizerError};
 use kiln_runtime::artifact::{Artifact, ArtifactError, Residency};
@@ -33,6 +35,8 @@ pub enum GenerateError {
     Ort(#[from] crate::onnxrt::OrtError),
     #[error("this needs kiln's own backend and a .kiln artifact, not an ONNX model")]
     NotNative,
+    #[error(transparent)]
+    Constrain(#[from] ConstrainError),
 }
 
 /// What executes the model.
@@ -46,7 +50,9 @@ enum Backend {
 pub struct Model {
     backend: Backend,
     facts: ModelFacts,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
+    /// llguidance's view of the vocabulary, built the first time output is constrained.
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 impl Model {
@@ -67,7 +73,8 @@ impl Model {
         Ok(Model {
             facts: artifact.meta().facts.clone(),
             backend: Backend::Native(artifact),
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
+            grammars: OnceLock::new(),
         })
     }
 
@@ -80,7 +87,8 @@ impl Model {
         Ok(Model {
             facts: model.facts().clone(),
             backend: Backend::Ort(model),
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
+            grammars: OnceLock::new(),
         })
     }
 
@@ -90,6 +98,23 @@ impl Model {
 
     pub fn facts(&self) -> &ModelFacts {
         &self.facts
+    }
+
+    /// A guide that holds a generation to `constraint` (the vocabulary's part is prepared on
+    /// first use and kept).
+    pub fn guide(&self, constraint: &Constraint) -> Result<Guide, GenerateError> {
+        let grammars = self.grammars.get_or_init(|| {
+            Grammars::new(
+                self.tokenizer.clone(),
+                self.facts.vocab_size,
+                &self.facts.eog_ids,
+            )
+            .map_err(|e| e.to_string())
+        });
+        match grammars {
+            Ok(g) => Ok(g.guide(constraint)?),
+            Err(e) => Err(ConstrainError::Vocabulary(e.clone()).into()),
+        }
     }
 
     /// A fresh session of kiln's own executor (KV cache and buffers allocated now).
@@ -191,6 +216,20 @@ pub fn generate(
     sampler: &mut Sampler,
     prompt: &[u32],
     opts: &GenerateOptions,
+    on_text: impl FnMut(&str),
+) -> Result<Generated, GenerateError> {
+    generate_guided(model, session, sampler, prompt, opts, None, on_text)
+}
+
+/// [`generate`], with each token chosen among those `guide` allows (when given); the output
+/// ends as soon as the constraint is complete.
+pub fn generate_guided(
+    model: &Model,
+    session: &mut dyn Decoder,
+    sampler: &mut Sampler,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut guide: Option<&mut Guide>,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generated, GenerateError> {
     if prompt.is_empty() {
@@ -202,16 +241,26 @@ pub fn generate(
     let eog = &model.facts().eog_ids;
     let mut stops = StopMatcher::new(&opts.stop);
     let mut decoder = StreamDecoder::new();
-    let mut ids = Vec::with_capacity(opts.max_tokens);
+    // Never more than the context can hold, whatever the budget says.
+    let mut ids = Vec::with_capacity(opts.max_tokens.min(session.context()));
     let mut text = String::new();
     let mut logits = session.forward(prompt)?;
     let stop = loop {
         if ids.len() >= opts.max_tokens {
             break StopReason::MaxTokens;
         }
-        let id = sampler.sample(logits);
+        let id = match guide.as_deref_mut() {
+            Some(guide) => {
+                guide.compute()?;
+                sampler.sample_where(logits, |id| guide.allows(id))
+            }
+            None => sampler.sample(logits),
+        };
         if eog.contains(&id) {
             break StopReason::EndOfGeneration;
+        }
+        if let Some(guide) = guide.as_deref_mut() {
+            guide.accept(id)?;
         }
         sampler.accept(id);
         ids.push(id);
@@ -221,6 +270,9 @@ pub fn generate(
             text.push_str(s);
         }) {
             break done;
+        }
+        if guide.as_deref().is_some_and(Guide::is_done) {
+            break StopReason::EndOfGeneration;
         }
         if session.position() >= session.context() {
             break StopReason::ContextFull;

@@ -3,13 +3,16 @@
 //! executor, both behind one [`decoder::Decoder`] interface.
 
 pub mod chat;
+pub mod constrain;
 pub mod conversation;
 pub mod decoder;
 pub mod generate;
 pub mod logits;
 #[cfg(feature = "ort")]
 pub mod onnxrt;
+pub mod openai;
 pub mod perplexity;
 pub mod report;
 pub mod stats;
 pub mod tokenizer;
+pub mod tools;
