@@ -47,6 +47,7 @@ fn f32_greedy_ids_match_llama_cpp() {
             &GenerateOptions {
                 max_tokens: 32,
                 stop: vec![],
+                cancel: None,
             },
             |_| {},
         )

@@ -173,6 +173,7 @@ fn smollm2_export_lowers_to_llama_cpp_greedy_ids() {
             &GenerateOptions {
                 max_tokens: n,
                 stop: vec![],
+                cancel: None,
             },
             |_| {},
         )

@@ -93,6 +93,7 @@ fn greedy(model: &Model, decoder: &mut dyn Decoder, prompt: &[u32], n: usize) ->
     let opts = GenerateOptions {
         max_tokens: n,
         stop: vec![],
+        cancel: None,
     };
     generate(model, decoder, &mut sampler, prompt, &opts, |_| {})
         .expect("generate")

@@ -23,10 +23,16 @@ impl Drop for Server {
 
 /// Starts `kiln serve` on a free port (`--port 0`) and reads the address it prints.
 pub fn start(model: &std::path::Path) -> Server {
+    start_with(model, &[])
+}
+
+/// [`start`] with more `kiln serve` arguments.
+pub fn start_with(model: &std::path::Path, args: &[&str]) -> Server {
     let mut child = Command::new(super::kiln_binary())
         .arg("serve")
         .arg(model)
         .args(["--host", "127.0.0.1", "--port", "0", "-t", "2"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -4,13 +4,13 @@
 //! line) and goes back to the model, which then answers.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kiln_engine::chat::{ChatMessage, ToolCall};
 use kiln_engine::conversation::Conversation;
 use kiln_engine::generate::{GenerateError, GenerateOptions};
-use kiln_engine::openai::{prepare, Expect, ToolChoice};
+use kiln_engine::openai::{prepare, shared_prefix, Expect, ToolChoice};
 use kiln_engine::tools::{parse_reply, Reply};
 use kiln_runtime::sampler::Sampler;
 use serde_json::Value;
@@ -35,8 +35,39 @@ pub struct Args {
     /// tool's name (every reply calls it).
     #[arg(long, default_value = "auto", requires = "tools")]
     tool_choice: String,
+    /// Keep the KV cache of the conversation's start (system prompt, tools) in FILE: loaded
+    /// instead of computed when FILE was saved for this model and start, else computed and
+    /// saved there (as llama.cpp's --prompt-cache).
+    #[arg(long, value_name = "FILE")]
+    prompt_cache: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
+}
+
+/// Loads the snapshot at `path` when it holds `prefix`, else computes `prefix` and saves it
+/// there; says which on stderr.
+fn resume(conversation: &mut Conversation<'_>, path: &Path, prefix: &[u32]) -> anyhow::Result<()> {
+    if path.exists() {
+        match conversation.load_snapshot(path) {
+            Ok(n) if conversation.cached() == prefix => {
+                eprintln!("kiln: prompt cache {}: {n} tokens loaded", path.display());
+                return Ok(());
+            }
+            Ok(_) => eprintln!(
+                "kiln: prompt cache {} holds another conversation start; saving this one",
+                path.display()
+            ),
+            Err(e) => eprintln!("kiln: prompt cache: {e}; saving it again"),
+        }
+    }
+    conversation.prefill(prefix)?;
+    conversation.save_snapshot(path)?;
+    eprintln!(
+        "kiln: prompt cache {}: {} tokens saved",
+        path.display(),
+        prefix.len()
+    );
+    Ok(())
 }
 
 /// Replies in a row that may call tools before one must answer in text.
@@ -75,6 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let opts = GenerateOptions {
         max_tokens: args.n_predict,
         stop: args.sampling.stop.clone(),
+        cancel: None,
     };
     let system: Vec<ChatMessage> = args
         .system
@@ -82,6 +114,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|s| ChatMessage::new("system", s.as_str()))
         .collect();
     let mut messages = system.clone();
+    if let Some(path) = &args.prompt_cache {
+        let prefix = shared_prefix(&template, &source, &system, &tools, &choice, |text| {
+            model.encode_chat(text)
+        })?;
+        resume(&mut conversation, path, &prefix)?;
+    }
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     if interactive {
         eprintln!(

@@ -51,6 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let opts = GenerateOptions {
         max_tokens: args.n_predict,
         stop: args.sampling.stop.clone(),
+        cancel: None,
     };
     let mut stdout = std::io::stdout().lock();
     let json = args.json;

@@ -11,6 +11,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -18,7 +19,7 @@ use kiln_engine::chat::ChatTemplate;
 use kiln_engine::constrain::Guide;
 use kiln_engine::conversation::Conversation;
 use kiln_engine::generate::{GenerateOptions, Generated, Model, StopReason};
-use kiln_engine::openai::{prepare_chat, tool_calls_json, ChatRequest, Expect};
+use kiln_engine::openai::{prepare_chat, request_prefix, tool_calls_json, ChatRequest, Expect};
 use kiln_engine::tools::{may_become_call, parse_reply, Reply};
 use kiln_runtime::sampler::Sampler;
 use serde::Deserialize;
@@ -61,6 +62,11 @@ pub struct Args {
     /// Tokens to generate at most when a request gives no `max_tokens`.
     #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
     n_predict: usize,
+    /// Keep the KV cache of each conversation start (system turns, tools) a chat request
+    /// brings in DIR, one snapshot per start: loaded instead of computed when a request opens
+    /// the same way after a restart or another conversation.
+    #[arg(long, value_name = "DIR")]
+    prompt_cache: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -291,12 +297,14 @@ struct Job {
     guide: Option<Guide>,
     /// Whether the reply may be, or must be, tool calls.
     expect: Expect,
+    /// The ids every conversation with this start shares (chat requests with --prompt-cache).
+    prefix: Option<Vec<u32>>,
 }
 
 /// `"stop"` or `"length"`, as OpenAI's `finish_reason`.
 fn finish_reason(stop: StopReason) -> &'static str {
     match stop {
-        StopReason::EndOfGeneration | StopReason::StopString => "stop",
+        StopReason::EndOfGeneration | StopReason::StopString | StopReason::Cancelled => "stop",
         StopReason::MaxTokens | StopReason::ContextFull => "length",
     }
 }
@@ -359,6 +367,7 @@ impl Server<'_> {
         let model = self.model;
         let mut constraint = None;
         let mut expect = Expect::Text;
+        let mut prefix = None;
         let ids = if chat {
             if request.messages.is_none() {
                 return Err(bad_request("missing field `messages`"));
@@ -373,6 +382,12 @@ impl Server<'_> {
                 .map_err(|e| bad_request(e.to_string()))?;
             constraint = prepared.constraint;
             expect = prepared.expect;
+            if self.defaults.prompt_cache.is_some() {
+                prefix = Some(
+                    request_prefix(template, source, &chat, |t| model.encode_chat(t))
+                        .map_err(|e| bad_request(e.to_string()))?,
+                );
+            }
             model.encode_chat(&prepared.prompt)
         } else {
             match request
@@ -439,6 +454,7 @@ impl Server<'_> {
             opts: GenerateOptions {
                 max_tokens: request.max_tokens.unwrap_or(self.defaults.n_predict),
                 stop,
+                cancel: None,
             },
             stream: request.stream,
             chat,
@@ -447,6 +463,7 @@ impl Server<'_> {
                 .transpose()
                 .map_err(|e| bad_request(e.to_string()))?,
             expect,
+            prefix,
         })
     }
 
@@ -513,6 +530,9 @@ impl Server<'_> {
                 }
             }
         };
+        if let (Some(dir), Some(prefix)) = (&self.defaults.prompt_cache, &job.prefix) {
+            self.resume(dir, prefix);
+        }
         // Text that may yet be a tool call is held back until it cannot be.
         let mut held = String::new();
         let mut holding = job.expect != Expect::Text;
@@ -612,6 +632,44 @@ impl Server<'_> {
             "kiln": kiln,
         });
         respond(stream, 200, &value)
+    }
+}
+
+impl Server<'_> {
+    /// Makes the cache start with `prefix`: already there, loaded from its snapshot in `dir`,
+    /// or computed and saved there. A snapshot that cannot be used or saved is reported on
+    /// stderr and the request goes on without it.
+    fn resume(&mut self, dir: &Path, prefix: &[u32]) {
+        if prefix.is_empty() || self.conversation.cached().starts_with(prefix) {
+            return;
+        }
+        let ids: Vec<u8> = prefix.iter().flat_map(|id| id.to_le_bytes()).collect();
+        let path = dir.join(format!(
+            "{:08x}-{}.kilnsnap",
+            crc32fast::hash(&ids),
+            prefix.len()
+        ));
+        if path.exists() {
+            match self.conversation.load_snapshot(&path) {
+                Ok(_) if self.conversation.cached() == prefix => return,
+                Ok(_) => eprintln!(
+                    "kiln serve: {} holds another start; saving it again",
+                    path.display()
+                ),
+                Err(e) => eprintln!("kiln serve: prompt cache: {e}"),
+            }
+        }
+        let saved = std::fs::create_dir_all(dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.conversation.prefill(prefix).map_err(|e| e.to_string()))
+            .and_then(|()| {
+                self.conversation
+                    .save_snapshot(&path)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = saved {
+            eprintln!("kiln serve: prompt cache {}: {e}", path.display());
+        }
     }
 }
 

@@ -4,15 +4,22 @@
 
 use kiln_runtime::sampler::Sampler;
 
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use crate::constrain::Guide;
 use crate::decoder::Decoder;
 use crate::generate::{generate_guided, GenerateError, GenerateOptions, Generated, Model};
+use crate::snapshot::{self, Binding, SnapshotError};
 
 /// A session and the token ids in its KV cache, in order.
 pub struct Conversation<'m> {
     model: &'m Model,
     decoder: Box<dyn Decoder + 'm>,
     cached: Vec<u32>,
+    /// Set by a [`StopHandle`] to end the reply being generated.
+    stop: Arc<AtomicBool>,
     /// Prompt tokens the last [`Conversation::generate`] found cached.
     reused: usize,
 }
@@ -25,6 +32,7 @@ impl<'m> Conversation<'m> {
             model,
             decoder,
             cached: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
             reused: 0,
         }
     }
@@ -55,6 +63,11 @@ impl<'m> Conversation<'m> {
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
+        self.stop.store(false, Ordering::Relaxed);
+        let opts = GenerateOptions {
+            cancel: Some(self.stop.clone()),
+            ..opts.clone()
+        };
         let keep = self.reuse(prompt);
         self.reused = keep;
         for &id in &prompt[..keep] {
@@ -65,7 +78,7 @@ impl<'m> Conversation<'m> {
             self.decoder.as_mut(),
             sampler,
             &prompt[keep..],
-            opts,
+            &opts,
             guide,
             on_text,
         );
@@ -96,10 +109,61 @@ impl<'m> Conversation<'m> {
         keep
     }
 
+    /// Saves the cached ids and their keys and values to `path` (see [`crate::snapshot`]).
+    pub fn save_snapshot(&mut self, path: &Path) -> Result<(), SnapshotError> {
+        let binding = self.binding()?;
+        let cache = self.decoder.kv_cache().ok_or(SnapshotError::NotNative)?;
+        snapshot::save(path, &binding, &cache, &self.cached)
+    }
+
+    /// Replaces what is cached with the snapshot at `path`, which must have been saved for
+    /// this model; returns how many tokens it holds. On an error nothing is cached.
+    pub fn load_snapshot(&mut self, path: &Path) -> Result<usize, SnapshotError> {
+        let binding = self.binding()?;
+        self.clear();
+        let cache = self.decoder.kv_cache().ok_or(SnapshotError::NotNative)?;
+        let tokens = snapshot::load(path, &binding, cache)?;
+        self.cached = tokens;
+        Ok(self.cached.len())
+    }
+
+    /// Runs `prefix` into the cache (what a snapshot will hold), reusing what is cached.
+    pub fn prefill(&mut self, prefix: &[u32]) -> Result<(), GenerateError> {
+        let keep = self
+            .cached
+            .iter()
+            .zip(prefix)
+            .take_while(|(a, b)| a == b)
+            .count();
+        self.decoder.rewind(keep);
+        self.cached.truncate(keep);
+        if keep < prefix.len() {
+            self.decoder.forward(&prefix[keep..])?;
+            self.cached.extend_from_slice(&prefix[keep..]);
+        }
+        Ok(())
+    }
+
+    fn binding(&self) -> Result<Binding<'m>, SnapshotError> {
+        Ok(Binding {
+            artifact: self
+                .model
+                .artifact_identity()
+                .ok_or(SnapshotError::NotNative)?,
+            facts: self.model.facts(),
+        })
+    }
+
     /// Forgets everything cached (a new conversation).
     pub fn clear(&mut self) {
         self.decoder.rewind(0);
         self.cached.clear();
+    }
+
+    /// A handle that ends the reply being generated before its next token, from any thread
+    /// (the reply ends with [`crate::generate::StopReason::Cancelled`]).
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.stop.clone())
     }
 
     /// How many tokens of the last prompt came from the cache instead of running.
@@ -120,5 +184,16 @@ impl<'m> Conversation<'m> {
     /// What executes the model, for reports.
     pub fn backend_name(&self) -> String {
         self.decoder.backend_name()
+    }
+}
+
+/// Ends a [`Conversation`]'s reply in progress; cloned and sent to any thread.
+#[derive(Clone, Debug)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    /// Asks the reply being generated to end before its next token.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }

@@ -2,6 +2,7 @@
 //! streaming text, stop ids and stop strings.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::chat::{ChatError, ChatTemplate};
@@ -117,6 +118,15 @@ impl Model {
         }
     }
 
+    /// What identifies the artifact's bytes (kiln's own backend; `None` for an ONNX model).
+    pub fn artifact_identity(&self) -> Option<u32> {
+        match &self.backend {
+            Backend::Native(artifact) => Some(artifact.identity()),
+            #[cfg(feature = "ort")]
+            Backend::Ort(_) => None,
+        }
+    }
+
     /// A fresh session of kiln's own executor (KV cache and buffers allocated now).
     pub fn session(&self, opts: SessionOptions) -> Result<Session<'_>, GenerateError> {
         match &self.backend {
@@ -190,6 +200,8 @@ pub enum StopReason {
     MaxTokens,
     /// The context is full.
     ContextFull,
+    /// Cancelled by the caller (`GenerateOptions::cancel`).
+    Cancelled,
 }
 
 /// The result of one generation.
@@ -206,6 +218,9 @@ pub struct GenerateOptions {
     pub max_tokens: usize,
     /// Texts that end generation; the text is cut before them.
     pub stop: Vec<String>,
+    /// Set from anywhere (another thread, a signal handler) to end the generation before its
+    /// next token ([`StopReason::Cancelled`]).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Runs `prompt` after what `session` already holds and generates until a stop condition,
@@ -248,6 +263,13 @@ pub fn generate_guided(
     let stop = loop {
         if ids.len() >= opts.max_tokens {
             break StopReason::MaxTokens;
+        }
+        if opts
+            .cancel
+            .as_deref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            break StopReason::Cancelled;
         }
         let id = match guide.as_deref_mut() {
             Some(guide) => {

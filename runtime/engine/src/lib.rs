@@ -13,6 +13,7 @@ pub mod onnxrt;
 pub mod openai;
 pub mod perplexity;
 pub mod report;
+pub mod snapshot;
 pub mod stats;
 pub mod tokenizer;
 pub mod tools;

@@ -290,6 +290,61 @@ pub fn prepare(
     })
 }
 
+/// The token ids every conversation that opens with `head` (its system turns) shares,
+/// whatever its first user turn says: the system prompt and the tools, as the template lays
+/// them out (in the system turn or, as Llama 3.1's does, before the user's text). Found as the
+/// common start of two renderings that differ in the user's text only; what a prompt snapshot
+/// holds.
+pub fn shared_prefix(
+    template: &ChatTemplate,
+    template_source: &str,
+    head: &[ChatMessage],
+    tools: &[Value],
+    choice: &ToolChoice,
+    encode: impl Fn(&str) -> Vec<u32>,
+) -> Result<Vec<u32>, RequestError> {
+    let render = |user: &str| -> Result<Vec<u32>, RequestError> {
+        let mut messages = head.to_vec();
+        messages.push(ChatMessage::new("user", user));
+        let prepared = prepare(
+            template,
+            template_source,
+            messages,
+            tools,
+            choice,
+            None,
+            Vec::new(),
+        )?;
+        Ok(encode(&prepared.prompt))
+    };
+    let (a, b) = (render("A")?, render("Z")?);
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    Ok(a[..common].to_vec())
+}
+
+/// [`shared_prefix`] of a request: its leading system turns, with its tools.
+pub fn request_prefix(
+    template: &ChatTemplate,
+    template_source: &str,
+    request: &ChatRequest,
+    encode: impl Fn(&str) -> Vec<u32>,
+) -> Result<Vec<u32>, RequestError> {
+    let head = request
+        .messages
+        .iter()
+        .take_while(|m| m.role == "system")
+        .enumerate()
+        .map(|(i, m)| message(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let offered = request.tools.as_deref().unwrap_or(&[]);
+    let choice = match &request.tool_choice {
+        Some(c) => ToolChoice::parse(c)?,
+        None if offered.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+    };
+    shared_prefix(template, template_source, &head, offered, &choice, encode)
+}
+
 /// `response_format`: text (none), `json_object` or `json_schema`.
 fn response_format(format: Option<&Value>) -> Result<Option<Constraint>, RequestError> {
     let Some(format) = format else {
@@ -514,6 +569,17 @@ mod tests {
                 prepare_chat(&t, &src, &request(body.clone()), Vec::new()).expect_err("refused");
             assert!(err.to_string().contains(phrase), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn the_shared_prefix_ends_where_the_user_text_begins() {
+        let (t, src) = template();
+        let head = [ChatMessage::new("system", "Be brief.")];
+        let bytes = |text: &str| text.bytes().map(u32::from).collect::<Vec<u32>>();
+        let prefix =
+            shared_prefix(&t, &src, &head, &[weather()], &ToolChoice::Auto, bytes).expect("prefix");
+        let text: String = prefix.iter().map(|&b| b as u8 as char).collect();
+        assert_eq!(text, "<system>Be brief.<user>");
     }
 
     #[test]

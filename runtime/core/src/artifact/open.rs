@@ -120,6 +120,11 @@ impl Artifact {
         &self.parsed.meta
     }
 
+    /// What identifies this artifact's bytes (see [`Parsed::identity`]).
+    pub fn identity(&self) -> u32 {
+        self.parsed.identity
+    }
+
     /// The tokenizer section.
     pub fn tokenizer_bytes(&self) -> &[u8] {
         &bytes_of(&self.bytes)[self.parsed.tokenizer.clone()]

@@ -57,6 +57,9 @@ pub enum ArtifactError {
 /// What [`parse`] found: the metadata and where the other sections lie in the bytes.
 pub struct Parsed {
     pub meta: Metadata,
+    /// CRC-32 of the header and the section table, which hold the file's length and every
+    /// section's own CRC: what a KV-cache snapshot is bound to.
+    pub identity: u32,
     pub tokenizer: Range<usize>,
     pub weights: Range<usize>,
 }
@@ -167,6 +170,7 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ArtifactError> {
     check_graph(&meta)?;
     Ok(Parsed {
         meta,
+        identity: crc32fast::hash(&bytes[..table_end]),
         tokenizer,
         weights,
     })

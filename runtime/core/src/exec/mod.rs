@@ -263,6 +263,26 @@ impl<'a> Session<'a> {
         self.pos = self.pos.min(pos);
     }
 
+    /// How the KV cache stores keys and values.
+    pub fn kv_type(&self) -> KvType {
+        self.opts.kv_type
+    }
+
+    /// The KV cache's keys and values as bytes, each `[layer][kv head][position][head dim]` of
+    /// [`Session::kv_type`] over the whole context (a snapshot copies a prefix of positions),
+    /// and the count of positions that hold tokens, to set after filling them (at most
+    /// [`Session::context`]; the next step checks it).
+    pub fn kv_cache_and_position(&mut self) -> ([&mut [u8]; 2], &mut usize) {
+        let [k, v] = arena::split(
+            self.arena.floats_mut(),
+            [self.regions.k_cache.clone(), self.regions.v_cache.clone()],
+        );
+        (
+            [bytemuck::cast_slice_mut(k), bytemuck::cast_slice_mut(v)],
+            &mut self.pos,
+        )
+    }
+
     /// Runs `tokens` after the cached ones and returns the last token's logits.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], SessionError> {
         self.check(tokens)?;
