@@ -1,5 +1,6 @@
 //! `cargo xtask test`: everything the test suite needs (the default model, Meta's tokenizer,
-//! the onnxruntime library, the Python peers it compares against), then
+//! the onnxruntime library, the Python peers it compares against), then the workspace's
+//! binaries and libraries (`kiln`, `xtask`, libkiln: the integration tests run them) and
 //! `cargo test --release --workspace`.
 
 use std::ffi::OsString;
@@ -50,6 +51,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "import llama_models, os; print(os.path.dirname(llama_models.__file__))",
     )?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    // `cargo test` builds a package's binaries only for that package's own tests; the
+    // compiler's tests run `kiln` (kiln-cli) and link libkiln (kiln-ffi), so build them all,
+    // with the same features, first.
+    let status = Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "--workspace",
+            "--features",
+            TEST_FEATURES,
+        ])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
     let status = Command::new(cargo)
         .args(["test", "--release", "--workspace", "--no-fail-fast"])
         .args(["--features", TEST_FEATURES])

@@ -346,7 +346,7 @@ pub fn request_prefix(
 }
 
 /// `response_format`: text (none), `json_object` or `json_schema`.
-fn response_format(format: Option<&Value>) -> Result<Option<Constraint>, RequestError> {
+pub fn response_format(format: Option<&Value>) -> Result<Option<Constraint>, RequestError> {
     let Some(format) = format else {
         return Ok(None);
     };
