@@ -29,6 +29,7 @@ fn a_second_turn_reuses_the_first_and_answers_as_a_fresh_session() {
         max_tokens: 12,
         stop: Vec::new(),
         cancel: None,
+        top_logprobs: None,
     };
     let greedy = || Sampler::new(SamplerConfig::greedy(), model.facts().vocab_size);
     let mut conversation = Conversation::new(&model, model.decoder(options()).expect("decoder"));
@@ -81,6 +82,7 @@ fn a_stop_from_another_thread_ends_the_reply() {
         max_tokens: 200,
         stop: Vec::new(),
         cancel: None,
+        top_logprobs: None,
     };
     let handle = conversation.stop_handle();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -120,5 +122,6 @@ fn opts_with(max_tokens: usize) -> GenerateOptions {
         max_tokens,
         stop: Vec::new(),
         cancel: None,
+        top_logprobs: None,
     }
 }

@@ -48,6 +48,7 @@ fn f32_greedy_ids_match_llama_cpp() {
                 max_tokens: 32,
                 stop: vec![],
                 cancel: None,
+                top_logprobs: None,
             },
             |_| {},
         )

@@ -174,6 +174,7 @@ fn smollm2_export_lowers_to_llama_cpp_greedy_ids() {
                 max_tokens: n,
                 stop: vec![],
                 cancel: None,
+                top_logprobs: None,
             },
             |_| {},
         )

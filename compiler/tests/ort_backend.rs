@@ -94,6 +94,7 @@ fn greedy(model: &Model, decoder: &mut dyn Decoder, prompt: &[u32], n: usize) ->
         max_tokens: n,
         stop: vec![],
         cancel: None,
+        top_logprobs: None,
     };
     generate(model, decoder, &mut sampler, prompt, &opts, |_| {})
         .expect("generate")

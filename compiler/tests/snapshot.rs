@@ -54,6 +54,7 @@ fn answer(c: &mut Conversation<'_>, model: &Model, prompt: &[u32]) -> Vec<u32> {
         max_tokens: 12,
         stop: Vec::new(),
         cancel: None,
+        top_logprobs: None,
     };
     c.generate(prompt, &mut greedy, &opts, |_| {})
         .expect("generate")

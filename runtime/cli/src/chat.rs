@@ -107,6 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_tokens: args.n_predict,
         stop: args.sampling.stop.clone(),
         cancel: None,
+        top_logprobs: None,
     };
     let system: Vec<ChatMessage> = args
         .system

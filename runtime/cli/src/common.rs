@@ -175,9 +175,10 @@ pub struct SamplingArgs {
     /// How many recent tokens the repeat penalty considers.
     #[arg(long, default_value_t = SamplerConfig::default().repeat_last_n)]
     pub repeat_last_n: usize,
-    /// Random seed (sampling is reproducible for a seed).
-    #[arg(long, default_value_t = SamplerConfig::DEFAULT_SEED)]
-    pub seed: u64,
+    /// Random seed: sampling is reproducible for a seed (run and chat: a fixed one by default;
+    /// serve: a random one per request unless the request or this flag gives one).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Stop when this text is generated (repeatable; the text is cut before it).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
@@ -192,7 +193,9 @@ impl SamplingArgs {
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
-            seed: self.seed,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: self.seed.unwrap_or(SamplerConfig::DEFAULT_SEED),
         }
     }
 }

@@ -52,6 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_tokens: args.n_predict,
         stop: args.sampling.stop.clone(),
         cancel: None,
+        top_logprobs: None,
     };
     let mut stdout = std::io::stdout().lock();
     let json = args.json;

@@ -1,4 +1,4 @@
-//! Token sampling with llama.cpp's default chain: repeat penalty → top-k → top-p → min-p →
+//! Token sampling with llama.cpp's default chain: penalties (repeat, frequency, presence) → top-k → top-p → min-p →
 //! temperature → seeded draw (or argmax when the temperature is zero).
 //!
 //! All scratch is allocated in [`Sampler::new`]; [`Sampler::sample`] never touches the heap, so
@@ -20,8 +20,14 @@ pub struct SamplerConfig {
     pub min_p: f32,
     /// Divide positive (multiply non-positive) logits of recent tokens by this; 1 = off.
     pub repeat_penalty: f32,
-    /// How many recent tokens the repeat penalty looks at; 0 = off.
+    /// How many recent tokens the penalties look at; 0 = off.
     pub repeat_last_n: usize,
+    /// Subtract this × how often a recent token occurs from its logit (OpenAI's
+    /// `frequency_penalty`, llama.cpp's `--frequency-penalty`); 0 = off.
+    pub frequency_penalty: f32,
+    /// Subtract this from the logit of every token that occurs recently (OpenAI's
+    /// `presence_penalty`); 0 = off.
+    pub presence_penalty: f32,
     /// Seed of the random draw.
     pub seed: u64,
 }
@@ -51,6 +57,8 @@ impl Default for SamplerConfig {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: Self::DEFAULT_SEED,
         }
     }
@@ -120,7 +128,7 @@ pub struct Sampler {
     /// Ring of the last `repeat_last_n` accepted ids.
     history: Vec<u32>,
     history_next: usize,
-    /// Sorted, deduplicated copy of `history`, so each id is penalised once.
+    /// Sorted copy of `history`: each id is penalised once, by how often it occurs.
     distinct: Vec<u32>,
     rng: Pcg32,
 }
@@ -128,11 +136,10 @@ pub struct Sampler {
 impl Sampler {
     /// Creates a sampler for logits of `vocab_size` entries, allocating all its scratch now.
     pub fn new(config: SamplerConfig, vocab_size: usize) -> Self {
-        let history_len = if config.repeat_penalty != 1.0 {
-            config.repeat_last_n
-        } else {
-            0
-        };
+        let penalized = config.repeat_penalty != 1.0
+            || config.frequency_penalty != 0.0
+            || config.presence_penalty != 0.0;
+        let history_len = if penalized { config.repeat_last_n } else { 0 };
         Self {
             config,
             vocab_size,
@@ -144,7 +151,7 @@ impl Sampler {
         }
     }
 
-    /// Records a token (prompt or generated) for the repeat penalty.
+    /// Records a token (prompt or generated) for the penalties.
     pub fn accept(&mut self, id: u32) {
         let cap = self.history.capacity();
         if cap == 0 {
@@ -220,24 +227,28 @@ impl Sampler {
         self.draw()
     }
 
+    /// llama.cpp's penalties over the recent tokens: each id that occurs `n` times has its
+    /// logit divided (positive) or multiplied (otherwise) by the repeat penalty, then lowered
+    /// by `n` × the frequency penalty and once by the presence penalty.
     fn apply_repeat_penalty(&mut self) {
-        let penalty = self.config.repeat_penalty;
+        let c = self.config;
         if self.history.is_empty() {
             return;
         }
         self.distinct.clear();
         self.distinct.extend_from_slice(&self.history);
         self.distinct.sort_unstable();
-        self.distinct.dedup();
         // Candidates are still in id order here, so an id indexes its own candidate.
-        for &id in &self.distinct {
-            if let Some(cand) = self.candidates.get_mut(id as usize) {
-                cand.logit = if cand.logit <= 0.0 {
-                    cand.logit * penalty
-                } else {
-                    cand.logit / penalty
-                };
-            }
+        for run in self.distinct.chunk_by(|a, b| a == b) {
+            let Some(cand) = self.candidates.get_mut(run[0] as usize) else {
+                continue;
+            };
+            cand.logit = if cand.logit <= 0.0 {
+                cand.logit * c.repeat_penalty
+            } else {
+                cand.logit / c.repeat_penalty
+            };
+            cand.logit -= run.len() as f32 * c.frequency_penalty + c.presence_penalty;
         }
     }
 
@@ -314,6 +325,8 @@ mod tests {
             min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: 7,
         }
     }
@@ -510,10 +523,40 @@ mod tests {
     }
 
     #[test]
+    fn frequency_and_presence_penalties_subtract_as_llama_cpp_does() {
+        // Logits 3.0, 2.5, 2.0; id 0 seen twice, id 1 once.
+        let logits = [3.0, 2.5, 2.0];
+        let pick = |frequency_penalty: f32, presence_penalty: f32| {
+            let mut s = Sampler::new(
+                SamplerConfig {
+                    frequency_penalty,
+                    presence_penalty,
+                    ..SamplerConfig::greedy()
+                },
+                3,
+            );
+            for id in [0, 0, 1] {
+                s.accept(id);
+            }
+            s.sample(&logits)
+        };
+        assert_eq!(pick(0.0, 0.0), 0);
+        // 3.0 - 2×0.3 = 2.4 still beats 2.5 - 0.3 = 2.2 and 2.0.
+        assert_eq!(pick(0.3, 0.0), 0);
+        // 3.0 - 2×0.6 = 1.8, 2.5 - 0.6 = 1.9, 2.0: id 2.
+        assert_eq!(pick(0.6, 0.0), 2);
+        // Presence: 3.0 - 0.6 = 2.4, 2.5 - 0.6 = 1.9, 2.0: id 0; - 1.1 each: id 2.
+        assert_eq!(pick(0.0, 0.6), 0);
+        assert_eq!(pick(0.0, 1.1), 2);
+    }
+
+    #[test]
     fn repeat_penalty_changes_the_argmax() {
         let config = SamplerConfig {
             repeat_penalty: 1.5,
             repeat_last_n: 4,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             ..SamplerConfig::greedy()
         };
         let row = [3.0f32, 2.5, -1.0, 0.0];

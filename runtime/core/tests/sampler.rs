@@ -22,6 +22,8 @@ fn main() {
         SamplerConfig {
             repeat_penalty: 1.3,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             ..SamplerConfig::default()
         },
         // No top-k: the whole vocabulary is sorted for top-p.

@@ -64,8 +64,9 @@ impl<'m> Conversation<'m> {
             return Err(GenerateError::EmptyPrompt);
         }
         self.stop.store(false, Ordering::Relaxed);
+        // The caller's own flag when it brings one, else the one stop handles set.
         let opts = GenerateOptions {
-            cancel: Some(self.stop.clone()),
+            cancel: Some(opts.cancel.clone().unwrap_or_else(|| self.stop.clone())),
             ..opts.clone()
         };
         let keep = self.reuse(prompt);
@@ -161,7 +162,8 @@ impl<'m> Conversation<'m> {
     }
 
     /// A handle that ends the reply being generated before its next token, from any thread
-    /// (the reply ends with [`crate::generate::StopReason::Cancelled`]).
+    /// (the reply ends with [`crate::generate::StopReason::Cancelled`]); a generation given
+    /// its own [`GenerateOptions::cancel`] flag listens to that one instead.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle(self.stop.clone())
     }

@@ -14,6 +14,11 @@ pub trait Decoder {
     fn position(&self) -> usize;
     /// Tokens the cache can hold.
     fn context(&self) -> usize;
+    /// Most tokens one pass runs: [`Decoder::forward`] gives the same logits whether its
+    /// input comes whole or in pieces of this many (unbounded when the backend takes any).
+    fn batch(&self) -> usize {
+        usize::MAX
+    }
     /// Forgets every cached token from `pos` on.
     fn rewind(&mut self, pos: usize);
     /// What executes the model, for reports (e.g. `kiln avx2` or `onnxruntime 1.32.0 [CPU]`).
@@ -51,6 +56,10 @@ impl Decoder for Session<'_> {
 
     fn context(&self) -> usize {
         Session::context(self)
+    }
+
+    fn batch(&self) -> usize {
+        Session::batch(self)
     }
 
     fn rewind(&mut self, pos: usize) {

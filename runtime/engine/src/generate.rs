@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::chat::{ChatError, ChatTemplate};
 use crate::constrain::{ConstrainError, Constraint, Grammars, Guide};
@@ -210,6 +211,49 @@ pub struct Generated {
     pub ids: Vec<u32>,
     pub text: String,
     pub stop: StopReason,
+    /// Each generated id's log-probability and the most likely alternatives, when
+    /// [`GenerateOptions::top_logprobs`] asked for them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
+    /// How long the prompt took to run (its first token's logits).
+    #[serde(skip)]
+    pub prompt_time: Duration,
+}
+
+/// A generated id's log-probability under the model (its raw logits, before penalties and
+/// constraints) and the `top` most likely ids at that position, most likely first.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// `id`'s entry from a row of logits, with the `top` most likely ids.
+    pub fn of(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_z = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+        let logprob = |i: usize| logits.get(i).map_or(f32::NEG_INFINITY, |&l| l - log_z);
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let top = top.min(order.len());
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        if top > 0 {
+            order.select_nth_unstable_by(top - 1, by_logit);
+            order.truncate(top);
+            order.sort_unstable_by(by_logit);
+        } else {
+            order.clear();
+        }
+        TokenLogprob {
+            id,
+            logprob: logprob(id as usize),
+            top: order
+                .into_iter()
+                .map(|i| (i, logprob(i as usize)))
+                .collect(),
+        }
+    }
 }
 
 /// Settings of one generation.
@@ -221,6 +265,9 @@ pub struct GenerateOptions {
     /// Set from anywhere (another thread, a signal handler) to end the generation before its
     /// next token ([`StopReason::Cancelled`]).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Report each generated id's log-probability with this many alternatives
+    /// ([`Generated::logprobs`]); `None`: none (nothing is computed or allocated for them).
+    pub top_logprobs: Option<usize>,
 }
 
 /// Runs `prompt` after what `session` already holds and generates until a stop condition,
@@ -259,7 +306,10 @@ pub fn generate_guided(
     // Never more than the context can hold, whatever the budget says.
     let mut ids = Vec::with_capacity(opts.max_tokens.min(session.context()));
     let mut text = String::new();
+    let mut logprobs = Vec::new();
+    let started = Instant::now();
     let mut logits = session.forward(prompt)?;
+    let prompt_time = started.elapsed();
     let stop = loop {
         if ids.len() >= opts.max_tokens {
             break StopReason::MaxTokens;
@@ -278,6 +328,9 @@ pub fn generate_guided(
             }
             None => sampler.sample(logits),
         };
+        if let Some(top) = opts.top_logprobs {
+            logprobs.push(TokenLogprob::of(logits, id, top));
+        }
         if eog.contains(&id) {
             break StopReason::EndOfGeneration;
         }
@@ -308,7 +361,15 @@ pub fn generate_guided(
         on_text(&tail);
         text.push_str(&tail);
     }
-    Ok(Generated { ids, text, stop })
+    // An end-of-generation id is not part of the reply, nor is its probability.
+    logprobs.truncate(ids.len());
+    Ok(Generated {
+        ids,
+        text,
+        stop,
+        logprobs,
+        prompt_time,
+    })
 }
 
 /// Holds back text that may be the start of a stop string until it is known not to be.

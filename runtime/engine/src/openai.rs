@@ -14,13 +14,50 @@ use crate::tools::ParsedCall;
 #[derive(Debug, Deserialize)]
 pub struct Message {
     pub role: String,
-    /// Text; `null` (or absent) for an assistant turn that only calls tools.
-    #[serde(default)]
+    /// Text, or an array of text parts (`[{"type": "text", "text": …}]`, joined); `null` (or
+    /// absent) for an assistant turn that only calls tools.
+    #[serde(default, deserialize_with = "content_text")]
     pub content: Option<String>,
     #[serde(default)]
     pub tool_calls: Vec<RequestToolCall>,
     #[serde(default)]
     pub tool_call_id: Option<String>,
+}
+
+/// A message's `content`: a string, `null`, or OpenAI's content parts, of which kiln takes
+/// text parts only (an image or audio part is an error that names its type).
+fn content_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Content {
+        Text(String),
+        Parts(Vec<Value>),
+    }
+    let Some(content) = Option::<Content>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let parts = match content {
+        Content::Text(text) => return Ok(Some(text)),
+        Content::Parts(parts) => parts,
+    };
+    let mut text = String::new();
+    for part in &parts {
+        match (part["type"].as_str(), part["text"].as_str()) {
+            (Some("text"), Some(t)) => text.push_str(t),
+            (Some("text"), None) => {
+                return Err(serde::de::Error::custom(
+                    "a text content part has no `text`",
+                ))
+            }
+            (kind, _) => {
+                return Err(serde::de::Error::custom(format!(
+                    "content parts of type `{}` are not supported (text only)",
+                    kind.unwrap_or("(none)")
+                )))
+            }
+        }
+    }
+    Ok(Some(text))
 }
 
 /// A call in an earlier assistant turn, as the client sends it back.
@@ -461,6 +498,18 @@ mod tests {
     fn weather() -> Value {
         json!({"type": "function", "function": {"name": "get_weather", "strict": false,
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})
+    }
+
+    #[test]
+    fn text_content_parts_are_joined_and_others_refused_by_type() {
+        let parts = json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]}]});
+        let r: ChatRequest = serde_json::from_value(parts).expect("text parts");
+        assert_eq!(r.messages[0].content.as_deref(), Some("Hello, world"));
+        let image = json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]});
+        let e = serde_json::from_value::<ChatRequest>(image).expect_err("an image part");
+        assert!(e.to_string().contains("`image_url`"), "{e}");
     }
 
     #[test]

@@ -368,6 +368,7 @@ fn reply(
         max_tokens: options.max_tokens.unwrap_or(256),
         stop: Vec::new(),
         cancel: None,
+        top_logprobs: None,
     };
     let stop = chat.conversation.stop_handle();
     let (mut held, mut holding) = (String::new(), prepared.expect != Expect::Text);

@@ -283,6 +283,12 @@ impl<'a> Session<'a> {
         )
     }
 
+    /// Most tokens one pass runs; [`Session::forward`] splits longer inputs into passes of
+    /// this many.
+    pub fn batch(&self) -> usize {
+        self.opts.batch
+    }
+
     /// Runs `tokens` after the cached ones and returns the last token's logits.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], SessionError> {
         self.check(tokens)?;
