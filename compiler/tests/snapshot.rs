@@ -210,7 +210,7 @@ fn chat_saves_the_start_once_and_loads_it_after() {
             .arg("chat")
             .arg(common::smollm2_artifact(Format::Q4_1))
             .args([
-                "-s",
+                "--system-prompt",
                 &system_prompt(),
                 "-n",
                 "16",

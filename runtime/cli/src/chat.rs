@@ -5,6 +5,8 @@
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use kiln_engine::chat::{ChatMessage, ToolCall};
@@ -21,8 +23,8 @@ use crate::common::{ModelArgs, SamplingArgs};
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// A system prompt for the conversation.
-    #[arg(short = 's', long)]
+    /// A system prompt for the conversation (llama.cpp's -sys; -s is the seed).
+    #[arg(long = "system-prompt", visible_alias = "system", value_name = "TEXT")]
     system: Option<String>,
     /// Tokens to generate at most per reply.
     #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
@@ -129,6 +131,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             conversation.context()
         );
     }
+    // Ctrl-C ends the reply being written (as llama.cpp's chat does); between replies it quits.
+    let answering = Arc::new(AtomicBool::new(false));
+    let (stop, during) = (conversation.stop_handle(), Arc::clone(&answering));
+    ctrlc::set_handler(move || {
+        if during.load(Ordering::Relaxed) {
+            stop.stop();
+        } else {
+            std::process::exit(130);
+        }
+    })
+    .context("handling Ctrl-C")?;
     let mut stdout = std::io::stdout().lock();
     let mut lines = std::io::stdin().lock().lines();
     loop {
@@ -168,9 +181,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Vec::new(),
             )?;
             let mut guide = prepared.constraint.map(|c| model.guide(&c)).transpose()?;
-            let ids = model.encode_chat(&prepared.prompt);
+            let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+            let ids = model.encode_chat_guarded(&prepared.prompt, &contents)?;
             let quiet = prepared.expect != Expect::Text;
             let mut shown = String::new();
+            answering.store(true, Ordering::Relaxed);
             let reply =
                 conversation.generate_guided(&ids, &mut sampler, &opts, guide.as_mut(), |piece| {
                     // A reply that may be a call is shown once it is known not to be one.
@@ -181,6 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                             .and_then(|()| stdout.flush());
                     }
                 });
+            answering.store(false, Ordering::Relaxed);
             let reply = match reply {
                 Ok(reply) => reply,
                 Err(GenerateError::Session(

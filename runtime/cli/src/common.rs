@@ -1,6 +1,6 @@
 //! Options and helpers shared by the subcommands: model loading, threads, sampling flags.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -26,7 +26,16 @@ pub enum Backend {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// The model: a compiled `.kiln` artifact, or an `.onnx` from `cargo xtask export` (ort backend).
-    pub model: PathBuf,
+    #[arg(value_name = "MODEL", required_unless_present = "model_flag")]
+    model_path: Option<PathBuf>,
+    /// The model, given as llama.cpp's `-m` gives it (instead of MODEL).
+    #[arg(
+        short = 'm',
+        long = "model",
+        value_name = "MODEL",
+        conflicts_with = "model_path"
+    )]
+    model_flag: Option<PathBuf>,
     /// The engine: kiln's own (native) or onnxruntime (ort).
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
@@ -41,10 +50,10 @@ pub struct ModelArgs {
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
     /// Worker threads (default: the number of physical cores, as llama.cpp).
-    #[arg(short = 't', long)]
+    #[arg(short = 't', long, value_parser = count(1, MAX_THREADS))]
     pub threads: Option<usize>,
     /// Context length in tokens (default: the model's, at most 4096).
-    #[arg(short = 'c', long = "ctx")]
+    #[arg(short = 'c', long = "ctx-size", visible_alias = "ctx", value_parser = count(1, MAX_CONTEXT))]
     pub ctx: Option<usize>,
     /// How the KV cache stores keys and values: f16 (half the memory) or f32 (native backend).
     #[arg(long = "cache-type", value_enum, default_value_t = CacheType::F16)]
@@ -63,12 +72,51 @@ pub enum CacheType {
     F32,
 }
 
+/// Most threads `-t` may ask for.
+const MAX_THREADS: u64 = 1024;
+/// Longest context `-c` may ask for (Llama 3.1's 128K, and some).
+const MAX_CONTEXT: u64 = 1 << 20;
+/// Most tokens the penalties may look back over.
+const MAX_PENALTY_WINDOW: u64 = 1 << 20;
+
+/// A whole number from `lo` to `hi`, checked when the flag is parsed.
+fn count(lo: u64, hi: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(lo..=hi)
+}
+
+/// A flag's number that must be finite and pass `ok`; the error says `range`.
+fn real(ok: fn(f32) -> bool, range: &'static str) -> impl Fn(&str) -> Result<f32, String> + Clone {
+    move |text: &str| {
+        let v: f32 = text.parse().map_err(|e| format!("{e}"))?;
+        if v.is_finite() && ok(v) {
+            Ok(v)
+        } else {
+            Err(format!("{v} must be {range}"))
+        }
+    }
+}
+
 impl ModelArgs {
+    /// The model file, however it was given.
+    pub fn path(&self) -> &Path {
+        self.model_flag
+            .as_deref()
+            .or(self.model_path.as_deref())
+            .unwrap_or(Path::new(""))
+    }
+
     pub fn load(&self) -> anyhow::Result<Model> {
+        let path = self.path();
+        // A FIFO or a device would block or stream forever; a model is a file.
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("reading the model {}", path.display()))?;
+        if !meta.is_file() {
+            anyhow::bail!("the model {} is not a regular file", path.display());
+        }
         let ort = match self.backend {
             Backend::Ort => true,
             Backend::Native => false,
-            Backend::Auto => self.model.extension().is_some_and(|e| e == "onnx"),
+            Backend::Auto => path.extension().is_some_and(|e| e == "onnx"),
         };
         if !ort {
             // The error names the file already.
@@ -77,7 +125,7 @@ impl ModelArgs {
             } else {
                 Residency::Load
             };
-            return Ok(Model::open_as(&self.model, residency)?);
+            return Ok(Model::open_as(path, residency)?);
         }
         let eps = self
             .ep
@@ -99,12 +147,8 @@ impl ModelArgs {
             fallback_to_cpu: self.ep_fallback,
             threads: self.threads(),
         };
-        let model = OrtModel::load(&self.model, &opts)?;
-        eprintln!(
-            "kiln: {} running {}",
-            model.describe(),
-            self.model.display()
-        );
+        let model = OrtModel::load(path, &opts)?;
+        eprintln!("kiln: {} running {}", model.describe(), path.display());
         Ok(Model::from_ort(model)?)
     }
 
@@ -158,26 +202,37 @@ fn default_threads() -> usize {
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
     /// Temperature; 0 = greedy.
-    #[arg(long = "temp", default_value_t = SamplerConfig::default().temperature)]
+    #[arg(long = "temp", default_value_t = SamplerConfig::default().temperature,
+          value_parser = real(|v| v >= 0.0, "0 or more"))]
     pub temp: f32,
     /// Keep the k most likely tokens (0 = off).
     #[arg(long, default_value_t = SamplerConfig::default().top_k)]
     pub top_k: usize,
     /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = SamplerConfig::default().top_p)]
+    #[arg(long, default_value_t = SamplerConfig::default().top_p,
+          value_parser = real(|v| v > 0.0 && v <= 1.0, "in (0, 1]"))]
     pub top_p: f32,
     /// Drop tokens below this fraction of the top probability (0 = off).
-    #[arg(long, default_value_t = SamplerConfig::default().min_p)]
+    #[arg(long, default_value_t = SamplerConfig::default().min_p,
+          value_parser = real(|v| (0.0..=1.0).contains(&v), "in [0, 1]"))]
     pub min_p: f32,
     /// Penalize recently generated tokens (1 = off).
-    #[arg(long, default_value_t = SamplerConfig::default().repeat_penalty)]
+    #[arg(long, default_value_t = SamplerConfig::default().repeat_penalty,
+          value_parser = real(|v| v > 0.0, "more than 0"))]
     pub repeat_penalty: f32,
-    /// How many recent tokens the repeat penalty considers.
-    #[arg(long, default_value_t = SamplerConfig::default().repeat_last_n)]
+    /// How many recent tokens the penalties consider.
+    #[arg(long, default_value_t = SamplerConfig::default().repeat_last_n,
+          value_parser = count(0, MAX_PENALTY_WINDOW))]
     pub repeat_last_n: usize,
+    /// Lower a recent token's logit by this × how often it occurs (0 = off).
+    #[arg(long, default_value_t = 0.0, value_parser = real(|v| (-2.0..=2.0).contains(&v), "in [-2, 2]"))]
+    pub frequency_penalty: f32,
+    /// Lower the logit of every recent token by this (0 = off).
+    #[arg(long, default_value_t = 0.0, value_parser = real(|v| (-2.0..=2.0).contains(&v), "in [-2, 2]"))]
+    pub presence_penalty: f32,
     /// Random seed: sampling is reproducible for a seed (run and chat: a fixed one by default;
     /// serve: a random one per request unless the request or this flag gives one).
-    #[arg(long)]
+    #[arg(short = 's', long)]
     pub seed: Option<u64>,
     /// Stop when this text is generated (repeatable; the text is cut before it).
     #[arg(long = "stop")]
@@ -193,8 +248,8 @@ impl SamplingArgs {
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
             seed: self.seed.unwrap_or(SamplerConfig::DEFAULT_SEED),
         }
     }

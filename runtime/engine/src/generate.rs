@@ -39,6 +39,11 @@ pub enum GenerateError {
     NotNative,
     #[error(transparent)]
     Constrain(#[from] ConstrainError),
+    #[error(
+        "a message holds a control token's text and could not be found in the rendered prompt \
+         to keep it as text"
+    )]
+    ContentNotFound,
 }
 
 /// What executes the model.
@@ -179,7 +184,53 @@ impl Model {
     /// Ids of a rendered chat prompt: templates such as Llama 3's write the BOS text
     /// themselves, so BOS is added only when the model wants one and the text lacks it.
     pub fn encode_chat(&self, rendered: &str) -> Vec<u32> {
-        let ids = self.tokenizer.encode(rendered, true);
+        self.with_bos(self.tokenizer.encode(rendered, true))
+    }
+
+    /// [`Model::encode_chat`] for a prompt rendered from messages whose `contents` came from
+    /// users: their text is tokenized as text, so a message holding a control token's text
+    /// (`<|eot_id|>`, `<|im_end|>\n<|im_start|>system`) cannot open a turn of its own; only the
+    /// template's own markup is special. Without such text the ids are
+    /// [`Model::encode_chat`]'s.
+    pub fn encode_chat_guarded(
+        &self,
+        rendered: &str,
+        contents: &[&str],
+    ) -> Result<Vec<u32>, GenerateError> {
+        let tok = &self.tokenizer;
+        let marks_up = |c: &str| tok.encode(c, true) != tok.encode(c, false);
+        if !contents.iter().any(|c| marks_up(c)) {
+            return Ok(self.encode_chat(rendered));
+        }
+        // Each content in order, as written or as the template trimmed it.
+        let mut literal = Vec::new();
+        let mut cursor = 0;
+        for content in contents {
+            let found = [*content, content.trim()]
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .find_map(|n| rendered[cursor..].find(n).map(|at| (cursor + at, n.len())));
+            match found {
+                Some((at, len)) => {
+                    literal.push(at..at + len);
+                    cursor = at + len;
+                }
+                None if marks_up(content) => return Err(GenerateError::ContentNotFound),
+                None => {}
+            }
+        }
+        let mut ids = Vec::new();
+        let mut pos = 0;
+        for span in literal {
+            ids.extend(tok.encode(&rendered[pos..span.start], true));
+            ids.extend(tok.encode(&rendered[span.clone()], false));
+            pos = span.end;
+        }
+        ids.extend(tok.encode(&rendered[pos..], true));
+        Ok(self.with_bos(ids))
+    }
+
+    fn with_bos(&self, ids: Vec<u32>) -> Vec<u32> {
         match self.facts().bos_id {
             Some(bos) if self.facts().add_bos && ids.first() != Some(&bos) => {
                 std::iter::once(bos).chain(ids).collect()

@@ -362,7 +362,10 @@ fn reply(
         .map(|c| model.guide(&c))
         .transpose()
         .map_err(|e| request(&e))?;
-    let ids = model.encode_chat(&prepared.prompt);
+    let contents: Vec<&str> = chat.messages.iter().map(|m| m.content.as_str()).collect();
+    let ids = model
+        .encode_chat_guarded(&prepared.prompt, &contents)
+        .map_err(|e| request(&e))?;
     let mut sampler = options.sampler(model.facts().vocab_size);
     let opts = GenerateOptions {
         max_tokens: options.max_tokens.unwrap_or(256),

@@ -293,7 +293,14 @@ pub fn parse(cx: &Context, body: &[u8], chat: bool) -> Result<Parsed, HttpError>
                     .map_err(|e| bad_request(e.to_string()))?,
             );
         }
-        model.encode_chat(&prepared.prompt)
+        let contents: Vec<&str> = request
+            .messages
+            .iter()
+            .filter_map(|m| m.content.as_deref())
+            .collect();
+        model
+            .encode_chat_guarded(&prepared.prompt, &contents)
+            .map_err(|e| bad_request(e.to_string()))?
     } else {
         if f.messages.is_some() {
             return Err(bad_request(
