@@ -653,6 +653,64 @@ fn resealed_meta_that_lies() {
     expect_open_error(dir.path(), "not-json.kiln", &not_json, &["metadata:"]);
 }
 
+/// Facts that pass every checksum but could not describe a model: each refused by name at
+/// load, before any size is computed from it.
+#[test]
+fn resealed_facts_out_of_bounds_or_inconsistent() {
+    let dir = temp_dir();
+    let valid = valid_bytes();
+    type Edit = fn(&mut Metadata);
+    let cases: [(&str, Edit, &str); 9] = [
+        (
+            "layers-wrap",
+            |m| m.facts.layers = (1 << 45) + 1,
+            "layers 35184372088833 is outside",
+        ),
+        (
+            "layers-huge",
+            |m| m.facts.layers = 100_000,
+            "layers 100000 is outside",
+        ),
+        (
+            "layers-more",
+            |m| m.facts.layers = LAYERS + 1,
+            "has no attention op",
+        ),
+        (
+            "eps-negative",
+            |m| m.facts.rms_eps = -1.0,
+            "rms_eps -1 must be a positive number",
+        ),
+        (
+            "theta-zero",
+            |m| m.facts.rope_theta = 0.0,
+            "rope_theta 0 must be a positive number",
+        ),
+        (
+            "no-ops",
+            |m| m.graph.ops.clear(),
+            "does not start with an embedding",
+        ),
+        (
+            "no-logits",
+            |m| {
+                m.graph.ops.pop();
+            },
+            "must end with its one logits op",
+        ),
+        (
+            "eog-outside",
+            |m| m.facts.eog_ids = vec![VOCAB as u32],
+            "outside the 32-token vocabulary",
+        ),
+        ("heads-zero", |m| m.facts.heads = 0, "heads 0 is outside"),
+    ];
+    for (name, edit, phrase) in cases {
+        let bytes = with_meta(&valid, edit);
+        expect_open_error(dir.path(), &format!("{name}.kiln"), &bytes, &[phrase]);
+    }
+}
+
 #[test]
 fn missing_file_and_directory() {
     let dir = temp_dir();

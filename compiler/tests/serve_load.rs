@@ -479,6 +479,8 @@ fn keys_origins_connections_fields_and_sizes_are_checked() {
     refused(with(json!({"logprobs": 2, "stream": true})), "`logprobs`");
     refused(with(json!({"max_tokens": -5})), "max_tokens");
     refused(with(json!({"prompt": ["a", "b"]})), "`prompt`");
+    // SmolLM2's vocabulary has no token for byte 0x04: refused, not dropped.
+    refused(with(json!({"prompt": "a\u{4}b"})), "U+0004");
     // Fields that are honoured.
     let (status, v) = call(with(
         json!({"n": 1, "model": "anything", "user": "u", "seed": 7,

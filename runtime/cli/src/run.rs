@@ -45,6 +45,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let constraint = args.constraint.constraint()?;
     let model = args.model.load()?;
     let mut guide = constraint.map(|c| model.guide(&c)).transpose()?;
+    if let Some(c) = model.tokenizer().unencodable(&prompt) {
+        anyhow::bail!(
+            "the prompt holds {c:?} (U+{:04X}), which this model's vocabulary cannot encode",
+            u32::from(c)
+        );
+    }
     let prompt_ids = model.encode_prompt(&prompt, !args.no_special);
     let mut session = model.decoder(args.model.session_options())?;
     let mut sampler = Sampler::new(args.sampling.config(), model.facts().vocab_size);

@@ -258,6 +258,17 @@ fn random_seed() -> u64 {
     h.finish()
 }
 
+/// Refuses text the model's vocabulary would drop part of.
+fn encodable(model: &Model, text: &str, what: &str) -> Result<(), HttpError> {
+    match model.tokenizer().unencodable(text) {
+        None => Ok(()),
+        Some(c) => Err(bad_request(format!(
+            "{what} holds {c:?} (U+{:04X}), which this model's vocabulary cannot encode",
+            u32::from(c)
+        ))),
+    }
+}
+
 /// Checks a request body and prepares what a slot runs.
 pub fn parse(cx: &Context, body: &[u8], chat: bool) -> Result<Parsed, HttpError> {
     let mut f = Fields::read(body)?;
@@ -298,6 +309,9 @@ pub fn parse(cx: &Context, body: &[u8], chat: bool) -> Result<Parsed, HttpError>
             .iter()
             .filter_map(|m| m.content.as_deref())
             .collect();
+        for content in &contents {
+            encodable(model, content, "a message")?;
+        }
         model
             .encode_chat_guarded(&prepared.prompt, &contents)
             .map_err(|e| bad_request(e.to_string()))?
@@ -312,9 +326,15 @@ pub fn parse(cx: &Context, body: &[u8], chat: bool) -> Result<Parsed, HttpError>
             .take()
             .ok_or_else(|| bad_request("missing field `prompt`"))?
         {
-            Prompt::Text(text) => model.encode_prompt(&text, true),
+            Prompt::Text(text) => {
+                encodable(model, &text, "the prompt")?;
+                model.encode_prompt(&text, true)
+            }
             Prompt::Texts(texts) => match <[String; 1]>::try_from(texts) {
-                Ok([text]) => model.encode_prompt(&text, true),
+                Ok([text]) => {
+                    encodable(model, &text, "the prompt")?;
+                    model.encode_prompt(&text, true)
+                }
                 Err(texts) => {
                     return Err(bad_request(format!(
                         "`prompt` holds {} texts; kiln serve answers one per request",

@@ -5,6 +5,7 @@ use alloc::string::{String, ToString};
 use core::ops::Range;
 
 use super::format::*;
+use crate::model::ModelFacts;
 use crate::quant::Format;
 
 /// Why an artifact was refused.
@@ -166,6 +167,7 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ArtifactError> {
     let weights = weights.ok_or(ArtifactError::MissingSection("weights"))?;
     let meta: Metadata =
         serde_json::from_slice(&bytes[meta]).map_err(|e| ArtifactError::Meta(e.to_string()))?;
+    check_facts(&meta.facts)?;
     check_tensors(&meta, &bytes[weights.clone()], version)?;
     check_graph(&meta)?;
     Ok(Parsed {
@@ -226,6 +228,56 @@ fn check_tensors(meta: &Metadata, weights: &[u8], version: u32) -> Result<(), Ar
     Ok(())
 }
 
+/// Bounds on a model's facts, far above any Llama 3 (405B has 126 layers, 16,384 wide, a
+/// 128,256-token vocabulary and a 131,072-token context): a fact past them is a crafted or
+/// corrupt file, refused before any size is computed from it.
+const MAX_LAYERS: usize = 1024;
+const MAX_WIDTH: usize = 1 << 17;
+const MAX_VOCAB: usize = 1 << 22;
+const MAX_HEADS: usize = 1024;
+const MAX_HEAD_DIM: usize = 1024;
+const MAX_CONTEXT: usize = 1 << 24;
+
+/// The model's facts, each within its bounds and consistent with the others.
+fn check_facts(f: &ModelFacts) -> Result<(), ArtifactError> {
+    let bad = |what: String| Err(ArtifactError::Meta(format!("model facts: {what}")));
+    let counts = [
+        ("layers", f.layers, MAX_LAYERS),
+        ("hidden_size", f.hidden_size, MAX_WIDTH),
+        ("intermediate_size", f.intermediate_size, MAX_WIDTH),
+        ("vocab_size", f.vocab_size, MAX_VOCAB),
+        ("heads", f.heads, MAX_HEADS),
+        ("kv_heads", f.kv_heads, MAX_HEADS),
+        ("head_dim", f.head_dim, MAX_HEAD_DIM),
+        ("context_length", f.context_length, MAX_CONTEXT),
+    ];
+    for (name, value, max) in counts {
+        if value == 0 || value > max {
+            return bad(format!("{name} {value} is outside 1..={max}"));
+        }
+    }
+    if !f.heads.is_multiple_of(f.kv_heads) || !f.head_dim.is_multiple_of(2) {
+        return bad(format!(
+            "{} heads, {} KV heads, head_dim {}: the heads must share KV heads evenly and \
+             head_dim must be even",
+            f.heads, f.kv_heads, f.head_dim
+        ));
+    }
+    for (name, value) in [("rms_eps", f.rms_eps), ("rope_theta", f.rope_theta)] {
+        if !(value.is_finite() && value > 0.0) {
+            return bad(format!("{name} {value} must be a positive number"));
+        }
+    }
+    let ids = f.bos_id.iter().chain(&f.eog_ids);
+    if let Some(id) = ids.into_iter().find(|&&id| id as usize >= f.vocab_size) {
+        return bad(format!(
+            "token id {id} is outside the {}-token vocabulary",
+            f.vocab_size
+        ));
+    }
+    Ok(())
+}
+
 /// Every buffer and tensor an op names must exist, with widths that fit the model.
 fn check_graph(meta: &Metadata) -> Result<(), ArtifactError> {
     let (g, f) = (&meta.graph, &meta.facts);
@@ -271,15 +323,52 @@ fn check_graph(meta: &Metadata) -> Result<(), ArtifactError> {
         }
         Ok(())
     };
-    if f.heads == 0
-        || f.kv_heads == 0
-        || f.heads % f.kv_heads != 0
-        || f.head_dim % 2 != 0
-        || f.vocab_size == 0
+    // The shape every forward pass needs: embed first, logits last and once, one attention
+    // per layer.
+    if !matches!(g.ops.first(), Some(Op::Embed { .. })) {
+        return Err(bad("the graph does not start with an embedding".into()));
+    }
+    let logits = g
+        .ops
+        .iter()
+        .filter(|op| matches!(op, Op::Logits { .. }))
+        .count();
+    if logits != 1 || !matches!(g.ops.last(), Some(Op::Logits { .. })) {
+        return Err(bad(format!(
+            "the graph must end with its one logits op (it has {logits})"
+        )));
+    }
+    let mut attended = alloc::vec![false; f.layers];
+    for op in &g.ops {
+        if let Op::Attention { layer, .. } = *op {
+            match attended.get_mut(layer) {
+                Some(seen @ false) => *seen = true,
+                Some(true) => {
+                    return Err(bad(format!("layer {layer} has two attention ops")));
+                }
+                None => {
+                    return Err(bad(format!(
+                        "attention names layer {layer} of {}",
+                        f.layers
+                    )));
+                }
+            }
+        }
+    }
+    if let Some(layer) = attended.iter().position(|seen| !seen) {
+        return Err(bad(format!(
+            "layer {layer} of {} has no attention op",
+            f.layers
+        )));
+    }
+    if let Some(b) = g
+        .buffers
+        .iter()
+        .find(|b| b.width == 0 || b.width > MAX_WIDTH)
     {
         return Err(bad(format!(
-            "inconsistent model facts: {} heads, {} KV heads, head_dim {}",
-            f.heads, f.kv_heads, f.head_dim
+            "a buffer of width {} is outside 1..={MAX_WIDTH}",
+            b.width
         )));
     }
     let distinct = |ids: &[usize]| -> Result<(), ArtifactError> {
@@ -315,19 +404,7 @@ fn check_graph(meta: &Metadata) -> Result<(), ArtifactError> {
                 same(buf(b)?, heads * f.head_dim)?;
                 vector(inv_freq, f.head_dim / 2)?;
             }
-            Op::Attention {
-                layer,
-                q,
-                k,
-                v,
-                out,
-            } => {
-                if layer >= f.layers {
-                    return Err(bad(format!(
-                        "attention names layer {layer} of {}",
-                        f.layers
-                    )));
-                }
+            Op::Attention { q, k, v, out, .. } => {
                 same(buf(q)?, f.heads * f.head_dim)?;
                 same(buf(out)?, f.heads * f.head_dim)?;
                 same(buf(k)?, f.kv_heads * f.head_dim)?;

@@ -28,6 +28,8 @@ use special::{Segment, SpecialMatcher};
 /// Why a tokenizer could not be read, converted or built.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
+    #[error("the vocabulary is empty")]
+    Empty,
     #[error("unsupported tokenizer model `{0}`: kiln reads byte-level BPE (GGUF `gpt2`, tokenizer.json `BPE`, tiktoken)")]
     UnsupportedModel(String),
     #[error(
@@ -220,6 +222,9 @@ impl TokenizerData {
                 check("merge", right)?;
             }
         }
+        if vocab == 0 {
+            return Err(TokenizerError::Empty);
+        }
         Ok(())
     }
 }
@@ -344,6 +349,24 @@ impl Tokenizer {
                 })
             }),
         }
+    }
+
+    /// The first character of `text` this vocabulary cannot encode (one of whose bytes has no
+    /// token and is not part of a token that matches), which [`Tokenizer::encode`] would drop as
+    /// llama.cpp does; `None` when every byte is kept.
+    pub fn unencodable(&self, text: &str) -> Option<char> {
+        let missing = |c: char| {
+            let mut buf = [0u8; 4];
+            c.encode_utf8(&mut buf)
+                .bytes()
+                .any(|b| self.byte_ids[usize::from(b)] == bpe::NO_TOKEN)
+        };
+        let suspect = text.chars().find(|&c| missing(c))?;
+        // A rare byte may still sit inside a longer token: only a lossy round trip is proof.
+        if self.decode(&self.encode(text, false)) == text {
+            return None;
+        }
+        Some(suspect)
     }
 
     /// Text of `ids`; unknown ids and invalid UTF-8 become U+FFFD. Special tokens are rendered
@@ -483,6 +506,29 @@ pub(super) mod tests {
         let ids = tok.encode("abc lower low", false);
         assert_eq!(piece(&tok, &ids), ["abc", " low", "er", " low"]);
         assert_eq!(tok.decode(&ids), "abc lower low");
+    }
+
+    #[test]
+    fn an_empty_vocabulary_is_refused() {
+        let empty = TokenizerData {
+            tokens: Vec::new(),
+            kinds: Vec::new(),
+            merges: Merges::List(Vec::new()),
+            pre: PreTokenizer::Gpt2,
+            ignore_merges: false,
+            bos: None,
+            eos: None,
+        };
+        assert!(matches!(Tokenizer::new(&empty), Err(TokenizerError::Empty)));
+    }
+
+    #[test]
+    fn text_with_a_byte_the_vocabulary_lacks_is_found() {
+        let mut data = toy_data(PreTokenizer::Gpt2);
+        data.tokens[4] = b"\x04\x04".to_vec();
+        let tok = Tokenizer::new(&data).unwrap();
+        assert_eq!(tok.unencodable("ab\u{4}c"), Some('\u{4}'));
+        assert_eq!(tok.unencodable("abc low"), None);
     }
 
     #[test]
