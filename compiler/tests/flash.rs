@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use kiln_runtime::quant::Format;
 use serde_json::Value;
 
 fn workspace() -> PathBuf {
@@ -66,8 +67,13 @@ fn sha256(path: &Path) -> String {
 }
 
 /// A bundle for this machine, as `cargo xtask bundle` lays it out, whose `bin/kiln` is a shell
-/// script printing `version` (or failing, with `exit 1`).
+/// script printing `version` (or failing, with `exit 1`) and whose model is the bundle's name.
 fn fake_bundle(dir: &Path, name: &str, kiln_script: &str) -> PathBuf {
+    bundle_with_model(dir, name, kiln_script, name.as_bytes())
+}
+
+/// [`fake_bundle`] with `model` as the model's bytes.
+fn bundle_with_model(dir: &Path, name: &str, kiln_script: &str, model: &[u8]) -> PathBuf {
     let src = dir.join(format!("{name}-src"));
     std::fs::create_dir_all(src.join("bin")).expect("bin");
     std::fs::create_dir_all(src.join("models")).expect("models");
@@ -78,7 +84,7 @@ fn fake_bundle(dir: &Path, name: &str, kiln_script: &str) -> PathBuf {
             .expect("chmod");
     };
     write("bin/kiln", &format!("#!/bin/sh\n{kiln_script}\n"), 0o755);
-    write("models/fake.q4_1.kiln", name, 0o644);
+    std::fs::write(src.join("models/fake.q4_1.kiln"), model).expect("model");
     write(
         "kiln.service",
         "[Service]\nExecStart=/opt/kiln/current/bin/kiln serve\n",
@@ -199,6 +205,29 @@ fn a_second_flash_switches_current_keeps_the_previous_release_and_a_bad_one_roll
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
+    // A release whose real kiln cannot load its model (a truncated artifact) rolls back too.
+    let kiln = common::kiln_binary();
+    let mut torn_model = std::fs::read(common::smollm2_artifact(Format::Q4_1)).expect("artifact");
+    torn_model.truncate(torn_model.len() / 2);
+    let unloadable = bundle_with_model(
+        dir.path(),
+        "unloadable",
+        &format!("exec {} \"$@\"", kiln.display()),
+        &torn_model,
+    );
+    let out = flash(&unloadable, to, &[]);
+    assert!(
+        !out.status.success(),
+        "a model that cannot load must fail the flash"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("could not load fake.q4_1.kiln and generate a token")
+            && stderr.contains("rolled back to releases/0.1.0-two"),
+        "{stderr}"
+    );
+    assert_eq!(current(&root), "releases/0.1.0-two");
+
     // A bundle for another device is refused before anything changes.
     let out = flash(&one, to, &["--target", "rpi5"]);
     assert!(!out.status.success());
@@ -273,10 +302,16 @@ fn the_installed_aarch64_kiln_answers_a_prompt_under_qemu() {
     let current = root.join("opt/kiln/current");
     let model = current.join(manifest["artifact"].as_str().expect("artifact"));
     let unit = std::fs::read_to_string(root.join("etc/systemd/system/kiln.service")).expect("unit");
-    assert!(unit.contains(&format!(
-        "/opt/kiln/current/bin/kiln serve /opt/kiln/current/{}",
-        manifest["artifact"].as_str().expect("artifact")
-    )));
+    // The unit serves at the context the memory budget was checked at.
+    assert!(
+        unit.contains(&format!(
+            "/opt/kiln/current/bin/kiln serve /opt/kiln/current/{} --host 127.0.0.1 --port 8080 \
+             --ctx-size {}",
+            manifest["artifact"].as_str().expect("artifact"),
+            manifest["memory"]["context"]
+        )),
+        "{unit}"
+    );
 
     let case = common::golden()["greedy"]["cases"][0].clone();
     let out = ok(

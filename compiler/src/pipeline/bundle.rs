@@ -102,11 +102,28 @@ fn predicted_memory(artifact: &Path, target_context: usize) -> anyhow::Result<Me
         .with_tokenizer(parsed.tokenizer.len()))
 }
 
-/// The systemd unit that serves `artifact` (a file name under `models/`) at boot.
-fn service_unit(model: &str, artifact: &str, host: &str, port: u16, budget: Option<u64>) -> String {
-    let memory = budget
+/// Where and how the unit serves: the listening address and what the memory budget was
+/// checked with (the context, the threads; 0 threads: every core).
+struct Serving<'a> {
+    host: &'a str,
+    port: u16,
+    context: usize,
+    threads: usize,
+    budget: Option<u64>,
+}
+
+/// The systemd unit that serves `artifact` (a file name under `models/`) at boot, with the
+/// context and threads its memory was checked at.
+fn service_unit(model: &str, artifact: &str, serving: &Serving<'_>) -> String {
+    let memory = serving
+        .budget
         .map(|b| format!("MemoryMax={b}\n"))
         .unwrap_or_default();
+    let threads = match serving.threads {
+        0 => String::new(),
+        t => format!(" -t {t}"),
+    };
+    let (host, port, context) = (serving.host, serving.port, serving.context);
     format!(
         "# Installed by `kilnc flash`: kiln serving {model} over HTTP.\n\
          [Unit]\n\
@@ -115,7 +132,7 @@ fn service_unit(model: &str, artifact: &str, host: &str, port: u16, budget: Opti
          Wants=network-online.target\n\
          \n\
          [Service]\n\
-         ExecStart=/opt/kiln/current/bin/kiln serve /opt/kiln/current/models/{artifact} --host {host} --port {port}\n\
+         ExecStart=/opt/kiln/current/bin/kiln serve /opt/kiln/current/models/{artifact} --host {host} --port {port} --ctx-size {context}{threads}\n\
          Restart=on-failure\n\
          RestartSec=5\n\
          DynamicUser=yes\n\
@@ -213,9 +230,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let service = service_unit(
         &model_name,
         &artifact_file,
-        &args.host,
-        args.port,
-        target.memory.budget,
+        &Serving {
+            host: &args.host,
+            port: args.port,
+            context: plan.context,
+            threads: target.defaults.threads,
+            budget: target.memory.budget,
+        },
     );
     let small = staging.path().join("small");
     std::fs::create_dir_all(&small)?;
@@ -330,15 +351,16 @@ mod tests {
 
     #[test]
     fn the_unit_serves_the_installed_model_as_a_dynamic_user() {
-        let unit = service_unit(
-            "smollm2",
-            "smollm2.q4_1.kiln",
-            "0.0.0.0",
-            8080,
-            Some(6 << 30),
-        );
+        let serving = Serving {
+            host: "0.0.0.0",
+            port: 8080,
+            context: 2048,
+            threads: 4,
+            budget: Some(6 << 30),
+        };
+        let unit = service_unit("smollm2", "smollm2.q4_1.kiln", &serving);
         assert!(unit.contains(
-            "ExecStart=/opt/kiln/current/bin/kiln serve /opt/kiln/current/models/smollm2.q4_1.kiln --host 0.0.0.0 --port 8080\n"
+            "ExecStart=/opt/kiln/current/bin/kiln serve /opt/kiln/current/models/smollm2.q4_1.kiln --host 0.0.0.0 --port 8080 --ctx-size 2048 -t 4\n"
         ), "{unit}");
         for line in [
             "Restart=on-failure",
@@ -348,6 +370,15 @@ mod tests {
         ] {
             assert!(unit.lines().any(|l| l == line), "{line} in {unit}");
         }
-        assert!(!service_unit("m", "m.kiln", "h", 1, None).contains("MemoryMax"));
+        let unbudgeted = Serving {
+            threads: 0,
+            budget: None,
+            ..serving
+        };
+        let unit = service_unit("m", "m.kiln", &unbudgeted);
+        assert!(
+            !unit.contains("MemoryMax") && !unit.contains(" -t "),
+            "{unit}"
+        );
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! Layout on the device: `<root>/opt/kiln/releases/<release>/` holds one release's files,
 //! `<root>/opt/kiln/current` is a symlink to the one in use, switched atomically by the
-//! bundle's `install.sh` (which also checks sha256s, runs `current/bin/kiln --version`, rolls
-//! back on failure, keeps the previous release and installs the systemd unit to
+//! bundle's `install.sh` (which also checks sha256s, runs `current/bin/kiln --version` and
+//! one token of the release's model at the unit's context, rolls back on failure, keeps the previous release and installs the systemd unit to
 //! `<root>/etc/systemd/system/kiln.service`). Over ssh, files whose sha256 already matches on
 //! the device are not copied again, so an interrupted flash resumes.
 
@@ -23,8 +23,9 @@ use crate::pipeline::cache::sha256_file;
     after_help = "Examples:\n  kilnc flash --target rpi5 --to ssh://pi@raspberrypi\n  \
 kilnc flash --target rpi5 --to /media/$USER/rootfs\n\nOver ssh the login must be able to \
 write <path>/opt/kiln and <path>/etc/systemd/system (root, or a path it owns) and the device \
-needs sh and sha256sum; ssh runs with BatchMode, so use a key (ssh-copy-id). A failed \
-`kiln --version` on the device switches `current` back to the previous release."
+needs sh and sha256sum; ssh runs with BatchMode, so use a key (ssh-copy-id). The new release \
+must run `kiln --version` and generate one token with its model on the device, at the context \
+the service runs with; if not, `current` is switched back to the previous release."
 )]
 pub struct Args {
     /// The device the bundle must be for (checked against its manifest).
@@ -37,7 +38,8 @@ pub struct Args {
     /// holding a device's root file system.
     #[arg(long, value_name = "DEST")]
     pub to: String,
-    /// With a directory: what runs the smoke check `bin/kiln --version` (e.g.
+    /// With a directory: what runs the smoke check (`bin/kiln --version`, then one token of the
+    /// model) (e.g.
     /// `qemu-aarch64-static -cpu cortex-a76`, or `none` to skip it). Default: the binary itself
     /// when it is for this machine's architecture, else `qemu-<arch>-static` when installed,
     /// else skipped.
@@ -221,8 +223,9 @@ fn check_install(status: std::process::ExitStatus, release: &str, to: &str) -> a
     match status.code() {
         Some(0) => Ok(()),
         Some(2) => bail!(
-            "release {release} was copied to {to} but `bin/kiln --version` failed there; `current` \
-             was switched back (see install.sh's lines above)"
+            "release {release} was copied to {to} but its smoke check (`bin/kiln --version`, one \
+             token of its model) failed there; `current` was switched back (see install.sh's \
+             lines above)"
         ),
         _ => bail!(
             "installing release {release} on {to} failed ({status}; see install.sh's lines above)"
@@ -268,7 +271,7 @@ fn flash_dir(args: &Args, bundle: &Path, root: &Path) -> anyhow::Result<Unpacked
         unpacked.release,
         root.display(),
         match runner.as_str() {
-            "" => "bin/kiln --version",
+            "" => "bin/kiln --version, one token of the model",
             "skip" => "skipped",
             other => other,
         }

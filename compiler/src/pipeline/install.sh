@@ -2,8 +2,10 @@
 # kiln's installer, written into every bundle by `kilnc bundle` and run by
 # `kilnc flash` once a release's files are in <ROOT>/opt/kiln/releases/<RELEASE>:
 # checks every file against SHA256SUMS, switches <ROOT>/opt/kiln/current to the release
-# atomically (a new symlink renamed over the old one), runs `current/bin/kiln --version` and
-# switches back to the previous release if that fails. Then it installs the systemd unit to
+# atomically (a new symlink renamed over the old one), runs `current/bin/kiln --version`, then
+# loads the release's model and generates one token with it at the context the unit serves
+# (`kiln run MODEL -p Hello -n 1 --ctx-size N`), and switches back to the previous release if
+# either fails. Then it installs the systemd unit to
 # <ROOT>/etc/systemd/system/kiln.service, keeps only the current and previous releases and,
 # when ROOT is the running system, (re)starts the service.
 #
@@ -33,15 +35,26 @@ switch "releases/$release"
 say "current -> releases/$release${previous:+ (was $previous)}"
 
 runner=${KILN_SMOKE_RUNNER:-}
+# The model the unit serves, and the context its memory was checked at.
+model=""
+for m in "$dir"/models/*.kiln; do [ -f "$m" ] && model="$base/current/models/${m##*/}"; done
+ctx=$(sed -n 's/^ExecStart=.* --ctx-size \([0-9][0-9]*\).*/\1/p' "$dir/kiln.service")
+smoke() {
+    $runner "$base/current/bin/kiln" --version || { failed='`bin/kiln --version` did not run'; return 1; }
+    [ -n "$model" ] || { failed="the release has no model"; return 1; }
+    $runner "$base/current/bin/kiln" run "$model" -p Hello -n 1 ${ctx:+--ctx-size "$ctx"} >/dev/null ||
+        { failed="\`bin/kiln run\` could not load ${model##*/} and generate a token"; return 1; }
+}
+failed=""
 if [ "$runner" = skip ]; then
     say "smoke check skipped"
-elif ! $runner "$base/current/bin/kiln" --version; then
+elif ! smoke; then
     if [ -n "$previous" ] && [ "$previous" != "releases/$release" ]; then
         switch "$previous"
-        say "smoke check failed: \`bin/kiln --version\` did not run; rolled back to $previous"
+        say "smoke check failed: $failed; rolled back to $previous"
     else
         rm -f "$base/current"
-        say "smoke check failed: \`bin/kiln --version\` did not run; no previous release to roll back to"
+        say "smoke check failed: $failed; no previous release to roll back to"
     fi
     exit 2
 fi
