@@ -2,7 +2,7 @@
 //! range refused by name before anything loads (`-t 100000`, `--temp nan`, `--repeat-penalty
 //! 0`, `--repeat-last-n` past any context); `-n` past any context ending at the context; a
 //! model path that is a FIFO refused instead of blocking; Ctrl-C in `kiln chat` ending the
-//! reply, not the program.
+//! reply, not the program; `kiln --version` naming the commit it was built from.
 
 mod common;
 
@@ -144,4 +144,24 @@ fn ctrl_c_in_chat_ends_the_reply_not_the_program() {
     std::io::Read::read_to_string(&mut stdout, &mut rest).expect("the rest");
     let status = child.wait().expect("wait");
     assert!(status.success(), "{status}: {first}{rest}");
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = kiln(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(common::testdata())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    assert_eq!(
+        text,
+        format!("kiln {} ({commit})", env!("CARGO_PKG_VERSION")),
+        "built from another commit? rebuild kiln"
+    );
 }

@@ -13,6 +13,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 use kiln_runtime::exec::{MemoryPlan, SessionOptions};
+use kiln_targets::{Backend, ExecutionProvider};
 use sha2::{Digest, Sha256};
 
 use crate::pipeline::{build, cache, compile};
@@ -41,6 +42,11 @@ pub struct Args {
     /// The archive to write (default: `dist/<target>/kiln-bundle.tar.gz` in the current directory).
     #[arg(short = 'o', long = "out")]
     pub out: Option<PathBuf>,
+    /// On a target that reaches an accelerator through onnxruntime (a Jetson's CUDA/TensorRT,
+    /// a QCS6490's QNN), bundle the `.kiln` for the CPU anyway. Without it such a bundle is
+    /// refused, since the onnxruntime kiln can fetch has no accelerator provider.
+    #[arg(long)]
+    pub cpu_only: bool,
     /// Package this already built `kiln` binary instead of building one (needs --artifact).
     #[arg(long, requires = "artifact", value_name = "FILE")]
     pub binary: Option<PathBuf>,
@@ -150,8 +156,36 @@ fn service_unit(model: &str, artifact: &str, serving: &Serving<'_>) -> String {
 /// The script `kilnc flash` runs on the device once the release's files are in place.
 pub const INSTALL_SH: &str = include_str!("install.sh");
 
+/// Refuses to bundle a target's model for the CPU alone when the target expects an
+/// accelerator through onnxruntime, unless `cpu_only` says so: the message names the library
+/// the device needs.
+fn check_accelerators(target: &kiln_targets::Target, cpu_only: bool) -> anyhow::Result<()> {
+    let accelerators: Vec<&str> = target
+        .execution_providers
+        .iter()
+        .filter(|p| !matches!(p, ExecutionProvider::Cpu | ExecutionProvider::Xnnpack))
+        .map(|p| p.key())
+        .collect();
+    if target.backend != Backend::Ort || accelerators.is_empty() || cpu_only {
+        return Ok(());
+    }
+    bail!(
+        "{} reaches its accelerator through onnxruntime's {} provider{}, which the onnxruntime \
+         kiln fetches for {} does not have (it is CPU-only): the device needs a libonnxruntime.so \
+         built with {} (for a Jetson, JetPack's onnxruntime-gpu; for Qualcomm, the QNN SDK's), \
+         with model.onnx from `kilnc export`. Pass --cpu-only to bundle the .kiln for the CPU \
+         instead; nothing was written",
+        target.name,
+        accelerators.join(", "),
+        if accelerators.len() == 1 { "" } else { "s" },
+        target.triple,
+        accelerators.join(" and ")
+    )
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let target = compile::resolve_target(&args.target)?;
+    check_accelerators(&target, args.cpu_only)?;
     let quant = args
         .quant
         .clone()
@@ -348,6 +382,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_accelerator_target_is_refused_for_the_cpu_unless_asked() {
+        let jetson = compile::resolve_target("jetson-orin-nano").expect("jetson");
+        let e = check_accelerators(&jetson, false).expect_err("refused");
+        let message = e.to_string();
+        for phrase in [
+            "cuda, tensorrt providers",
+            "libonnxruntime.so",
+            "--cpu-only",
+        ] {
+            assert!(message.contains(phrase), "{phrase}: {message}");
+        }
+        assert!(check_accelerators(&jetson, true).is_ok());
+        let rpi5 = compile::resolve_target("rpi5").expect("rpi5");
+        assert!(check_accelerators(&rpi5, false).is_ok());
+    }
 
     #[test]
     fn the_unit_serves_the_installed_model_as_a_dynamic_user() {

@@ -13,7 +13,12 @@ use clap::{Parser, Subcommand};
 /// kiln runs Llama 3–family models compiled ahead of time into `.kiln` artifacts
 /// (`cargo xtask compile` makes them).
 #[derive(Parser)]
-#[command(name = "kiln", version, about, long_about = None)]
+#[command(
+    name = "kiln",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("KILN_GIT_COMMIT"), ")"),
+    about,
+    long_about = None
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
