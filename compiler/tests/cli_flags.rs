@@ -132,8 +132,10 @@ fn ctrl_c_in_chat_ends_the_reply_not_the_program() {
     // Some of the reply, then Ctrl-C.
     let mut first = String::new();
     stdout.read_line(&mut first).expect("reply text");
-    let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    // The shell's own `kill`: no procps needed.
+    let sent = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -INT {}", child.id()))
         .status()
         .expect("kill");
     assert!(sent.success());
