@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_arm;
+mod fuzz;
 mod gen_shaped;
 mod gen_tiny;
 mod llama_bench;
@@ -42,6 +43,8 @@ enum Command {
     Test(test::Args),
     /// Benchmark kiln against llama.cpp (prompt, decode, time to first token, peak RSS).
     Bench(bench::Args),
+    /// Fuzz kiln's parsers of outside input with cargo-fuzz (nightly).
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run::run(args),
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
