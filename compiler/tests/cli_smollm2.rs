@@ -111,12 +111,12 @@ fn bench_json_reports_every_field() {
     }
 }
 
-#[test]
-fn chat_answers_every_turn() {
+/// `kiln chat` on the default model with `args`, `input` as its turns; its stdout.
+fn chat(args: &[&str], input: &[u8]) -> String {
     let mut child = kiln()
         .arg("chat")
         .arg(common::smollm2_artifact(Format::Q4_1))
-        .args(["-n", "24", "--temp", "0"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -126,7 +126,7 @@ fn chat_answers_every_turn() {
         .stdin
         .take()
         .expect("stdin")
-        .write_all(b"What is the capital of France?\nAnd of Italy?\n")
+        .write_all(input)
         .expect("write turns");
     let out = child.wait_with_output().expect("kiln chat");
     assert!(
@@ -134,7 +134,15 @@ fn chat_answers_every_turn() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn chat_answers_every_turn() {
+    let text = chat(
+        &["-n", "24", "--temp", "0"],
+        b"What is the capital of France?\nAnd of Italy?\n",
+    );
     let replies: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(
         replies.len(),
@@ -157,30 +165,20 @@ fn chat_calls_a_tool_and_answers_with_its_result() {
                            "required": ["city"], "additionalProperties": false}}}]"#,
     )
     .expect("write tools");
-    let mut child = kiln()
-        .arg("chat")
-        .arg(common::smollm2_artifact(Format::Q4_1))
-        .arg("--tools")
-        .arg(&tools)
-        .args(["--tool-choice", "get_weather", "-n", "40", "--temp", "0"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kiln chat");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"What is the weather in Lyon?\n{\"temperature\": 11, \"sky\": \"rain\"}\n")
-        .expect("write turns");
-    let out = child.wait_with_output().expect("kiln chat");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let tools = tools.to_str().expect("a UTF-8 path");
+    let text = chat(
+        &[
+            "--tools",
+            tools,
+            "--tool-choice",
+            "get_weather",
+            "-n",
+            "40",
+            "--temp",
+            "0",
+        ],
+        b"What is the weather in Lyon?\n{\"temperature\": 11, \"sky\": \"rain\"}\n",
     );
-    let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let call = lines.first().expect("a call line");
     let args = call

@@ -9,36 +9,9 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use common::serve::{events, post, request, start};
 use kiln_runtime::quant::Format;
 use serde_json::{json, Value};
-
-/// What `validate.py` says of `cases` (`[{"name", "schema", "text"}]`): the failures.
-fn failures(cases: &[Value]) -> Vec<Value> {
-    let mut child = Command::new(common::python())
-        .arg(common::testdata().join("structured/validate.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting python");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(Value::Array(cases.to_vec()).to_string().as_bytes())
-        .expect("writing the cases");
-    let out = child.wait_with_output().expect("validate.py");
-    assert!(
-        out.status.success(),
-        "validate.py (needs jsonschema[format-nongpl]; `cargo xtask test` installs it): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("validate.py's answer")
-}
 
 /// The text and finish reason of a streamed chat answer.
 fn streamed(addr: &str, body: &Value) -> (Value, String) {
@@ -123,13 +96,7 @@ fn json_schema_replies_validate_greedy_and_sampled_streamed_and_not() {
             }));
         }
     }
-    let failed = failures(&cases);
-    assert!(
-        failed.is_empty(),
-        "{} of {} invalid: {failed:#?}",
-        failed.len(),
-        cases.len()
-    );
+    common::assert_schemas_hold(&cases);
 }
 
 /// Tools a smart-glasses assistant offers.
@@ -215,13 +182,7 @@ fn required_and_named_tool_calls_validate_and_results_go_back() {
             }));
         }
     }
-    let failed = failures(&cases);
-    assert!(
-        failed.is_empty(),
-        "{} of {} invalid: {failed:#?}",
-        failed.len(),
-        cases.len()
-    );
+    common::assert_schemas_hold(&cases);
 
     // The call and its result go back as OpenAI clients send them, and the model answers.
     let body = json!({

@@ -200,3 +200,45 @@ pub fn assert_names_file(message: String, path: &Path, phrases: &[&str]) -> Stri
     }
     message
 }
+
+/// Each case (`{"name", "schema", "text"}`) that Python `jsonschema` finds invalid
+/// (`testdata/structured/validate.py`), with why.
+pub fn schema_failures(cases: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(python())
+        .arg(testdata().join("structured/validate.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting python");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(
+            serde_json::Value::Array(cases.to_vec())
+                .to_string()
+                .as_bytes(),
+        )
+        .expect("writing the cases");
+    let out = child.wait_with_output().expect("validate.py");
+    assert!(
+        out.status.success(),
+        "validate.py (needs jsonschema[format-nongpl]; `cargo xtask test` installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("validate.py's answer")
+}
+
+/// Asserts that Python `jsonschema` finds every case valid (see [`schema_failures`]).
+pub fn assert_schemas_hold(cases: &[serde_json::Value]) {
+    let failed = schema_failures(cases);
+    assert!(
+        failed.is_empty(),
+        "{} of {} invalid: {failed:#?}",
+        failed.len(),
+        cases.len()
+    );
+}

@@ -87,6 +87,20 @@ pub struct ChatRequest {
     pub response_format: Option<Value>,
 }
 
+impl ChatRequest {
+    /// The tools offered and how the reply may use them: `tool_choice` as given, else `auto`
+    /// when there are tools and `none` when there are not (OpenAI's defaults).
+    fn tools_offered(&self) -> Result<(&[Value], ToolChoice), RequestError> {
+        let offered = self.tools.as_deref().unwrap_or(&[]);
+        let choice = match &self.tool_choice {
+            Some(c) => ToolChoice::parse(c)?,
+            None if offered.is_empty() => ToolChoice::None,
+            None => ToolChoice::Auto,
+        };
+        Ok((offered, choice))
+    }
+}
+
 /// Why a request cannot be answered (a 400 for the client).
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -232,12 +246,7 @@ pub fn prepare_chat(
         .enumerate()
         .map(|(i, m)| message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
-    let offered = request.tools.as_deref().unwrap_or(&[]);
-    let choice = match &request.tool_choice {
-        Some(c) => ToolChoice::parse(c)?,
-        None if offered.is_empty() => ToolChoice::None,
-        None => ToolChoice::Auto,
-    };
+    let (offered, choice) = request.tools_offered()?;
     let format = response_format(request.response_format.as_ref())?;
     prepare(
         template,
@@ -373,12 +382,7 @@ pub fn request_prefix(
         .enumerate()
         .map(|(i, m)| message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
-    let offered = request.tools.as_deref().unwrap_or(&[]);
-    let choice = match &request.tool_choice {
-        Some(c) => ToolChoice::parse(c)?,
-        None if offered.is_empty() => ToolChoice::None,
-        None => ToolChoice::Auto,
-    };
+    let (offered, choice) = request.tools_offered()?;
     shared_prefix(template, template_source, &head, offered, &choice, encode)
 }
 
