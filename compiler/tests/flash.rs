@@ -494,3 +494,71 @@ fn flashing_over_ssh_installs_checks_and_resumes() {
     assert!(!out.status.success());
     assert_eq!(current(&device_root), "releases/0.1.0-one");
 }
+
+/// `bundle --parallel N`: every slot's session counts against the target's budget (the
+/// weights once), the unit starts `kiln serve --parallel N`, and too many slots are refused
+/// with the numbers before anything is written.
+#[test]
+fn bundle_counts_every_parallel_slot_against_the_budget() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let artifact = common::smollm2_artifact(Format::Q4_1);
+    let bundle = |parallel: u16| {
+        let out = dir.path().join(format!("aarch64-{parallel}.tar.gz"));
+        let output = xtask()
+            .args(["bundle", "--target", "aarch64-linux", "--json", "--binary"])
+            .arg(common::kiln_binary())
+            .arg("--artifact")
+            .arg(&artifact)
+            .args(["--parallel", &parallel.to_string(), "-o"])
+            .arg(&out)
+            .output()
+            .expect("cargo xtask bundle");
+        (out, output)
+    };
+    let manifest = |output: &Output| -> Value {
+        let report: Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+        report["manifest"].clone()
+    };
+
+    let (_, one) = bundle(1);
+    let one = manifest(&ok(one, "bundle --parallel 1"));
+    let (three_path, three) = bundle(3);
+    let three = manifest(&ok(three, "bundle --parallel 3"));
+    let plan = &one["memory"]["plan"];
+    let session: u64 = ["kv_cache", "buffers", "scratch", "logits"]
+        .iter()
+        .map(|k| plan[k].as_u64().expect(k))
+        .sum();
+    let peak = |m: &Value| m["memory"]["predicted_peak_bytes"].as_u64().expect("peak");
+    assert_eq!(peak(&three), peak(&one) + 2 * session);
+    assert_eq!(three["memory"]["parallel"], 3);
+    let unit = ok(
+        Command::new("tar")
+            .arg("xzf")
+            .arg(&three_path)
+            .args(["-O", "kiln.service"])
+            .output()
+            .expect("tar"),
+        "tar",
+    );
+    let unit = String::from_utf8(unit.stdout).expect("utf-8");
+    assert!(
+        unit.contains(&format!(
+            "--ctx-size {} -t 4 --parallel 3\n",
+            three["memory"]["context"]
+        )),
+        "{unit}"
+    );
+
+    let (refused_path, refused) = bundle(64);
+    assert!(!refused.status.success(), "64 slots fit a 2 GiB budget?");
+    let message = String::from_utf8_lossy(&refused.stderr);
+    for phrase in [
+        "with 64 slots of",
+        "aarch64-linux memory budget",
+        "--parallel",
+    ] {
+        assert!(message.contains(phrase), "{phrase}: {message}");
+    }
+    assert!(!refused_path.exists(), "a refused bundle was written");
+}

@@ -232,6 +232,71 @@ fn truncated_onnx_is_an_error_naming_the_file() {
     common::assert_names_file(err, &missing, &[]);
 }
 
+/// tract panics on an `Unsqueeze` whose axis lies past its input's rank (the `onnx` fuzz target
+/// found it): lowering reports it as an error naming the file, and the process goes on.
+#[test]
+fn a_model_tract_panics_on_is_an_error_naming_the_file() {
+    use kiln_compiler::onnx::proto::{
+        attribute_type, tensor_shape_proto, type_proto, AttributeProto, GraphProto, NodeProto,
+        OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto, FLOAT,
+    };
+    let tensor = |name: &str, dims: &[i64]| ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(FLOAT),
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| tensor_shape_proto::Dimension {
+                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+                        })
+                        .collect(),
+                }),
+            })),
+        }),
+    };
+    let model = ModelProto {
+        ir_version: Some(6),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(11),
+        }],
+        graph: Some(GraphProto {
+            node: vec![NodeProto {
+                input: vec!["x".into()],
+                output: vec!["y".into()],
+                name: Some("unsqueeze_far".into()),
+                op_type: Some("Unsqueeze".into()),
+                domain: None,
+                attribute: vec![AttributeProto {
+                    name: Some("axes".into()),
+                    r#type: Some(attribute_type::INTS),
+                    ints: vec![9],
+                    ..Default::default()
+                }],
+            }],
+            name: Some("g".into()),
+            initializer: Vec::new(),
+            input: vec![tensor("x", &[2])],
+            output: vec![ValueInfoProto {
+                name: Some("y".into()),
+                r#type: None,
+            }],
+        }),
+        ..Default::default()
+    };
+    let dir = temp_dir();
+    let path = dir.path().join("unsqueeze.onnx");
+    std::fs::write(&path, model.encode_to_vec()).expect("write");
+    let err = lower_error(&path);
+    common::assert_names_file(
+        err,
+        &path,
+        &["not a readable ONNX model", "tract failed on it"],
+    );
+}
+
 /// A Llama exported by transformers + torch.onnx (`testdata/onnx/hf-tiny-llama`, see its
 /// README): kiln's artifact from the lowered graph must give torch's logits.
 #[test]

@@ -8,7 +8,6 @@ mod hf_support;
 mod onnx_common;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use kiln_compiler::onnx::{export, export_quantized, proto, ExportOptions};
 use kiln_engine::decoder::Decoder;
@@ -69,11 +68,11 @@ fn ort_options(eps: Vec<Ep>) -> OrtOptions {
 
 /// The default model exported once per test binary: float, and `MatMulNBits` over its q4_1 blocks.
 fn smollm2_onnx(quantized: bool) -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
-    let path = dir
-        .path()
-        .join(if quantized { "q4_1.onnx" } else { "f32.onnx" });
+    let path = common::shared_dir().join(if quantized {
+        "smollm2-q4_1.onnx"
+    } else {
+        "smollm2-f32.onnx"
+    });
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if !path.exists() {

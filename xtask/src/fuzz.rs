@@ -7,7 +7,17 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 /// The targets in `fuzz/fuzz_targets/`, in the order they run.
-const TARGETS: &[&str] = &["artifact", "tokenizer_json", "tiktoken", "chat_request"];
+const TARGETS: &[&str] = &[
+    "artifact",
+    "gguf",
+    "hf_checkpoint",
+    "onnx",
+    "tokenizer_json",
+    "tiktoken",
+    "chat_request",
+    "json_schema",
+    "http",
+];
 
 /// Fuzz kiln's parsers (needs `rustup toolchain install nightly` and `cargo install cargo-fuzz`).
 #[derive(Debug, clap::Args)]
@@ -27,12 +37,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.targets.iter().map(String::as_str).collect()
     };
+    let repo = fuzz_dir.join("..");
+    // The vocabulary of `json_schema` and the model `http` serves.
+    let model = crate::run::compiled("smollm2-135m-instruct", "q4_1")?;
     for target in targets {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
+        if std::fs::read_dir(&corpus)?.next().is_none() {
+            let n = crate::fuzz_seeds::write(target, &corpus, &repo)?;
+            eprintln!("fuzz: {n} seed input(s) for {target}");
+        }
         eprintln!("fuzz: {target} for {} s", args.seconds);
-        let status = Command::new("cargo")
-            .args(["+nightly", "fuzz", "run", "-O", target, "--"])
+        let mut fuzz = Command::new("cargo");
+        fuzz.args(["+nightly", "fuzz", "run", "-O", target, "--"])
             .arg(format!("-max_total_time={}", args.seconds))
             .arg("-print_final_stats=1")
+            .env("KILN_FUZZ_MODEL", &model);
+        if target == "http" {
+            // The server logs each request; libFuzzer keeps its own report on a copy of stderr.
+            fuzz.arg("-close_fd_mask=2");
+        }
+        let status = fuzz
             .current_dir(&fuzz_dir)
             .status()
             .context(

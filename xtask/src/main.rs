@@ -5,6 +5,7 @@
 mod bench;
 mod bench_arm;
 mod fuzz;
+mod fuzz_seeds;
 mod gen_shaped;
 mod gen_tiny;
 mod llama_bench;

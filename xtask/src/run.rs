@@ -38,7 +38,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let target = compile::resolve_target(&args.target)?;
     let backend = args.backend.as_deref().unwrap_or(target.backend.name());
     let (model, backend_args) = match backend {
-        "native" => (artifact(&args)?, Vec::new()),
+        "native" => (compiled(&args.model, &args.quant)?, Vec::new()),
         "ort" => {
             let library = kiln_compiler::pipeline::onnxruntime::ensure(std::env::consts::ARCH)?;
             let eps: Vec<&str> = target.execution_providers.iter().map(|e| e.key()).collect();
@@ -65,17 +65,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The card compiled for this machine, cached under `$KILN_HOME/artifacts`.
-fn artifact(args: &Args) -> anyhow::Result<PathBuf> {
+/// The card `model` compiled to `quant` for this machine, cached under `$KILN_HOME/artifacts`.
+pub fn compiled(model: &str, quant: &str) -> anyhow::Result<PathBuf> {
     let out = kiln_compiler::pipeline::cache::kiln_home()?
         .join("artifacts")
-        .join(format!("{}.{}.kiln", args.model, args.quant));
+        .join(format!("{model}.{quant}.kiln"));
     if !out.is_file() {
         std::fs::create_dir_all(out.parent().context("artifact path has a parent")?)?;
         compile::run(compile::Args {
-            model: args.model.clone(),
+            model: model.to_owned(),
             target: "host".into(),
-            quant: Some(args.quant.clone()),
+            quant: Some(quant.to_owned()),
             overrides: Vec::new(),
             out: out.clone(),
             ctx: None,

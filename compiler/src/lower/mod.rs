@@ -25,6 +25,7 @@ mod probe;
 mod rope;
 mod sdpa;
 mod tokenizer;
+mod tract_panics;
 mod view;
 
 use std::path::{Path, PathBuf};
@@ -112,20 +113,24 @@ pub fn import_onnx_with(path: &Path, opts: &LowerOptions) -> Result<Checkpoint, 
     })
 }
 
-/// Reads, types and declutters the model.
+/// Reads, types and declutters the model (a panic in tract is an error too).
 fn load(path: &Path) -> Result<TypedModel, LowerError> {
     std::fs::metadata(path).map_err(|source| LowerError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    tract_onnx::onnx()
-        .model_for_path(path)
-        .and_then(|m| m.into_typed())
-        .and_then(|m| m.into_decluttered())
-        .map_err(|e| LowerError::Load {
-            path: path.to_path_buf(),
-            what: format!("{e:#}"),
-        })
+    let load_error = |what| LowerError::Load {
+        path: path.to_path_buf(),
+        what,
+    };
+    tract_panics::contained(|| {
+        tract_onnx::onnx()
+            .model_for_path(path)
+            .and_then(|m| m.into_typed())
+            .and_then(|m| m.into_decluttered())
+    })
+    .map_err(|panic| load_error(format!("tract failed on it: {panic}")))?
+    .map_err(|e| load_error(format!("{e:#}")))
 }
 
 fn unmatched(path: &Path, m: Mismatch) -> LowerError {

@@ -59,6 +59,10 @@ pub struct Args {
     /// The port the installed server listens on.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// Sequences the installed server generates at once (`kiln serve --parallel`): each has
+    /// its own KV cache and buffers, and all of them must fit the target's memory budget.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel: u16,
     /// Print a JSON report on stdout (progress still goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -109,12 +113,13 @@ fn predicted_memory(artifact: &Path, target_context: usize) -> anyhow::Result<Me
 }
 
 /// Where and how the unit serves: the listening address and what the memory budget was
-/// checked with (the context, the threads; 0 threads: every core).
+/// checked with (the context, the threads, 0: every core; the slots).
 struct Serving<'a> {
     host: &'a str,
     port: u16,
     context: usize,
     threads: usize,
+    parallel: u16,
     budget: Option<u64>,
 }
 
@@ -129,6 +134,10 @@ fn service_unit(model: &str, artifact: &str, serving: &Serving<'_>) -> String {
         0 => String::new(),
         t => format!(" -t {t}"),
     };
+    let parallel = match serving.parallel {
+        1 => String::new(),
+        n => format!(" --parallel {n}"),
+    };
     let (host, port, context) = (serving.host, serving.port, serving.context);
     format!(
         "# Installed by `kilnc flash`: kiln serving {model} over HTTP.\n\
@@ -138,7 +147,7 @@ fn service_unit(model: &str, artifact: &str, serving: &Serving<'_>) -> String {
          Wants=network-online.target\n\
          \n\
          [Service]\n\
-         ExecStart=/opt/kiln/current/bin/kiln serve /opt/kiln/current/models/{artifact} --host {host} --port {port} --ctx-size {context}{threads}\n\
+         ExecStart=/opt/kiln/current/bin/kiln serve /opt/kiln/current/models/{artifact} --host {host} --port {port} --ctx-size {context}{threads}{parallel}\n\
          Restart=on-failure\n\
          RestartSec=5\n\
          DynamicUser=yes\n\
@@ -245,17 +254,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         target.name
     );
     let plan = predicted_memory(&artifact, target.defaults.context)?;
-    let peak = plan.total() as u64;
+    // The weights are mapped once; every slot has a session of its own.
+    let peak = (plan.total() + (usize::from(args.parallel) - 1) * plan.session_bytes()) as u64;
     if let Some(budget) = target.memory.budget {
         if peak > budget {
             bail!(
-                "{} needs {:.1} MB at a {}-token context, over the {} memory budget of {:.1} MB; \
-                 nothing was written (try a smaller --quant)",
+                "{} needs {:.1} MB at a {}-token context{}, over the {} memory budget of {:.1} \
+                 MB; nothing was written (try a smaller --quant{})",
                 artifact.display(),
                 peak as f64 / 1e6,
                 plan.context,
+                match args.parallel {
+                    1 => String::new(),
+                    n => format!(
+                        " with {n} slots of {:.1} MB",
+                        plan.session_bytes() as f64 / 1e6
+                    ),
+                },
                 target.name,
-                budget as f64 / 1e6
+                budget as f64 / 1e6,
+                if args.parallel > 1 {
+                    " or --parallel"
+                } else {
+                    ""
+                }
             );
         }
     }
@@ -269,6 +291,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             port: args.port,
             context: plan.context,
             threads: target.defaults.threads,
+            parallel: args.parallel,
             budget: target.memory.budget,
         },
     );
@@ -309,6 +332,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "memory": {
             "predicted_peak_bytes": peak,
             "context": plan.context,
+            "parallel": args.parallel,
             "budget_bytes": target.memory.budget,
             "plan": plan,
         },
@@ -407,6 +431,7 @@ mod tests {
             port: 8080,
             context: 2048,
             threads: 4,
+            parallel: 1,
             budget: Some(6 << 30),
         };
         let unit = service_unit("smollm2", "smollm2.q4_1.kiln", &serving);
@@ -428,7 +453,16 @@ mod tests {
         };
         let unit = service_unit("m", "m.kiln", &unbudgeted);
         assert!(
-            !unit.contains("MemoryMax") && !unit.contains(" -t "),
+            !unit.contains("MemoryMax") && !unit.contains(" -t ") && !unit.contains("--parallel"),
+            "{unit}"
+        );
+        let slots = Serving {
+            parallel: 3,
+            ..serving
+        };
+        let unit = service_unit("m", "m.kiln", &slots);
+        assert!(
+            unit.contains("--ctx-size 2048 -t 4 --parallel 3\n"),
             "{unit}"
         );
     }

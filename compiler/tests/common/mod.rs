@@ -84,10 +84,8 @@ pub fn smollm2_packed(quant: Format, layout: kiln_runtime::layout::Layout) -> Pa
     if layout == kiln_runtime::layout::Layout::Rows {
         return smollm2_artifact(quant);
     }
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     static BUILT: OnceLock<Mutex<HashMap<(Format, kiln_runtime::layout::Layout), PathBuf>>> =
         OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
     let mut built = BUILT
         .get_or_init(Mutex::default)
         .lock()
@@ -97,15 +95,37 @@ pub fn smollm2_packed(quant: Format, layout: kiln_runtime::layout::Layout) -> Pa
         .or_insert_with(|| {
             let checkpoint = kiln_compiler::import::import(&smollm2_gguf()).expect("import");
             let converted = kiln_compiler::emit::convert(&checkpoint, quant).expect("convert");
-            let out = dir
-                .path()
-                .join(format!("smollm2-{}-{}.kiln", quant.name(), layout.name()));
+            let out = shared_dir().join(format!("smollm2-{}-{}.kiln", quant.name(), layout.name()));
             let packing = kiln_compiler::emit::Packing::new(&[], layout);
             kiln_compiler::emit::write_artifact_for(&converted, &out, &packing)
                 .expect("write artifact");
             out
         })
         .clone()
+}
+
+/// A directory for what this test binary's tests share (compiled models), removed when the
+/// process exits: a static `TempDir` is never dropped, and each run would leave its models
+/// (hundreds of MB) behind.
+pub fn shared_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    extern "C" fn remove_shared_dir() {
+        if let Some(dir) = DIR.get() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-tests-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        // SAFETY: `remove_shared_dir` is a plain `extern "C"` function that only reads a
+        // static; libc runs it once at exit, after the test harness returns or exits.
+        let registered = unsafe { libc::atexit(remove_shared_dir) };
+        assert_eq!(registered, 0, "atexit");
+        dir
+    })
 }
 
 /// Python for the peer checks: `$KILN_PYTHON`, else `python3`.
@@ -115,16 +135,14 @@ pub fn python() -> String {
 
 /// The default model compiled to `quant`, once per test binary.
 pub fn smollm2_artifact(quant: Format) -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     static BUILT: OnceLock<Mutex<HashMap<Format, PathBuf>>> = OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"));
     let mut built = BUILT
         .get_or_init(Mutex::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     built
         .entry(quant)
-        .or_insert_with(|| compile_smollm2(dir.path(), quant))
+        .or_insert_with(|| compile_smollm2(shared_dir(), quant))
         .clone()
 }
 
