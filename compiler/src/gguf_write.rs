@@ -6,7 +6,7 @@ use std::path::Path;
 
 use kiln_runtime::quant::Format;
 
-use crate::import::gguf::Value;
+use crate::import::gguf::{Value, GGML_TYPES};
 
 /// Alignment of the tensor data (GGUF's default, `general.alignment` unset).
 const ALIGN: u64 = 32;
@@ -25,13 +25,10 @@ pub struct GgufTensor<'a> {
 }
 
 fn ggml_type(format: Format) -> u32 {
-    match format {
-        Format::F32 => 0,
-        Format::F16 => 1,
-        Format::Q4_0 => 2,
-        Format::Q4_1 => 3,
-        Format::Q8_0 => 8,
-    }
+    GGML_TYPES
+        .iter()
+        .find(|&&(_, f)| f == format)
+        .map_or(0, |&(id, _)| id)
 }
 
 fn type_of(v: &Value) -> u32 {
@@ -146,4 +143,20 @@ pub fn write(
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(head.len() as u64 + written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_format_has_its_own_ggml_type() {
+        let mut ids: Vec<u32> = Format::ALL.iter().map(|&f| ggml_type(f)).collect();
+        assert!(Format::ALL
+            .iter()
+            .all(|f| GGML_TYPES.iter().any(|(_, g)| g == f)));
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), Format::ALL.len());
+    }
 }

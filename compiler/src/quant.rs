@@ -44,6 +44,11 @@ pub enum QuantError {
         format: &'static str,
         value: f32,
     },
+    #[error("{tensor}: kiln does not quantize to {format} (it keeps {format} tensors a GGUF file holds; quantize to one of f32, f16, q8_0, q4_0, q4_1, or use --quant copy)")]
+    NotQuantizable {
+        tensor: String,
+        format: &'static str,
+    },
     #[error("--override {spec:?}: {why}")]
     BadOverride { spec: String, why: String },
     #[error("--override {pattern}={format}: no weight matrix matches (names look like `blk.0.ffn_down`, `token_embd`, `output`, or the checkpoint's own tensor names)")]
@@ -57,6 +62,8 @@ pub enum QuantError {
 enum RowError {
     NonFinite(usize, f32),
     OutOfRange(usize, f32),
+    /// The format is one kiln only keeps, never writes.
+    NotQuantizable,
 }
 
 /// `v` as f16 bytes, refusing what f16 cannot hold (ggml would silently store infinity).
@@ -134,6 +141,9 @@ fn quantize_row(row: &[f32], format: Format, out: &mut Vec<u8>) -> Result<(), Ro
         Format::Q8_0 => q8_0_block,
         Format::Q4_0 => q4_0_block,
         Format::Q4_1 => q4_1_block,
+        Format::Bf16 | Format::Q5_0 | Format::Q5_1 | Format::Q4K | Format::Q5K | Format::Q6K => {
+            return Err(RowError::NotQuantizable)
+        }
     };
     for (i, x) in row.chunks_exact(BLOCK).enumerate() {
         block(x, i * BLOCK, out)?;
@@ -184,6 +194,10 @@ pub fn quantize_tensor(t: &Tensor, format: Format) -> Result<Tensor, QuantError>
                 format: format.name(),
                 value,
             },
+            RowError::NotQuantizable => QuantError::NotQuantizable {
+                tensor: t.name.clone(),
+                format: format.name(),
+            },
         })?;
     }
     Ok(Tensor {
@@ -227,12 +241,13 @@ fn glob_match(pattern: &str, name: &str) -> bool {
 ///
 /// Vectors (norm weights) keep their storage. A matrix gets the format of the last override
 /// whose pattern matches it, else `default` — except the token embedding and the output head,
-/// which get `q8_0` when `default` is a 4-bit format, as llama.cpp keeps them wider. Patterns
+/// which get `q8_0` when `default` is a 4-bit format, as llama.cpp keeps them wider; without a
+/// default (`--quant copy`, llama-quantize's `COPY`) it keeps its stored format. Patterns
 /// are globs over the tensor's canonical GGUF-style role (`blk.3.ffn_down`, `token_embd`,
 /// `output`) or its own name, with or without the `.weight` suffix.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantPlan {
-    pub default: Format,
+    pub default: Option<Format>,
     pub overrides: Vec<(String, Format)>,
 }
 
@@ -253,9 +268,22 @@ impl QuantPlan {
     /// Every matrix in `default`, with the embedding/output rule.
     pub fn new(default: Format) -> QuantPlan {
         QuantPlan {
-            default,
+            default: Some(default),
             overrides: Vec::new(),
         }
+    }
+
+    /// Every tensor as the checkpoint stores it (a K-quant GGUF's mix, bit for bit).
+    pub fn copy() -> QuantPlan {
+        QuantPlan {
+            default: None,
+            overrides: Vec::new(),
+        }
+    }
+
+    /// The name `--quant` takes for this plan's default: a format's, or `copy`.
+    pub fn name(&self) -> &'static str {
+        self.default.map_or("copy", Format::name)
     }
 
     /// Adds an override written `PATTERN=FORMAT` (e.g. `blk.*.ffn_down=q8_0`).
@@ -270,13 +298,15 @@ impl QuantPlan {
         if pattern.is_empty() {
             return Err(bad("the pattern is empty".into()));
         }
-        let format = Format::from_name(name).ok_or_else(|| {
-            let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
-            bad(format!(
-                "unknown format {name:?} (one of {})",
-                names.join(", ")
-            ))
-        })?;
+        let format = Format::from_name(name)
+            .filter(|f| f.quantizable())
+            .ok_or_else(|| {
+                let names: Vec<&str> = Format::QUANTIZABLE.iter().map(|f| f.name()).collect();
+                bad(format!(
+                    "unknown format {name:?} (one of {})",
+                    names.join(", ")
+                ))
+            })?;
         self.overrides.push((pattern.to_owned(), format));
         Ok(self)
     }
@@ -297,11 +327,14 @@ impl QuantPlan {
         if let Some(i) = self.matching_override(role, &t.name) {
             return self.overrides[i].1;
         }
-        let four_bit = matches!(self.default, Format::Q4_0 | Format::Q4_1);
+        let Some(default) = self.default else {
+            return t.format;
+        };
+        let four_bit = matches!(default, Format::Q4_0 | Format::Q4_1);
         if four_bit && matches!(role, "token_embd" | "output") {
             Format::Q8_0
         } else {
-            self.default
+            default
         }
     }
 

@@ -12,6 +12,7 @@ use kiln_compiler::import::import;
 /// ggml tensor types used here.
 const GGML_F32: u32 = 0;
 const GGML_Q4_K: u32 = 12;
+const GGML_IQ4_XS: u32 = 23;
 
 /// GGUF metadata value type ids.
 const GGUF_U32: u32 = 4;
@@ -329,14 +330,24 @@ fn unsupported_versions() {
 fn unsupported_ggml_type() {
     let dir = temp_dir();
     let mut t = f32_tensor("blk.0.attn_q.weight", &[HEADS * HEAD_DIM, HIDDEN]);
+    t.ggml_type = GGML_IQ4_XS;
+    let path = Gguf::tiny_llama()
+        .replace_tensor(t)
+        .write(dir.path(), "iq4_xs.gguf");
+    expect_import_error(
+        &path,
+        &[
+            "blk.0.attn_q.weight",
+            "ggml type 23 (IQ4_XS) is not supported",
+        ],
+    );
+    // A K-quant needs rows of whole 256-value super-blocks.
+    let mut t = f32_tensor("blk.0.attn_q.weight", &[HEADS * HEAD_DIM, HIDDEN]);
     t.ggml_type = GGML_Q4_K;
     let path = Gguf::tiny_llama()
         .replace_tensor(t)
         .write(dir.path(), "q4k.gguf");
-    expect_import_error(
-        &path,
-        &["blk.0.attn_q.weight", "ggml type 12 is not supported"],
-    );
+    expect_import_error(&path, &["blk.0.attn_q.weight", "does not fit q4_k"]);
 }
 
 #[test]

@@ -36,7 +36,7 @@ fn round_trip_errors_stay_within_each_formats_bound() {
     for seed in 0..50 {
         let scale = [0.01, 0.05, 1.0, 300.0][seed as usize % 4];
         let row = random_row(seed, 8 * BLOCK, scale);
-        for format in Format::ALL {
+        for format in Format::QUANTIZABLE {
             let back = round_trip(&row, format);
             for (b, (x, y)) in row.chunks(BLOCK).zip(back.chunks(BLOCK)).enumerate() {
                 let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -55,6 +55,7 @@ fn round_trip_errors_stay_within_each_formats_bound() {
                             let d = (max - min) / 15.0;
                             (d * (0.5 + 15.0 * f16_eps) + min.abs() * f16_eps) * 1.001
                         }
+                        other => panic!("kiln does not quantize to {}", other.name()),
                     };
                     assert!(
                         (a - r).abs() <= bound,
@@ -94,7 +95,7 @@ fn all_zero_blocks_encode_as_ggml_does() {
     }
     let q41 = quantize_tensor(&t, Format::Q4_1).expect("q4_1");
     assert!(q41.data.iter().all(|&b| b == 0));
-    for format in Format::ALL {
+    for format in Format::QUANTIZABLE {
         assert!(round_trip(&zeros, format).iter().all(|&v| v == 0.0));
     }
 }
@@ -175,7 +176,7 @@ fn matrix(name: &str) -> Tensor {
 #[test]
 fn plan_defaults_keep_norms_and_widen_the_embedding_for_4_bit() {
     let norm = Tensor::from_f32("blk.0.attn_norm.weight", vec![BLOCK], &[1.0; BLOCK]);
-    for default in Format::ALL {
+    for default in Format::QUANTIZABLE {
         let plan = QuantPlan::new(default);
         assert_eq!(plan.format_for("blk.0.attn_norm", &norm), Format::F32);
         assert_eq!(

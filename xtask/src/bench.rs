@@ -180,7 +180,11 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
     let quants = args
         .quant
         .iter()
-        .map(|name| kiln_compiler::pipeline::quantize::plan(name.trim(), &[]).map(|p| p.default))
+        .map(|name| {
+            kiln_compiler::pipeline::quantize::plan(name.trim(), &[])?
+                .default
+                .context("--quant copy keeps each tensor's own format; bench compares one format at a time")
+        })
         .collect::<anyhow::Result<Vec<Format>>>()?;
     let threads = if args.threads.is_empty() {
         vec![std::thread::available_parallelism().map_or(1, |n| n.get())]

@@ -17,6 +17,8 @@ const PYTHON_PEERS: &[(&str, &str)] = &[
     ("import tiktoken", "tiktoken==0.14.0"),
     ("import tokenizers", "tokenizers==0.23.3"),
     ("import jinja2", "jinja2==3.1.6"),
+    // llama.cpp's own GGUF reader: the reference dequantization of every block format.
+    ("import gguf", "gguf==0.19.0"),
     // The renderer behind `apply_chat_template` (tool conversations; no torch needed).
     (
         "from transformers.utils.chat_template_utils import render_jinja_template",

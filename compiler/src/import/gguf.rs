@@ -141,7 +141,10 @@ impl GgufFile {
         let mut tensors = HashMap::new();
         for (name, dims, ggml_type, offset) in infos {
             let format = ggml_format(ggml_type).ok_or_else(|| {
-                r.bad(&format!("tensor {name}: ggml type {ggml_type} is not supported (kiln reads F32, F16, Q4_0, Q4_1, Q8_0)"))
+                r.bad(&format!(
+                    "tensor {name}: ggml type {ggml_type} ({}) is not supported (kiln reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)",
+                    unsupported_type_name(ggml_type)
+                ))
             })?;
             let len = tensor_bytes(&dims, format).ok_or_else(|| {
                 r.bad(&format!(
@@ -264,15 +267,54 @@ impl GgufFile {
     }
 }
 
+/// ggml's type ids of the formats kiln reads (`enum ggml_type`).
+pub const GGML_TYPES: [(u32, Format); 11] = [
+    (0, Format::F32),
+    (1, Format::F16),
+    (2, Format::Q4_0),
+    (3, Format::Q4_1),
+    (6, Format::Q5_0),
+    (7, Format::Q5_1),
+    (8, Format::Q8_0),
+    (12, Format::Q4K),
+    (13, Format::Q5K),
+    (14, Format::Q6K),
+    (30, Format::Bf16),
+];
+
 fn ggml_format(ggml_type: u32) -> Option<Format> {
-    Some(match ggml_type {
-        0 => Format::F32,
-        1 => Format::F16,
-        2 => Format::Q4_0,
-        3 => Format::Q4_1,
-        8 => Format::Q8_0,
-        _ => return None,
-    })
+    GGML_TYPES
+        .iter()
+        .find(|(id, _)| *id == ggml_type)
+        .map(|&(_, f)| f)
+}
+
+/// ggml's name of a type id kiln does not read, for the error that refuses it.
+fn unsupported_type_name(ggml_type: u32) -> &'static str {
+    match ggml_type {
+        10 => "Q2_K",
+        11 => "Q3_K",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        // Retired ids (Q4_2, Q4_3, Q5_2, the Q4_0 repacks) and ids newer than kiln knows.
+        _ => "an unknown type",
+    }
 }
 
 fn tensor_bytes(dims: &[u64], format: Format) -> Option<usize> {

@@ -38,10 +38,12 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut checkpoint = source::import(&args.model)?;
     if let Some(name) = &args.quant {
-        let quant = Format::from_name(name).with_context(|| {
-            let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
-            format!("unknown --quant {name:?} (one of {})", names.join(", "))
-        })?;
+        let quant = Format::from_name(name)
+            .filter(|f| f.quantizable())
+            .with_context(|| {
+                let names: Vec<&str> = Format::QUANTIZABLE.iter().map(|f| f.name()).collect();
+                format!("unknown --quant {name:?} (one of {})", names.join(", "))
+            })?;
         checkpoint = crate::emit::convert(&checkpoint, quant)?;
     }
     let spinner = source::spinner(&format!("writing {}", args.out.display()));

@@ -79,13 +79,23 @@ fn output_kind(out: &Path) -> anyhow::Result<Output> {
 
 /// The storage plan for `--quant quant` and `--override` specs `overrides`.
 pub fn plan(quant: &str, overrides: &[String]) -> anyhow::Result<QuantPlan> {
-    let format = Format::from_name(quant).with_context(|| {
-        let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
-        format!("unknown --quant {quant:?} (one of {})", names.join(", "))
-    })?;
+    let base = match quant {
+        "copy" => QuantPlan::copy(),
+        name => QuantPlan::new(
+            Format::from_name(name)
+                .filter(|f| f.quantizable())
+                .with_context(|| {
+                    let names: Vec<&str> = Format::QUANTIZABLE.iter().map(|f| f.name()).collect();
+                    format!(
+                        "unknown --quant {quant:?} (one of {}, or copy to keep each tensor as the checkpoint stores it)",
+                        names.join(", ")
+                    )
+                })?,
+        ),
+    };
     Ok(overrides
         .iter()
-        .try_fold(QuantPlan::new(format), |p, spec| p.with_override(spec))?)
+        .try_fold(base, |p, spec| p.with_override(spec))?)
 }
 
 /// `checkpoint` with every tensor stored as `plan` says, under a spinner: re-quantizing a
@@ -96,7 +106,7 @@ pub fn convert(checkpoint: &Checkpoint, plan: &QuantPlan) -> anyhow::Result<Chec
         1 => " and 1 override".to_owned(),
         n => format!(" and {n} overrides"),
     };
-    let spinner = source::spinner(&format!("quantizing to {}{overrides}", plan.default.name()));
+    let spinner = source::spinner(&format!("quantizing to {}{overrides}", plan.name()));
     let converted = crate::emit::convert_with(checkpoint, plan);
     spinner.finish_and_clear();
     Ok(converted?)
@@ -153,7 +163,7 @@ fn onnx(args: &Args) -> anyhow::Result<()> {
                 "external_data": report.external,
                 "weight_bytes": weights,
             },
-            "quant": plan.default.name(),
+            "quant": plan.name(),
             "overrides": args.overrides,
             "model": converted.facts.name,
         });
@@ -200,7 +210,7 @@ mod tests {
     #[test]
     fn a_plan_takes_the_format_and_every_override() {
         let p = plan("q4_0", &["blk.*.ffn_down=q8_0".to_owned()]).expect("plan");
-        assert_eq!(p.default, Format::Q4_0);
+        assert_eq!(p.default, Some(Format::Q4_0));
         assert_eq!(
             p.overrides,
             vec![("blk.*.ffn_down".to_owned(), Format::Q8_0)]
@@ -209,5 +219,17 @@ mod tests {
         assert!(e.contains("\"q3_k\"") && e.contains("q4_1"), "{e}");
         let e = plan("q4_0", &["ffn_down".to_owned()]).expect_err("no =");
         assert!(e.to_string().contains("PATTERN=FORMAT"), "{e}");
+    }
+
+    #[test]
+    fn copy_keeps_every_format_and_kept_only_formats_are_refused_as_targets() {
+        let p = plan("copy", &[]).expect("copy");
+        assert_eq!((p.default, p.name()), (None, "copy"));
+        // kiln reads q4_k and friends but does not write them (yet): neither as the default
+        // nor in an override.
+        let e = plan("q4_k", &[]).expect_err("q4_k").to_string();
+        assert!(e.contains("\"q4_k\"") && e.contains("copy"), "{e}");
+        let e = plan("copy", &["blk.*.ffn_down=q6_k".to_owned()]).expect_err("q6_k");
+        assert!(e.to_string().contains("unknown format \"q6_k\""), "{e}");
     }
 }

@@ -137,8 +137,16 @@ pub fn block_term<D: BlockDot>(format: Format, b: &[u8], q: &Q8Block) -> f32 {
             let acc = D::nibbles(&b[4..], &q.qs);
             half_at(b, 0) * q.d * acc as f32 + half_at(b, 2) * q.s
         }
-        // Float weights never reach here (they take the f32 path); zero keeps this total.
-        Format::F32 | Format::F16 => 0.0,
+        // Formats without 8-bit activations never reach here (they take the f32 path, see
+        // [`uses_q8`]); zero keeps this total.
+        Format::F32
+        | Format::F16
+        | Format::Bf16
+        | Format::Q5_0
+        | Format::Q5_1
+        | Format::Q4K
+        | Format::Q5K
+        | Format::Q6K => 0.0,
     }
 }
 

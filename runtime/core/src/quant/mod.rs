@@ -1,10 +1,19 @@
-//! Weight storage formats: ggml-compatible blocks of 32 values (`q8_0`, `q4_0`, `q4_1`) and plain floats.
+//! Weight storage formats: ggml-compatible blocks of 32 values (`q8_0`, `q4_0`, `q4_1`,
+//! `q5_0`, `q5_1`), ggml's K-quant super-blocks of 256 (`q4_k`, `q5_k`, `q6_k`) and plain
+//! floats (`f32`, `f16`, `bf16`). kiln quantizes to the first five; the others come from GGUF
+//! files and are kept byte for byte ([`dequant`] reads them).
+
+mod dequant;
 
 use half::f16;
 use serde::{Deserialize, Serialize};
 
-/// Values per quantization block, shared by every block format (as in ggml).
+/// Values per quantization block of the 32-value formats, and of the 8-bit activation blocks
+/// every block format is multiplied with (as in ggml).
 pub const BLOCK: usize = 32;
+
+/// Values per K-quant super-block (ggml's `QK_K`).
+pub const SUPER_BLOCK: usize = 256;
 
 /// How the values of one weight tensor are stored, row by row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -15,6 +24,15 @@ pub enum Format {
     Q8_0,
     Q4_0,
     Q4_1,
+    Bf16,
+    Q5_0,
+    Q5_1,
+    #[serde(rename = "q4_k")]
+    Q4K,
+    #[serde(rename = "q5_k")]
+    Q5K,
+    #[serde(rename = "q6_k")]
+    Q6K,
 }
 
 /// One `q8_0` block: `x = d * q`.
@@ -48,8 +66,23 @@ const _: () = assert!(core::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(core::mem::size_of::<BlockQ4_1>() == 20);
 
 impl Format {
-    /// Every format, for listings and tests.
-    pub const ALL: [Format; 5] = [
+    /// Every format an artifact may hold.
+    pub const ALL: [Format; 11] = [
+        Format::F32,
+        Format::F16,
+        Format::Q8_0,
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Bf16,
+        Format::Q5_0,
+        Format::Q5_1,
+        Format::Q4K,
+        Format::Q5K,
+        Format::Q6K,
+    ];
+
+    /// The formats kiln's compiler quantizes to (the rest are kept as a GGUF file stores them).
+    pub const QUANTIZABLE: [Format; 5] = [
         Format::F32,
         Format::F16,
         Format::Q8_0,
@@ -65,6 +98,12 @@ impl Format {
             Format::Q8_0 => "q8_0",
             Format::Q4_0 => "q4_0",
             Format::Q4_1 => "q4_1",
+            Format::Bf16 => "bf16",
+            Format::Q5_0 => "q5_0",
+            Format::Q5_1 => "q5_1",
+            Format::Q4K => "q4_k",
+            Format::Q5K => "q5_k",
+            Format::Q6K => "q6_k",
         }
     }
 
@@ -73,23 +112,38 @@ impl Format {
         Format::ALL.into_iter().find(|f| f.name() == name)
     }
 
-    /// Values per storage unit: 1 for floats, [`BLOCK`] for block formats.
+    /// Values per storage unit: 1 for floats, [`BLOCK`] or [`SUPER_BLOCK`] for block formats.
     pub fn block_len(self) -> usize {
         match self {
-            Format::F32 | Format::F16 => 1,
-            Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => BLOCK,
+            Format::F32 | Format::F16 | Format::Bf16 => 1,
+            Format::Q8_0 | Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 => BLOCK,
+            Format::Q4K | Format::Q5K | Format::Q6K => SUPER_BLOCK,
         }
     }
 
-    /// Bytes per storage unit.
+    /// Bytes per storage unit (ggml's block sizes).
     pub fn block_bytes(self) -> usize {
         match self {
             Format::F32 => 4,
-            Format::F16 => 2,
+            Format::F16 | Format::Bf16 => 2,
             Format::Q8_0 => core::mem::size_of::<BlockQ8_0>(),
             Format::Q4_0 => core::mem::size_of::<BlockQ4_0>(),
             Format::Q4_1 => core::mem::size_of::<BlockQ4_1>(),
+            // f16 scale, 32 high bits, 16 bytes of nibbles (q5_1: and an f16 minimum).
+            Format::Q5_0 => 22,
+            Format::Q5_1 => 24,
+            // f16 scale and minimum scale, 12 bytes of 6-bit scales and minimums, 128 bytes
+            // of nibbles (q5_k: and 32 bytes of high bits).
+            Format::Q4K => 144,
+            Format::Q5K => 176,
+            // 128 bytes of low nibbles, 64 of high bit pairs, 16 8-bit scales, an f16 scale.
+            Format::Q6K => 210,
         }
+    }
+
+    /// Whether kiln's compiler can quantize to this format.
+    pub fn quantizable(self) -> bool {
+        Format::QUANTIZABLE.contains(&self)
     }
 
     /// Bytes of one row of `cols` values, or `None` when `cols` is not a whole number of blocks.
@@ -98,49 +152,22 @@ impl Format {
             .then(|| cols / self.block_len() * self.block_bytes())
     }
 
-    /// Writes the `out.len()` values stored in `row` (which holds exactly that many) as f32.
+    /// Writes the `out.len()` values stored in `row` (which holds exactly that many) as f32,
+    /// with ggml's arithmetic.
     pub fn dequantize_row(self, row: &[u8], out: &mut [f32]) {
         debug_assert_eq!(Some(row.len()), self.row_bytes(out.len()));
         match self {
-            Format::F32 => {
-                for (o, b) in out.iter_mut().zip(row.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
-            Format::F16 => {
-                for (o, b) in out.iter_mut().zip(row.chunks_exact(2)) {
-                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
-            }
-            Format::Q8_0 => {
-                for (o, b) in out.chunks_exact_mut(BLOCK).zip(row.chunks_exact(34)) {
-                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    for (x, &q) in o.iter_mut().zip(&b[2..]) {
-                        *x = d * f32::from(q as i8);
-                    }
-                }
-            }
-            Format::Q4_0 => {
-                for (o, b) in out.chunks_exact_mut(BLOCK).zip(row.chunks_exact(18)) {
-                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    let (lo, hi) = o.split_at_mut(BLOCK / 2);
-                    for (j, &q) in b[2..].iter().enumerate() {
-                        lo[j] = d * (f32::from(q & 0x0f) - 8.0);
-                        hi[j] = d * (f32::from(q >> 4) - 8.0);
-                    }
-                }
-            }
-            Format::Q4_1 => {
-                for (o, b) in out.chunks_exact_mut(BLOCK).zip(row.chunks_exact(20)) {
-                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
-                    let (lo, hi) = o.split_at_mut(BLOCK / 2);
-                    for (j, &q) in b[4..].iter().enumerate() {
-                        lo[j] = d * f32::from(q & 0x0f) + m;
-                        hi[j] = d * f32::from(q >> 4) + m;
-                    }
-                }
-            }
+            Format::F32 => dequant::f32_row(row, out),
+            Format::F16 => dequant::f16_row(row, out),
+            Format::Bf16 => dequant::bf16_row(row, out),
+            Format::Q8_0 => dequant::q8_0_row(row, out),
+            Format::Q4_0 => dequant::q4_0_row(row, out),
+            Format::Q4_1 => dequant::q4_1_row(row, out),
+            Format::Q5_0 => dequant::q5_0_row(row, out),
+            Format::Q5_1 => dequant::q5_1_row(row, out),
+            Format::Q4K => dequant::q4_k_row(row, out),
+            Format::Q5K => dequant::q5_k_row(row, out),
+            Format::Q6K => dequant::q6_k_row(row, out),
         }
     }
 }
@@ -154,7 +181,7 @@ mod tests {
         for f in Format::ALL {
             assert_eq!(Format::from_name(f.name()), Some(f));
         }
-        assert_eq!(Format::from_name("q5_k"), None);
+        assert_eq!(Format::from_name("iq4_xs"), None);
     }
 
     #[test]
