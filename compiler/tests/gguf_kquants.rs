@@ -1,8 +1,9 @@
 //! A GGUF file of the formats kiln keeps but does not write (K-quants, 5-bit blocks, bf16):
 //! the default model with every matrix re-stored in them. Import keeps each tensor's bytes,
-//! `--quant copy` carries them into the artifact unchanged, and the artifact computes exactly
-//! what the same weights dequantized to f32 compute (the dequantization itself is checked
-//! against llama.cpp's reader in ggml_blocks.rs).
+//! `--quant copy` carries them into the artifact unchanged, and with f32 activations the
+//! artifact computes exactly what the same weights dequantized to f32 compute (the
+//! dequantization itself is checked against llama.cpp's reader in ggml_blocks.rs); with the
+//! 8-bit activations llama.cpp multiplies them with, it stays close.
 
 mod common;
 
@@ -14,7 +15,7 @@ use kiln_compiler::gguf_write::{self, GgufTensor};
 use kiln_compiler::import::gguf::GgufFile;
 use kiln_compiler::quant::QuantPlan;
 use kiln_engine::generate::Model;
-use kiln_engine::perplexity::{perplexity, Windows};
+use kiln_runtime::artifact::Artifact;
 use kiln_runtime::quant::Format;
 
 /// A small deterministic generator (splitmix64).
@@ -180,24 +181,38 @@ fn kept_formats_import_bit_for_bit_and_compute_their_dequantized_values() {
 
     let text =
         std::fs::read_to_string(common::testdata().join("golden/apache-2.0.txt")).expect("text");
-    let score = |path: &Path| {
-        let model = Model::open(path).expect("open");
-        let tokens = model.encode_prompt(&text, true);
-        perplexity(
-            &model,
-            &tokens[..384],
-            &Windows::of(128),
-            &common::two_threads(),
-        )
-        .expect("perplexity")
-        .ppl
+    let ids = Model::open(&float_path)
+        .expect("open")
+        .encode_prompt(&text, true);
+    let logits = |path: &Path, float_activations: bool| {
+        let artifact = Artifact::open(path).expect("open");
+        let mut session = artifact.session(common::two_threads()).expect("session");
+        session.set_float_activations(float_activations);
+        let mut rows = vec![session.forward(&ids[..48]).expect("prefill").to_vec()];
+        for &id in &ids[48..52] {
+            rows.push(session.forward(&[id]).expect("decode").to_vec());
+        }
+        rows
     };
-    let (kept_ppl, float_ppl) = (score(&kept_path), score(&float_path));
-    println!("perplexity: kept formats {kept_ppl}, f32 {float_ppl}");
-    assert!(kept_ppl.is_finite());
-    assert_eq!(
-        kept_ppl.to_bits(),
-        float_ppl.to_bits(),
-        "the kept formats must compute exactly their dequantized values"
-    );
+    let float = logits(&float_path, true);
+    let exact = logits(&kept_path, true);
+    assert!(float.iter().flatten().all(|v| v.is_finite()));
+    for (step, (a, b)) in exact.iter().zip(&float).enumerate() {
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(
+            same,
+            "step {step}: the kept formats must compute exactly their dequantized values"
+        );
+    }
+    // 8-bit activations (q8_0/q8_1 blocks for q5_0/q5_1, q8_K super-blocks for the K-quants)
+    // move the logits by rounding only.
+    let quantized = logits(&kept_path, false);
+    let span = float.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let gap = quantized
+        .iter()
+        .flatten()
+        .zip(float.iter().flatten())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    println!("8-bit activations: max logit gap {gap} of max |logit| {span}");
+    assert!(gap > 0.0 && gap <= 0.05 * span, "{gap} vs {span}");
 }

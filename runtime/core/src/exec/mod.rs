@@ -17,9 +17,13 @@ use alloc::vec::Vec;
 
 use crate::artifact::{Metadata, Op};
 use crate::kernels::q8::{self, Q8Block};
+use crate::kernels::q8k::{self, Q8KBlock};
 use crate::kernels::{self, Input, Kernels, Matrix};
 use crate::model::ModelFacts;
-use crate::quant::BLOCK;
+use crate::quant::{BLOCK, SUPER_BLOCK};
+
+/// Floats one [`Q8KBlock`] takes in the activation scratch.
+const Q8K_FLOATS: usize = core::mem::size_of::<Q8KBlock>() / core::mem::size_of::<f32>();
 
 /// Context used when the caller does not choose one (llama.cpp's default too), capped by the model's.
 pub const DEFAULT_CONTEXT: usize = 4096;
@@ -529,6 +533,11 @@ fn matmul(
         let xq: &mut [Q8Block] = bytemuck::cast_slice_mut(xq);
         (k.quantize)(x, &mut xq[..blocks]);
         Input::Q8(&xq[..blocks])
+    } else if q8k::uses_q8k(m.format) && !float {
+        let blocks = n * m.cols / SUPER_BLOCK;
+        let xq: &mut [Q8KBlock] = bytemuck::cast_slice_mut(&mut xq[..blocks * Q8K_FLOATS]);
+        q8k::quantize(&x[..n * m.cols], xq);
+        Input::Q8K(xq)
     } else {
         Input::F32(x)
     };

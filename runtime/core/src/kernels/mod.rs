@@ -12,6 +12,7 @@ mod lanes;
 mod level;
 pub mod product;
 pub mod q8;
+pub mod q8k;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 mod worst;
@@ -28,6 +29,7 @@ pub use product::{Out, Product, QWeights};
 use crate::layout::{Geometry, Layout};
 use crate::quant::{Format, BLOCK};
 use q8::Q8Block;
+use q8k::Q8KBlock;
 
 /// Rows of a weight matrix handled together by [`Kernels::dot4`] (and by the optimized block
 /// kernels): parallel splits by rows keep to multiples of it.
@@ -245,6 +247,8 @@ pub enum Input<'x> {
     F32(&'x [f32]),
     /// `n × cols / 32` quantized blocks (for block-quantized weights).
     Q8(&'x [Q8Block]),
+    /// `n × cols / 256` quantized super-blocks (for K-quant weights).
+    Q8K(&'x [Q8KBlock]),
 }
 
 /// `out(t, r − rows.start) = x[t] · w[r]` for tokens `t < n` and rows `rows` of `w`;
@@ -260,7 +264,7 @@ pub fn matmul_rows(
 ) {
     let cols = w.cols;
     if let Input::Q8(xq) = x {
-        (k.gemm_q8)(Product {
+        let product = Product {
             w: QWeights {
                 geometry: w.geometry(),
                 bytes: w.bytes,
@@ -270,7 +274,22 @@ pub fn matmul_rows(
             n,
             out,
             scratch,
-        });
+        };
+        if q8::has_level_kernels(w.format) {
+            (k.gemm_q8)(product);
+        } else {
+            q8::gemm(product);
+        }
+        return;
+    }
+    if let Input::Q8K(xq) = x {
+        q8k::gemm(
+            w,
+            rows,
+            &xq[..n * (cols / crate::quant::SUPER_BLOCK)],
+            n,
+            out,
+        );
         return;
     }
     let Input::F32(x) = x else { return };

@@ -80,7 +80,26 @@ fn half_at(b: &[u8], at: usize) -> f32 {
 
 /// Whether `format` multiplies against [`Q8Block`] activations.
 pub fn uses_q8(format: Format) -> bool {
+    matches!(
+        format,
+        Format::Q8_0 | Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1
+    )
+}
+
+/// Whether the levels' optimized kernels take `format` (the 5-bit formats have only the
+/// reference [`gemm`] so far).
+pub fn has_level_kernels(format: Format) -> bool {
     matches!(format, Format::Q8_0 | Format::Q4_0 | Format::Q4_1)
+}
+
+/// `16 × Σ a_v` over the values `v` whose fifth bit is set in a 5-bit block's `qh`.
+#[inline(always)]
+fn fifth_bits(qh: &[u8], a: &[i8; BLOCK]) -> i32 {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    16 * (0..BLOCK)
+        .filter(|&v| qh >> v & 1 != 0)
+        .map(|v| i32::from(a[v]))
+        .sum::<i32>()
 }
 
 /// The integer part of a block dot product; the float scaling around it is shared, so every
@@ -137,16 +156,18 @@ pub fn block_term<D: BlockDot>(format: Format, b: &[u8], q: &Q8Block) -> f32 {
             let acc = D::nibbles(&b[4..], &q.qs);
             half_at(b, 0) * q.d * acc as f32 + half_at(b, 2) * q.s
         }
-        // Formats without 8-bit activations never reach here (they take the f32 path, see
-        // [`uses_q8`]); zero keeps this total.
-        Format::F32
-        | Format::F16
-        | Format::Bf16
-        | Format::Q5_0
-        | Format::Q5_1
-        | Format::Q4K
-        | Format::Q5K
-        | Format::Q6K => 0.0,
+        Format::Q5_0 => {
+            // Σ (q − 16)·a with q = nibble + 16·bit.
+            let acc = D::nibbles(&b[6..], &q.qs) + fifth_bits(&b[2..6], &q.qs) - 16 * D::sum(&q.qs);
+            acc as f32 * (half_at(b, 0) * q.d)
+        }
+        Format::Q5_1 => {
+            let acc = D::nibbles(&b[8..], &q.qs) + fifth_bits(&b[4..8], &q.qs);
+            half_at(b, 0) * q.d * acc as f32 + half_at(b, 2) * q.s
+        }
+        // Formats without these activations never reach here (see [`uses_q8`]); zero keeps
+        // this total.
+        Format::F32 | Format::F16 | Format::Bf16 | Format::Q4K | Format::Q5K | Format::Q6K => 0.0,
     }
 }
 
@@ -231,10 +252,18 @@ pub fn abs_terms(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
     let bb = format.block_bytes();
     for (b, q) in row.chunks_exact(bb).zip(x) {
         let d = (half_at(b, 0) * q.d).abs();
+        let fifth = |at: usize, j: usize| {
+            let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            16 * (qh >> j & 1) as i32
+        };
         let quant = |j: usize| -> i32 {
             match format {
                 Format::Q8_0 => i32::from(b[2 + j] as i8),
                 Format::Q4_0 => i32::from(b[2 + j % 16] >> (4 * (j / 16)) & 0x0f) - 8,
+                Format::Q5_0 => {
+                    i32::from(b[6 + j % 16] >> (4 * (j / 16)) & 0x0f) + fifth(2, j) - 16
+                }
+                Format::Q5_1 => i32::from(b[8 + j % 16] >> (4 * (j / 16)) & 0x0f) + fifth(4, j),
                 _ => i32::from(b[4 + j % 16] >> (4 * (j / 16)) & 0x0f),
             }
         };
@@ -242,7 +271,7 @@ pub fn abs_terms(format: Format, row: &[u8], x: &[Q8Block]) -> f32 {
             .map(|j| (quant(j) * i32::from(q.qs[j])).abs())
             .sum();
         sum += products as f32 * d;
-        if format == Format::Q4_1 {
+        if matches!(format, Format::Q4_1 | Format::Q5_1) {
             sum += (half_at(b, 2) * q.s).abs();
         }
     }
@@ -302,5 +331,42 @@ mod tests {
             (got - exact).abs() < 0.02 * exact.abs().max(1.0),
             "{got} vs {exact}"
         );
+    }
+
+    /// The 5-bit blocks' fifth bits and offsets: the quantized dot stays within 8-bit
+    /// rounding of the exact dot of the dequantized weights.
+    #[test]
+    fn q5_dots_are_close_to_the_dequantized_dot() {
+        let cols = 128;
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0)
+            .collect();
+        let mut xq = vec![Q8Block::default(); cols / BLOCK];
+        quantize(&x, &mut xq);
+        for (format, scales) in [(Format::Q5_0, 2), (Format::Q5_1, 4)] {
+            let bb = format.block_bytes();
+            let mut row = vec![0u8; format.row_bytes(cols).expect("whole blocks")];
+            for (i, b) in row.chunks_exact_mut(bb).enumerate() {
+                b[0..2].copy_from_slice(&f16::from_f32(0.01 * (i + 1) as f32).to_le_bytes());
+                if scales == 4 {
+                    b[2..4].copy_from_slice(&f16::from_f32(-0.05).to_le_bytes());
+                }
+                for (j, q) in b[scales..].iter_mut().enumerate() {
+                    *q = (j * 37 + i * 11) as u8;
+                }
+            }
+            let mut w = vec![0f32; cols];
+            format.dequantize_row(&row, &mut w);
+            let exact: f32 = w.iter().zip(&x).map(|(a, b)| a * b).sum();
+            let scale: f32 = w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            let got = dot_row(format, &row, &xq);
+            assert!(
+                (got - exact).abs() <= scale / 127.0,
+                "{}: {got} vs {exact} (Σ|terms| {scale})",
+                format.name()
+            );
+            // The error bound the level kernels are held to covers the 5-bit terms too.
+            assert!(abs_terms(format, &row, &xq) >= got.abs());
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! floats (`f32`, `f16`, `bf16`). kiln quantizes to the first five; the others come from GGUF
 //! files and are kept byte for byte ([`dequant`] reads them).
 
-mod dequant;
+pub(crate) mod dequant;
 
 use half::f16;
 use serde::{Deserialize, Serialize};
