@@ -535,6 +535,8 @@ pub fn table(level: Level) -> Option<Kernels> {
         dot4_f16: float::dot4_f16,
         gemm_q8: |p| x4::gemm_neon(p, rows_neon),
         quantize,
+        // K-quants have only the reference kernel on aarch64 so far.
+        gemm_q8k: super::q8k::gemm,
         rms_norm: float::rms_norm,
         swiglu: float::swiglu,
         softmax: float::softmax,

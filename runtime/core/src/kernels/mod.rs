@@ -22,6 +22,8 @@ mod x16;
 mod x4;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_k;
 
 pub use level::{Level, LevelError};
 pub use product::{Out, Product, QWeights};
@@ -81,6 +83,8 @@ pub struct Kernels {
     pub gemm_q8: GemmQ8,
     /// Quantizes activations to 8-bit blocks, bit-identical to [`q8::quantize`].
     pub quantize: fn(&[f32], &mut [Q8Block]),
+    /// K-quant weight rows against `q8_K` activations, bit-identical to [`q8k::gemm`].
+    pub gemm_q8k: GemmQ8K,
     /// [`rms_norm`].
     pub rms_norm: fn(&[f32], &[f32], f32, &mut [f32]),
     /// [`swiglu`].
@@ -98,6 +102,9 @@ pub struct Kernels {
 /// A block-quantized matrix product, see [`Product`] and [`q8::gemm`].
 pub type GemmQ8 = fn(Product<'_>);
 
+/// A K-quant matrix product over rows `rows` of the matrix and `n` tokens, see [`q8k::gemm`].
+pub type GemmQ8K = fn(&Matrix<'_>, core::ops::Range<usize>, &[Q8KBlock], usize, Out<'_>);
+
 impl Kernels {
     /// The reference kernels.
     pub fn generic() -> Kernels {
@@ -109,6 +116,7 @@ impl Kernels {
             dot4_f16: generic::dot4_f16,
             gemm_q8: q8::gemm,
             quantize: q8::quantize,
+            gemm_q8k: q8k::gemm,
             rms_norm,
             swiglu,
             softmax,
@@ -283,7 +291,7 @@ pub fn matmul_rows(
         return;
     }
     if let Input::Q8K(xq) = x {
-        q8k::gemm(
+        (k.gemm_q8k)(
             w,
             rows,
             &xq[..n * (cols / crate::quant::SUPER_BLOCK)],

@@ -299,6 +299,7 @@ pub fn table(level: Level) -> Option<Kernels> {
         dot4_f16: |w, x, o| unsafe { f256::dot4_f16(w, x, o) },
         gemm_q8: |p| unsafe { x16::gemm_avx2(p, |p| gemm_q8_avx2(p)) },
         quantize: |x, q| unsafe { quantize_avx2(x, q) },
+        gemm_q8k: |w, r, x, n, o| unsafe { super::x86_k::gemm_avx2(w, r, x, n, o) },
         rms_norm: |x, w, e, o| unsafe { f256::rms_norm(x, w, e, o) },
         swiglu: |g, u, o| unsafe { f256::swiglu(g, u, o) },
         softmax: |x| unsafe { f256::softmax(x) },
