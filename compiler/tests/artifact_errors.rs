@@ -110,6 +110,7 @@ fn tiny_checkpoint() -> Checkpoint {
             add_bos: false,
             eog_ids: vec![1],
             chat_template: None,
+            sampling: Default::default(),
         },
         tokenizer,
         weights: LlamaWeights {

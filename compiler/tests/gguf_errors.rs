@@ -350,6 +350,36 @@ fn unsupported_ggml_type() {
     expect_import_error(&path, &["blk.0.attn_q.weight", "does not fit q4_k"]);
 }
 
+/// llama.cpp's `general.sampling.*` keys become the model's recommended sampling; a value no
+/// sampler takes is an error naming the key's problem.
+#[test]
+fn sampling_keys_are_the_models_defaults_and_bad_ones_are_refused() {
+    let dir = temp_dir();
+    let path = Gguf::tiny_llama()
+        .set("general.sampling.temp", Val::F32(0.6))
+        .set("general.sampling.top_p", Val::F32(0.9))
+        .set("general.sampling.top_k", Val::U32(20))
+        .write(dir.path(), "sampling.gguf");
+    let sampling = import(&path).expect("import").facts.sampling;
+    assert_eq!(
+        (
+            sampling.temperature,
+            sampling.top_p,
+            sampling.top_k,
+            sampling.min_p
+        ),
+        (Some(0.6), Some(0.9), Some(20), None)
+    );
+    let path = Gguf::tiny_llama()
+        .set("general.sampling.temp", Val::F32(f32::NAN))
+        .write(dir.path(), "nan-temp.gguf");
+    expect_import_error(&path, &["sampling temperature NaN is not 0 or more"]);
+    let path = Gguf::tiny_llama()
+        .set("general.sampling.top_p", Val::F32(1.5))
+        .write(dir.path(), "top-p.gguf");
+    expect_import_error(&path, &["sampling top_p 1.5 is not in (0, 1]"]);
+}
+
 #[test]
 fn unsupported_architecture() {
     let dir = temp_dir();

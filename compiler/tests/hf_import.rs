@@ -11,7 +11,7 @@ use hf_support::{llama_models, read_raw, tiny_checkpoint, write_raw, Raw};
 use kiln_compiler::graph::Checkpoint;
 use kiln_compiler::import::{self, hf};
 use kiln_engine::tokenizer::Tokenizer;
-use kiln_runtime::model::{Llama3RopeScaling, ModelFacts};
+use kiln_runtime::model::{Llama3RopeScaling, ModelFacts, SamplingDefaults};
 use kiln_runtime::quant::Format;
 use safetensors::tensor::Dtype;
 use serde_json::{json, Value};
@@ -60,6 +60,12 @@ fn tiny_checkpoint_facts() {
         // <|end_of_text|>, <|eom_id|>, <|eot_id|>
         eog_ids: vec![128_001, 128_008, 128_009],
         chat_template: Some(LLAMA_3_2_TEMPLATE.to_owned()),
+        // Llama 3.2 Instruct's generation_config.json, which the tiny checkpoint copies.
+        sampling: SamplingDefaults {
+            temperature: Some(0.6),
+            top_p: Some(0.9),
+            ..SamplingDefaults::default()
+        },
     };
     assert_eq!(ckpt.facts, expected);
     assert_eq!(ckpt.tokenizer.vocab_size(), 128_256);

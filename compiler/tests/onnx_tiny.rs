@@ -112,6 +112,7 @@ fn tiny_checkpoint(seed: u64, tied: bool) -> Checkpoint {
             add_bos: true,
             eog_ids: vec![1, 3],
             chat_template: None,
+            sampling: Default::default(),
         },
         tokenizer: tokenizer(),
         weights: LlamaWeights {

@@ -34,6 +34,7 @@ pub fn import(dir: &Path) -> Result<Checkpoint, ImportError> {
         let eos = generation.fields().token_ids("eos_token_id")?;
         check_ids(&eos, &facts, &generation_path, "eos_token_id")?;
         facts.eog_ids.extend(eos);
+        facts.sampling = config::sampling_defaults(&generation.fields())?;
     }
 
     let source = TokenizerSource::read(dir)?;

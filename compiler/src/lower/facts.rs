@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use kiln_runtime::model::ModelFacts;
+use kiln_runtime::model::{ModelFacts, SamplingDefaults};
 
 use super::decoder::Structure;
 use super::metadata::Metadata;
@@ -103,6 +103,11 @@ pub fn facts(
         add_bos: tokens.add_bos,
         eog_ids,
         chat_template: tokens.chat_template.clone(),
+        sampling: stated
+            .iter()
+            .map(|(_, f)| f.sampling)
+            .find(|s| *s != SamplingDefaults::default())
+            .unwrap_or_default(),
     })
 }
 

@@ -347,6 +347,7 @@ mod tests {
             add_bos: false,
             eog_ids: vec![2],
             chat_template: None,
+            sampling: Default::default(),
         }
     }
 

@@ -104,7 +104,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let template = model.chat_template()?;
     let source = model.facts().chat_template.clone().unwrap_or_default();
     let mut conversation = Conversation::new(&model, model.decoder(args.model.session_options())?);
-    let mut sampler = Sampler::new(args.sampling.config(), model.facts().vocab_size);
+    let mut sampler = Sampler::new(
+        args.sampling.config(&model.facts().sampling),
+        model.facts().vocab_size,
+    );
     let opts = GenerateOptions {
         max_tokens: args.n_predict,
         stop: args.sampling.stop.clone(),

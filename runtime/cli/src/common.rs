@@ -9,6 +9,7 @@ use kiln_engine::generate::Model;
 use kiln_engine::onnxrt::{Ep, OrtModel, OrtOptions};
 use kiln_runtime::artifact::Residency;
 use kiln_runtime::exec::{KvType, SessionOptions};
+use kiln_runtime::model::SamplingDefaults;
 use kiln_runtime::sampler::SamplerConfig;
 
 /// Which engine runs the model.
@@ -201,21 +202,20 @@ fn default_threads() -> usize {
 /// Sampling flags, named and defaulted as llama.cpp's.
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
-    /// Temperature; 0 = greedy.
-    #[arg(long = "temp", default_value_t = SamplerConfig::default().temperature,
-          value_parser = real(|v| v >= 0.0, "0 or more"))]
-    pub temp: f32,
-    /// Keep the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = SamplerConfig::default().top_k)]
-    pub top_k: usize,
-    /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = SamplerConfig::default().top_p,
-          value_parser = real(|v| v > 0.0 && v <= 1.0, "in (0, 1]"))]
-    pub top_p: f32,
-    /// Drop tokens below this fraction of the top probability (0 = off).
-    #[arg(long, default_value_t = SamplerConfig::default().min_p,
-          value_parser = real(|v| (0.0..=1.0).contains(&v), "in [0, 1]"))]
-    pub min_p: f32,
+    /// Temperature; 0 = greedy [default: the model's recommendation (its generation_config),
+    /// else 0.8].
+    #[arg(long = "temp", value_parser = real(|v| v >= 0.0, "0 or more"))]
+    pub temp: Option<f32>,
+    /// Keep the k most likely tokens (0 = off) [default: the model's, else 40].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold (1 = off) [default: the model's, else 0.95].
+    #[arg(long, value_parser = real(|v| v > 0.0 && v <= 1.0, "in (0, 1]"))]
+    pub top_p: Option<f32>,
+    /// Drop tokens below this fraction of the top probability (0 = off) [default: the model's,
+    /// else 0.05].
+    #[arg(long, value_parser = real(|v| (0.0..=1.0).contains(&v), "in [0, 1]"))]
+    pub min_p: Option<f32>,
     /// Penalize recently generated tokens (1 = off).
     #[arg(long, default_value_t = SamplerConfig::default().repeat_penalty,
           value_parser = real(|v| v > 0.0, "more than 0"))]
@@ -240,12 +240,18 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    pub fn config(&self) -> SamplerConfig {
+    /// The sampler: each flag given, else the model's recommendation, else llama.cpp's default
+    /// (as llama.cpp reads `general.sampling.*`).
+    pub fn config(&self, model: &SamplingDefaults) -> SamplerConfig {
+        let base = SamplerConfig::default();
         SamplerConfig {
-            temperature: self.temp,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
+            temperature: self.temp.or(model.temperature).unwrap_or(base.temperature),
+            top_k: self
+                .top_k
+                .or(model.top_k.map(|k| k as usize))
+                .unwrap_or(base.top_k),
+            top_p: self.top_p.or(model.top_p).unwrap_or(base.top_p),
+            min_p: self.min_p.or(model.min_p).unwrap_or(base.min_p),
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
             frequency_penalty: self.frequency_penalty,
@@ -292,5 +298,39 @@ impl ConstraintArgs {
             return Ok(Some(Constraint::Lark(text)));
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    }
+
+    /// A flag beats the model's recommendation, which beats llama.cpp's default.
+    #[test]
+    fn flags_then_the_models_sampling_then_the_defaults() {
+        let model = SamplingDefaults {
+            temperature: Some(0.6),
+            top_p: Some(0.9),
+            ..SamplingDefaults::default()
+        };
+        let none = Cli::parse_from(["kiln"]).sampling;
+        let c = none.config(&model);
+        let d = SamplerConfig::default();
+        assert_eq!(
+            (c.temperature, c.top_p, c.top_k, c.min_p),
+            (0.6, 0.9, d.top_k, d.min_p)
+        );
+        let flags = Cli::parse_from(["kiln", "--temp", "0", "--top-k", "5"]).sampling;
+        let c = flags.config(&model);
+        assert_eq!((c.temperature, c.top_p, c.top_k), (0.0, 0.9, 5));
+        let c = none.config(&SamplingDefaults::default());
+        assert_eq!((c.temperature, c.top_p), (d.temperature, d.top_p));
     }
 }

@@ -53,7 +53,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let prompt_ids = model.encode_prompt(&prompt, !args.no_special);
     let mut session = model.decoder(args.model.session_options())?;
-    let mut sampler = Sampler::new(args.sampling.config(), model.facts().vocab_size);
+    let mut sampler = Sampler::new(
+        args.sampling.config(&model.facts().sampling),
+        model.facts().vocab_size,
+    );
     let opts = GenerateOptions {
         max_tokens: args.n_predict,
         stop: args.sampling.stop.clone(),

@@ -18,6 +18,37 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: u32,
 }
 
+/// The sampling its authors recommend for a model (Hugging Face `generation_config.json`, GGUF
+/// `general.sampling.*`): what a run uses where the user sets nothing, as llama.cpp does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_k: Option<u32>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+}
+
+impl SamplingDefaults {
+    /// Each value within the range a sampler takes (temperature finite and 0 or more, `top_p`
+    /// in (0, 1], `min_p` in [0, 1]), or what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let within = |name: &str, v: Option<f32>, ok: fn(f32) -> bool, range: &str| match v {
+            Some(v) if !(v.is_finite() && ok(v)) => {
+                Err(alloc::format!("sampling {name} {v} is not {range}"))
+            }
+            _ => Ok(()),
+        };
+        within("temperature", self.temperature, |v| v >= 0.0, "0 or more")?;
+        within("top_p", self.top_p, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?;
+        within(
+            "min_p",
+            self.min_p,
+            |v| (0.0..=1.0).contains(&v),
+            "in [0, 1]",
+        )
+    }
+}
+
 /// Everything about a Llama-family decoder that is not a weight.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelFacts {
@@ -43,6 +74,9 @@ pub struct ModelFacts {
     pub eog_ids: Vec<u32>,
     /// The model's own Jinja chat template, when it has one.
     pub chat_template: Option<String>,
+    /// Recommended sampling (absent from artifacts written before it was recorded).
+    #[serde(default)]
+    pub sampling: SamplingDefaults,
 }
 
 impl ModelFacts {

@@ -94,7 +94,8 @@ enum KilnStatus kiln_chat_tool_result(struct KilnChat *chat,
 // `options_json` (may be null) is a JSON object: `tools`, `tool_choice` (`"auto"`, `"none"`,
 // `"required"`, `{"type": "function", "function": {"name": …}}`), `response_format`
 // (`{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"schema": …}}`),
-// `max_tokens` (default 256), `temperature`, `top_k`, `top_p`, `min_p`, `seed`. `on_text`
+// `max_tokens` (default 256), `temperature`, `top_k`, `top_p`, `min_p` (default: the model's
+// recommendation, else llama.cpp's), `seed`. `on_text`
 // (may be null) receives the reply's text as it comes (a reply that may be a tool call is
 // held back until it cannot be) and may return non-zero to stop it. `*reply_json` gets
 // `{"content": text or null, "tool_calls": [{"id", "type", "function": {"name",

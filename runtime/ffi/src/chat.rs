@@ -13,6 +13,7 @@ use kiln_engine::openai::{prepare, tool_calls_json, Expect, ToolChoice};
 use kiln_engine::tools::{may_become_call, parse_reply, Reply};
 use kiln_runtime::artifact::Residency;
 use kiln_runtime::exec::SessionOptions;
+use kiln_runtime::model::ModelFacts;
 use kiln_runtime::sampler::{Sampler, SamplerConfig};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -273,18 +274,22 @@ struct ReplyOptions {
 }
 
 impl ReplyOptions {
-    fn sampler(&self, vocab: usize) -> Sampler {
-        let d = SamplerConfig::default();
+    /// Each option given, else the model's recommended sampling, else llama.cpp's default.
+    fn sampler(&self, facts: &ModelFacts) -> Sampler {
+        let (d, m) = (SamplerConfig::default(), &facts.sampling);
         Sampler::new(
             SamplerConfig {
-                temperature: self.temperature.unwrap_or(d.temperature),
-                top_k: self.top_k.unwrap_or(d.top_k),
-                top_p: self.top_p.unwrap_or(d.top_p),
-                min_p: self.min_p.unwrap_or(d.min_p),
+                temperature: self.temperature.or(m.temperature).unwrap_or(d.temperature),
+                top_k: self
+                    .top_k
+                    .or(m.top_k.map(|k| k as usize))
+                    .unwrap_or(d.top_k),
+                top_p: self.top_p.or(m.top_p).unwrap_or(d.top_p),
+                min_p: self.min_p.or(m.min_p).unwrap_or(d.min_p),
                 seed: self.seed.unwrap_or(d.seed),
                 ..d
             },
-            vocab,
+            facts.vocab_size,
         )
     }
 }
@@ -293,7 +298,8 @@ impl ReplyOptions {
 /// `options_json` (may be null) is a JSON object: `tools`, `tool_choice` (`"auto"`, `"none"`,
 /// `"required"`, `{"type": "function", "function": {"name": …}}`), `response_format`
 /// (`{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"schema": …}}`),
-/// `max_tokens` (default 256), `temperature`, `top_k`, `top_p`, `min_p`, `seed`. `on_text`
+/// `max_tokens` (default 256), `temperature`, `top_k`, `top_p`, `min_p` (default: the model's
+/// recommendation, else llama.cpp's), `seed`. `on_text`
 /// (may be null) receives the reply's text as it comes (a reply that may be a tool call is
 /// held back until it cannot be) and may return non-zero to stop it. `*reply_json` gets
 /// `{"content": text or null, "tool_calls": [{"id", "type", "function": {"name",
@@ -366,7 +372,7 @@ fn reply(
     let ids = model
         .encode_chat_guarded(&prepared.prompt, &contents)
         .map_err(|e| request(&e))?;
-    let mut sampler = options.sampler(model.facts().vocab_size);
+    let mut sampler = options.sampler(model.facts());
     let opts = GenerateOptions {
         max_tokens: options.max_tokens.unwrap_or(256),
         stop: Vec::new(),

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_runtime::model::{Llama3RopeScaling, ModelFacts};
+use kiln_runtime::model::{Llama3RopeScaling, ModelFacts, SamplingDefaults};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -183,6 +183,7 @@ pub fn config_facts(config_path: &Path) -> Result<ModelFacts, ImportError> {
         add_bos: false,
         eog_ids: f.token_ids("eos_token_id")?,
         chat_template: None,
+        sampling: SamplingDefaults::default(),
     })
 }
 
@@ -260,4 +261,22 @@ fn rope_scaling(f: &Fields) -> Result<Option<Llama3RopeScaling>, ImportError> {
         ))),
         None => Err(f.corrupt("field `rope_scaling.rope_type` is missing")),
     }
+}
+
+/// The sampling `generation_config.json` recommends: `temperature`, `top_k`, `top_p`, `min_p`;
+/// `do_sample: false` means greedy whatever the temperature says (as in transformers).
+pub(super) fn sampling_defaults(f: &Fields) -> Result<SamplingDefaults, ImportError> {
+    let greedy = f.get::<bool>("do_sample")? == Some(false);
+    let sampling = SamplingDefaults {
+        temperature: if greedy {
+            Some(0.0)
+        } else {
+            f.get("temperature")?
+        },
+        top_k: f.get("top_k")?,
+        top_p: f.get("top_p")?,
+        min_p: f.get("min_p")?,
+    };
+    sampling.check().map_err(|what| f.corrupt(what))?;
+    Ok(sampling)
 }

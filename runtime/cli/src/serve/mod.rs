@@ -135,12 +135,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.parallel == 1 { "" } else { "s" },
         slots.context
     ));
+    let sampling = args.sampling.config(&model.facts().sampling);
     let app = Arc::new(http::App {
         api: api::Context {
             context: slots.context,
             model,
             template,
-            sampling: args.sampling.config(),
+            sampling,
             seed: args.sampling.seed,
             stop: args.sampling.stop.clone(),
             n_predict,

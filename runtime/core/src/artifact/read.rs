@@ -275,7 +275,9 @@ fn check_facts(f: &ModelFacts) -> Result<(), ArtifactError> {
             f.vocab_size
         ));
     }
-    Ok(())
+    f.sampling
+        .check()
+        .map_err(|what| ArtifactError::Meta(format!("model facts: {what}")))
 }
 
 /// Every buffer and tensor an op names must exist, with widths that fit the model.
