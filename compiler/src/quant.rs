@@ -141,9 +141,7 @@ fn quantize_row(row: &[f32], format: Format, out: &mut Vec<u8>) -> Result<(), Ro
         Format::Q8_0 => q8_0_block,
         Format::Q4_0 => q4_0_block,
         Format::Q4_1 => q4_1_block,
-        Format::Bf16 | Format::Q5_0 | Format::Q5_1 | Format::Q4K | Format::Q5K | Format::Q6K => {
-            return Err(RowError::NotQuantizable)
-        }
+        _ => return Err(RowError::NotQuantizable),
     };
     for (i, x) in row.chunks_exact(BLOCK).enumerate() {
         block(x, i * BLOCK, out)?;

@@ -7,34 +7,12 @@ mod common;
 
 use std::process::Command;
 
-use half::f16;
+use common::Rng;
 use kiln_runtime::quant::Format;
 
 /// Rows per format, and values per row (two K-quant super-blocks).
 const ROWS: usize = 6;
 const COLS: usize = 512;
-
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
-    fn half(&mut self, scale: f32) -> [u8; 2] {
-        f16::from_f32(self.unit() * scale).to_le_bytes()
-    }
-}
 
 /// Where a block of `format` keeps its f16 fields (random bytes elsewhere are valid codes,
 /// but random bits there could be NaN or infinite scales).
@@ -52,10 +30,10 @@ fn random_rows(format: Format, rng: &mut Rng) -> Vec<u8> {
     let row_bytes = format.row_bytes(COLS).expect("whole blocks");
     let mut out = Vec::with_capacity(ROWS * row_bytes);
     match format {
-        Format::F32 => (0..ROWS * COLS).for_each(|_| out.extend(rng.unit().to_le_bytes())),
+        Format::F32 => (0..ROWS * COLS).for_each(|_| out.extend(rng.uniform().to_le_bytes())),
         Format::F16 => (0..ROWS * COLS).for_each(|_| out.extend(rng.half(4.0))),
         Format::Bf16 => (0..ROWS * COLS).for_each(|_| {
-            let bits = (rng.unit() * 8.0).to_bits();
+            let bits = (rng.uniform() * 8.0).to_bits();
             out.extend(((bits >> 16) as u16).to_le_bytes());
         }),
         _ => {

@@ -10,31 +10,14 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use half::{bf16, f16};
+use common::Rng;
+use half::bf16;
 use kiln_compiler::gguf_write::{self, GgufTensor};
 use kiln_compiler::import::gguf::GgufFile;
 use kiln_compiler::quant::QuantPlan;
 use kiln_engine::generate::Model;
 use kiln_runtime::artifact::Artifact;
 use kiln_runtime::quant::Format;
-
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// An f16 in [0, scale).
-    fn half(&mut self, scale: f32) -> [u8; 2] {
-        f16::from_f32((self.next() >> 40) as f32 / (1u64 << 24) as f32 * scale).to_le_bytes()
-    }
-}
 
 /// The format a matrix is re-stored in: K-quants where rows hold whole super-blocks (the
 /// 1536-wide `ffn_down`), 5-bit blocks and bf16 elsewhere (576-wide rows), so every format

@@ -36,14 +36,7 @@ pub fn bits(format: Format) -> Option<usize> {
         Format::Q8_0 => Some(8),
         Format::Q4_0 | Format::Q4_1 => Some(4),
         // Exported as float initializers.
-        Format::F32
-        | Format::F16
-        | Format::Bf16
-        | Format::Q5_0
-        | Format::Q5_1
-        | Format::Q4K
-        | Format::Q5K
-        | Format::Q6K => None,
+        _ => None,
     }
 }
 
@@ -110,14 +103,7 @@ fn block(format: Format, b: &[u8]) -> Block {
             }
         }
         // Not block formats; `decoder` only asks for those `bits` accepts.
-        Format::F32
-        | Format::F16
-        | Format::Bf16
-        | Format::Q5_0
-        | Format::Q5_1
-        | Format::Q4K
-        | Format::Q5K
-        | Format::Q6K => Block {
+        _ => Block {
             codes: [0; BLOCK],
             scale: 0.0,
             zero_point: 0.0,

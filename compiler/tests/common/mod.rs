@@ -128,6 +128,29 @@ pub fn shared_dir() -> &'static Path {
     })
 }
 
+/// SplitMix64: a few lines, deterministic, good enough for test data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// The bytes of an f16 uniform in `[-scale, scale)`.
+    pub fn half(&mut self, scale: f32) -> [u8; 2] {
+        half::f16::from_f32(self.uniform() * scale).to_le_bytes()
+    }
+}
+
 /// Python for the peer checks: `$KILN_PYTHON`, else `python3`.
 pub fn python() -> String {
     std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into())

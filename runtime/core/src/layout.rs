@@ -132,15 +132,8 @@ impl Geometry {
         match format {
             Format::Q4_0 | Format::Q4_1 => Some(16),
             Format::Q8_0 => Some(32),
-            // Formats read through the f32 path stay in ggml's rows.
-            Format::F32
-            | Format::F16
-            | Format::Bf16
-            | Format::Q5_0
-            | Format::Q5_1
-            | Format::Q4K
-            | Format::Q5K
-            | Format::Q6K => None,
+            // Formats without interleaved kernels stay in ggml's rows.
+            _ => None,
         }
     }
 

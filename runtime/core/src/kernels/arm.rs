@@ -413,14 +413,7 @@ fn gemm_level<L: Tiles>(p: Product<'_>) {
         Format::Q4_0 => gemm::<L, Q4_0>(w, rows, x, p.n, p.out),
         Format::Q4_1 => gemm::<L, Q4_1>(w, rows, x, p.n, p.out),
         Format::Q8_0 => gemm::<L, Q8_0>(w, rows, x, p.n, p.out),
-        Format::F32
-        | Format::F16
-        | Format::Bf16
-        | Format::Q5_0
-        | Format::Q5_1
-        | Format::Q4K
-        | Format::Q5K
-        | Format::Q6K => q8::gemm(p),
+        _ => q8::gemm(p),
     }
 }
 

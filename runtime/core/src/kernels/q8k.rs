@@ -154,51 +154,59 @@ pub fn dot_row(format: Format, row: &[u8], x: &[Q8KBlock]) -> f32 {
 }
 
 /// `out(t, r − rows.start) = x[t] · w[r]` for K-quant rows (kept in ggml's rows).
-pub fn gemm(
+pub fn gemm(w: &Matrix<'_>, rows: core::ops::Range<usize>, x: &[Q8KBlock], n: usize, out: Out<'_>) {
+    gemm_with(w, rows, x, n, out, dot_row);
+}
+
+/// [`gemm`] one row and token at a time on the row dot `dot`.
+#[inline(always)]
+pub fn gemm_with(
     w: &Matrix<'_>,
     rows: core::ops::Range<usize>,
     x: &[Q8KBlock],
     n: usize,
     mut out: Out<'_>,
+    dot: impl Fn(Format, &[u8], &[Q8KBlock]) -> f32,
 ) {
     let nb = w.cols / SUPER_BLOCK;
     let rb = w.geometry().row_bytes();
     for (c, r) in rows.enumerate() {
         let row = &w.bytes[r * rb..(r + 1) * rb];
         for t in 0..n {
-            out.set(t, c, dot_row(w.format, row, &x[t * nb..(t + 1) * nb]));
+            out.set(t, c, dot(w.format, row, &x[t * nb..(t + 1) * nb]));
         }
     }
 }
 
 #[cfg(test)]
+/// Random but finite K-quant blocks for tests: f16 scales under 0.01, any codes.
+pub(crate) fn random_row(format: Format, cols: usize, seed: &mut u64) -> Vec<u8> {
+    let mut next = || {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 33) as u8
+    };
+    let mut row: Vec<u8> = (0..format.row_bytes(cols).unwrap_or(0))
+        .map(|_| next())
+        .collect();
+    let halves: &[usize] = if format == Format::Q6K {
+        &[208]
+    } else {
+        &[0, 2]
+    };
+    for b in row.chunks_exact_mut(format.block_bytes()) {
+        for &at in halves {
+            let v = half::f16::from_f32(f32::from(next()) / 255.0 * 0.01);
+            b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    row
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Random but finite blocks: small f16 scales, any codes.
-    fn random_row(format: Format, cols: usize, seed: &mut u64) -> Vec<u8> {
-        let mut next = || {
-            *seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (*seed >> 33) as u8
-        };
-        let mut row: Vec<u8> = (0..format.row_bytes(cols).unwrap_or(0))
-            .map(|_| next())
-            .collect();
-        let halves: &[usize] = if format == Format::Q6K {
-            &[208]
-        } else {
-            &[0, 2]
-        };
-        for b in row.chunks_exact_mut(format.block_bytes()) {
-            for &at in halves {
-                let v = half::f16::from_f32(f32::from(next()) / 255.0 * 0.01);
-                b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        row
-    }
 
     /// The integer path stays within 8-bit rounding of the exact dot product of the
     /// dequantized weights, for each K-quant.

@@ -684,17 +684,7 @@ macro_rules! by_format {
             (Format::Q4_1, false) => gemm_with::<$isa, Q4_1, $g, $t>($p, $vnni, $tail),
             (Format::Q8_0, true) => gemm_with::<$isa, Q8_0, G_DECODE, 1>($p, $vnni, $tail),
             (Format::Q8_0, false) => gemm_with::<$isa, Q8_0, $g, $t>($p, $vnni, $tail),
-            (
-                Format::F32
-                | Format::F16
-                | Format::Bf16
-                | Format::Q5_0
-                | Format::Q5_1
-                | Format::Q4K
-                | Format::Q5K
-                | Format::Q6K,
-                _,
-            ) => {}
+            _ => {}
         }
     }};
 }

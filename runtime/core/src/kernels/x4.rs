@@ -592,14 +592,7 @@ macro_rules! by_format {
             Format::Q4_0 => $f::<$($generic)* Q4_0>(&s, groups, n),
             Format::Q4_1 => $f::<$($generic)* Q4_1>(&s, groups, n),
             Format::Q8_0 => $f::<$($generic)* Q8_0>(&s, groups, n),
-            Format::F32
-            | Format::F16
-            | Format::Bf16
-            | Format::Q5_0
-            | Format::Q5_1
-            | Format::Q4K
-            | Format::Q5K
-            | Format::Q6K => return super::q8::gemm(p),
+            _ => return super::q8::gemm(p),
         }
         tail(p, groups, $rows);
     }};

@@ -15,8 +15,8 @@ struct Avx2;
 
 /// Σ of the eight i32 lanes.
 #[inline(always)]
-fn hsum(v: __m256i) -> i32 {
-    // SAFETY: only reached from `dot_q8_avx2`/`dot_q8_avx512`, which run after AVX2 was detected.
+pub(super) fn hsum(v: __m256i) -> i32 {
+    // SAFETY: only reached from the AVX2 and AVX-512 kernels, which run after AVX2 was detected.
     unsafe {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));

@@ -5,21 +5,10 @@
 use core::arch::x86_64::*;
 
 use super::q8k::{self, Q8KBlock};
+use super::x86::hsum;
 use super::{Matrix, Out};
 use crate::quant::dequant::scale_min_k4;
-use crate::quant::{Format, SUPER_BLOCK};
-
-/// Σ of the eight i32 lanes.
-#[inline(always)]
-fn hsum(v: __m256i) -> i32 {
-    // SAFETY: only reached from `gemm_avx2`, which runs after AVX2 was detected.
-    unsafe {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-        _mm_cvtsi128_si32(s)
-    }
-}
+use crate::quant::Format;
 
 fn half_at(b: &[u8], at: usize) -> f32 {
     super::q8::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
@@ -138,24 +127,19 @@ pub unsafe fn gemm_avx2(
     rows: core::ops::Range<usize>,
     x: &[Q8KBlock],
     n: usize,
-    mut out: Out<'_>,
+    out: Out<'_>,
 ) {
     if !q8k::uses_q8k(w.format) {
         return q8k::gemm(w, rows, x, n, out);
     }
-    let nb = w.cols / SUPER_BLOCK;
-    let rb = w.geometry().row_bytes();
-    for (c, r) in rows.enumerate() {
-        let row = &w.bytes[r * rb..(r + 1) * rb];
-        for t in 0..n {
-            out.set(t, c, dot_row(w.format, row, &x[t * nb..(t + 1) * nb]));
-        }
-    }
+    // The closure shares this function's target features, so `dot_row` inlines into it.
+    q8k::gemm_with(w, rows, x, n, out, |f, row, x| dot_row(f, row, x));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::SUPER_BLOCK;
 
     /// Random rows of each K-quant against random activations: AVX2 gives the reference's bits.
     #[test]
@@ -171,6 +155,7 @@ mod tests {
             (seed >> 33) as u32
         };
         let cols = 1024;
+        let mut row_seed = 11;
         for round in 0..50 {
             let x: Vec<f32> = (0..cols)
                 .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
@@ -179,20 +164,7 @@ mod tests {
             let mut xq = vec![Q8KBlock::default(); cols / SUPER_BLOCK];
             q8k::quantize(&x, &mut xq);
             for format in [Format::Q4K, Format::Q5K, Format::Q6K] {
-                let mut row: Vec<u8> = (0..format.row_bytes(cols).unwrap_or(0))
-                    .map(|_| next() as u8)
-                    .collect();
-                let halves: &[usize] = if format == Format::Q6K {
-                    &[208]
-                } else {
-                    &[0, 2]
-                };
-                for b in row.chunks_exact_mut(format.block_bytes()) {
-                    for &at in halves {
-                        let v = half::f16::from_f32((next() % 1000) as f32 * 1e-5);
-                        b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-                    }
-                }
+                let row = q8k::random_row(format, cols, &mut row_seed);
                 let want = q8k::dot_row(format, &row, &xq);
                 // SAFETY: AVX2 was detected above.
                 let got = unsafe { dot_row(format, &row, &xq) };
