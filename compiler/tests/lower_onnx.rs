@@ -96,7 +96,8 @@ fn tiny_export_lowers_to_the_logits_of_the_direct_artifact() {
 
 /// Without kiln's facts and tokenizer in the metadata, as from another exporter: θ and llama3
 /// scaling come from the graph's RoPE tables, the token policy from `tokenizer.json` (and
-/// `tokenizer_config.json`) beside the model, and the facts are the checkpoint's again.
+/// `tokenizer_config.json`) and the sampling from `generation_config.json` beside the model, and
+/// the facts are the checkpoint's again.
 #[test]
 fn tiny_export_without_kiln_metadata_lowers_to_the_same_facts() {
     let dir = temp_dir();
@@ -109,7 +110,11 @@ fn tiny_export_without_kiln_metadata_lowers_to_the_same_facts() {
     std::fs::write(&onnx, model.encode_to_vec()).expect("write");
     common::assert_names_file(lower_error(&onnx), &onnx, &["no tokenizer"]);
 
-    for file in ["tokenizer.json", "tokenizer_config.json"] {
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(checkpoint_dir.path().join(file), dir.path().join(file)).expect("copy");
     }
     let lowered = import_onnx(&onnx).expect("lower");

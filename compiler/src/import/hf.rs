@@ -7,7 +7,7 @@ mod weights;
 use std::path::{Path, PathBuf};
 
 use kiln_engine::tokenizer::{Tokenizer, TokenizerData};
-use kiln_runtime::model::ModelFacts;
+use kiln_runtime::model::{ModelFacts, SamplingDefaults};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -65,6 +65,14 @@ pub fn import(dir: &Path) -> Result<Checkpoint, ImportError> {
         tokenizer,
         weights,
     })
+}
+
+/// The sampling a `generation_config.json` recommends (nothing when there is no such file).
+pub fn generation_sampling(path: &Path) -> Result<SamplingDefaults, ImportError> {
+    match JsonFile::read_optional(path)? {
+        Some(generation) => config::sampling_defaults(&generation.fields()),
+        None => Ok(SamplingDefaults::default()),
+    }
 }
 
 /// Token ids in a config must index the embedding.

@@ -32,6 +32,8 @@ use std::path::{Path, PathBuf};
 
 use tract_onnx::prelude::{Framework, InferenceModelExt, TypedModel};
 
+use kiln_runtime::model::SamplingDefaults;
+
 use crate::graph::Checkpoint;
 use crate::import::ImportError;
 use metadata::Metadata;
@@ -100,12 +102,15 @@ pub fn import_onnx_with(path: &Path, opts: &LowerOptions) -> Result<Checkpoint, 
         true => Some(crate::import::hf::config_facts(&config_path)?),
         false => None,
     };
-    let facts = facts::facts(path, &matched.structure, &meta, config.as_ref(), &tokens).map_err(
-        |what| LowerError::Invalid {
+    let mut facts = facts::facts(path, &matched.structure, &meta, config.as_ref(), &tokens)
+        .map_err(|what| LowerError::Invalid {
             path: path.to_path_buf(),
             what,
-        },
-    )?;
+        })?;
+    if facts.sampling == SamplingDefaults::default() {
+        let generation = path.with_file_name("generation_config.json");
+        facts.sampling = crate::import::hf::generation_sampling(&generation)?;
+    }
     Ok(Checkpoint {
         facts,
         tokenizer: tokens.data,
