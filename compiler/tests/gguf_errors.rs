@@ -380,6 +380,17 @@ fn sampling_keys_are_the_models_defaults_and_bad_ones_are_refused() {
     expect_import_error(&path, &["sampling top_p 1.5 is not in (0, 1]"]);
 }
 
+/// Facts the runtime would refuse are refused at import (the `gguf` fuzz target found a file with
+/// no layers that imported, compiled, and wrote an artifact no runtime would load).
+#[test]
+fn facts_the_runtime_refuses_are_refused_at_import() {
+    let dir = temp_dir();
+    let path = Gguf::tiny_llama()
+        .set("llama.block_count", Val::U32(0))
+        .write(dir.path(), "no-layers.gguf");
+    expect_import_error(&path, &["model facts: layers 0 is outside 1..=1024"]);
+}
+
 #[test]
 fn unsupported_architecture() {
     let dir = temp_dir();

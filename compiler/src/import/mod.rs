@@ -47,8 +47,21 @@ impl ImportError {
     }
 }
 
-/// Imports a GGUF file or a Hugging Face checkpoint directory.
+/// Imports a GGUF file or a Hugging Face checkpoint directory; facts the runtime would refuse
+/// (no layers, a head count that does not divide, …) are refused here, naming the file.
 pub fn import(path: &Path) -> Result<Checkpoint, ImportError> {
+    let checkpoint = import_unchecked(path)?;
+    checkpoint
+        .facts
+        .check()
+        .map_err(|what| ImportError::Corrupt {
+            path: path.to_path_buf(),
+            what: format!("model facts: {what}"),
+        })?;
+    Ok(checkpoint)
+}
+
+fn import_unchecked(path: &Path) -> Result<Checkpoint, ImportError> {
     if path.is_file() {
         let mut magic = [0u8; 4];
         use std::io::Read;

@@ -111,6 +111,10 @@ pub fn import_onnx_with(path: &Path, opts: &LowerOptions) -> Result<Checkpoint, 
         let generation = path.with_file_name("generation_config.json");
         facts.sampling = crate::import::hf::generation_sampling(&generation)?;
     }
+    facts.check().map_err(|what| LowerError::Invalid {
+        path: path.to_path_buf(),
+        what: format!("model facts: {what}"),
+    })?;
     Ok(Checkpoint {
         facts,
         tokenizer: tokens.data,

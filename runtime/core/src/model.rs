@@ -1,5 +1,6 @@
 //! Model facts stored in an artifact: the hyper-parameters and token policy the runtime needs.
 
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
@@ -34,7 +35,7 @@ impl SamplingDefaults {
     pub fn check(&self) -> Result<(), String> {
         let within = |name: &str, v: Option<f32>, ok: fn(f32) -> bool, range: &str| match v {
             Some(v) if !(v.is_finite() && ok(v)) => {
-                Err(alloc::format!("sampling {name} {v} is not {range}"))
+                Err(format!("sampling {name} {v} is not {range}"))
             }
             _ => Ok(()),
         };
@@ -79,7 +80,58 @@ pub struct ModelFacts {
     pub sampling: SamplingDefaults,
 }
 
+/// Bounds on a model's facts, far above any Llama 3 (405B has 126 layers, 16,384 wide, a
+/// 128,256-token vocabulary and a 131,072-token context): a fact past them is a crafted or
+/// corrupt file, refused before any size is computed from it.
+const MAX_LAYERS: usize = 1024;
+pub(crate) const MAX_WIDTH: usize = 1 << 17;
+const MAX_VOCAB: usize = 1 << 22;
+const MAX_HEADS: usize = 1024;
+const MAX_HEAD_DIM: usize = 1024;
+const MAX_CONTEXT: usize = 1 << 24;
+
 impl ModelFacts {
+    /// Each fact within its bounds and consistent with the others, or what is wrong: what the
+    /// runtime checks when it loads an artifact, and the compiler when it imports a checkpoint.
+    pub fn check(&self) -> Result<(), String> {
+        let f = self;
+        let counts = [
+            ("layers", f.layers, MAX_LAYERS),
+            ("hidden_size", f.hidden_size, MAX_WIDTH),
+            ("intermediate_size", f.intermediate_size, MAX_WIDTH),
+            ("vocab_size", f.vocab_size, MAX_VOCAB),
+            ("heads", f.heads, MAX_HEADS),
+            ("kv_heads", f.kv_heads, MAX_HEADS),
+            ("head_dim", f.head_dim, MAX_HEAD_DIM),
+            ("context_length", f.context_length, MAX_CONTEXT),
+        ];
+        for (name, value, max) in counts {
+            if value == 0 || value > max {
+                return Err(format!("{name} {value} is outside 1..={max}"));
+            }
+        }
+        if !f.heads.is_multiple_of(f.kv_heads) || !f.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "{} heads, {} KV heads, head_dim {}: the heads must share KV heads evenly and \
+                 head_dim must be even",
+                f.heads, f.kv_heads, f.head_dim
+            ));
+        }
+        for (name, value) in [("rms_eps", f.rms_eps), ("rope_theta", f.rope_theta)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("{name} {value} must be a positive number"));
+            }
+        }
+        let ids = f.bos_id.iter().chain(&f.eog_ids);
+        if let Some(id) = ids.into_iter().find(|&&id| id as usize >= f.vocab_size) {
+            return Err(format!(
+                "token id {id} is outside the {}-token vocabulary",
+                f.vocab_size
+            ));
+        }
+        f.sampling.check()
+    }
+
     /// RoPE inverse frequencies, one per rotated pair, with `llama3` scaling applied when set.
     ///
     /// Follows Meta's `apply_scaling` in `llama_models/llama3/reference_impl/model.py`.

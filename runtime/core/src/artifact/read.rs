@@ -5,7 +5,7 @@ use alloc::string::{String, ToString};
 use core::ops::Range;
 
 use super::format::*;
-use crate::model::ModelFacts;
+use crate::model::{ModelFacts, MAX_WIDTH};
 use crate::quant::Format;
 
 /// Why an artifact was refused.
@@ -228,55 +228,9 @@ fn check_tensors(meta: &Metadata, weights: &[u8], version: u32) -> Result<(), Ar
     Ok(())
 }
 
-/// Bounds on a model's facts, far above any Llama 3 (405B has 126 layers, 16,384 wide, a
-/// 128,256-token vocabulary and a 131,072-token context): a fact past them is a crafted or
-/// corrupt file, refused before any size is computed from it.
-const MAX_LAYERS: usize = 1024;
-const MAX_WIDTH: usize = 1 << 17;
-const MAX_VOCAB: usize = 1 << 22;
-const MAX_HEADS: usize = 1024;
-const MAX_HEAD_DIM: usize = 1024;
-const MAX_CONTEXT: usize = 1 << 24;
-
 /// The model's facts, each within its bounds and consistent with the others.
 fn check_facts(f: &ModelFacts) -> Result<(), ArtifactError> {
-    let bad = |what: String| Err(ArtifactError::Meta(format!("model facts: {what}")));
-    let counts = [
-        ("layers", f.layers, MAX_LAYERS),
-        ("hidden_size", f.hidden_size, MAX_WIDTH),
-        ("intermediate_size", f.intermediate_size, MAX_WIDTH),
-        ("vocab_size", f.vocab_size, MAX_VOCAB),
-        ("heads", f.heads, MAX_HEADS),
-        ("kv_heads", f.kv_heads, MAX_HEADS),
-        ("head_dim", f.head_dim, MAX_HEAD_DIM),
-        ("context_length", f.context_length, MAX_CONTEXT),
-    ];
-    for (name, value, max) in counts {
-        if value == 0 || value > max {
-            return bad(format!("{name} {value} is outside 1..={max}"));
-        }
-    }
-    if !f.heads.is_multiple_of(f.kv_heads) || !f.head_dim.is_multiple_of(2) {
-        return bad(format!(
-            "{} heads, {} KV heads, head_dim {}: the heads must share KV heads evenly and \
-             head_dim must be even",
-            f.heads, f.kv_heads, f.head_dim
-        ));
-    }
-    for (name, value) in [("rms_eps", f.rms_eps), ("rope_theta", f.rope_theta)] {
-        if !(value.is_finite() && value > 0.0) {
-            return bad(format!("{name} {value} must be a positive number"));
-        }
-    }
-    let ids = f.bos_id.iter().chain(&f.eog_ids);
-    if let Some(id) = ids.into_iter().find(|&&id| id as usize >= f.vocab_size) {
-        return bad(format!(
-            "token id {id} is outside the {}-token vocabulary",
-            f.vocab_size
-        ));
-    }
-    f.sampling
-        .check()
+    f.check()
         .map_err(|what| ArtifactError::Meta(format!("model facts: {what}")))
 }
 
