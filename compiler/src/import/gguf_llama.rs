@@ -138,32 +138,28 @@ fn facts(file: &GgufFile) -> Result<ModelFacts, ImportError> {
 }
 
 /// llama.cpp's `general.sampling.*` keys (written from `generation_config.json` by its
-/// converter), each checked against the range a sampler takes.
+/// converter); their ranges are checked with the other facts (`import::import`).
 fn sampling_defaults(file: &GgufFile) -> Result<SamplingDefaults, ImportError> {
     let real = |key: &str| match file.metadata.get(key) {
         None => Ok(None),
         Some(_) => file.require_f64(key).map(|v| Some(v as f32)),
     };
-    let sampling =
-        SamplingDefaults {
-            temperature: real("general.sampling.temp")?,
-            top_k: match file.metadata.get("general.sampling.top_k") {
-                None => None,
-                Some(v) => Some(v.as_u64().and_then(|k| u32::try_from(k).ok()).ok_or_else(
-                    || ImportError::Corrupt {
+    Ok(SamplingDefaults {
+        temperature: real("general.sampling.temp")?,
+        top_k: match file.metadata.get("general.sampling.top_k") {
+            None => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|k| u32::try_from(k).ok())
+                    .ok_or_else(|| ImportError::Corrupt {
                         path: file.path().to_path_buf(),
                         what: "general.sampling.top_k is not a count".into(),
-                    },
-                )?),
-            },
-            top_p: real("general.sampling.top_p")?,
-            min_p: real("general.sampling.min_p")?,
-        };
-    sampling.check().map_err(|what| ImportError::Corrupt {
-        path: file.path().to_path_buf(),
-        what,
-    })?;
-    Ok(sampling)
+                    })?,
+            ),
+        },
+        top_p: real("general.sampling.top_p")?,
+        min_p: real("general.sampling.min_p")?,
+    })
 }
 
 /// EOS, EOT and every vocabulary token llama.cpp treats as end-of-generation.

@@ -243,15 +243,12 @@ impl SamplingArgs {
     /// The sampler: each flag given, else the model's recommendation, else llama.cpp's default
     /// (as llama.cpp reads `general.sampling.*`).
     pub fn config(&self, model: &SamplingDefaults) -> SamplerConfig {
-        let base = SamplerConfig::default();
+        let base = SamplerConfig::for_model(model);
         SamplerConfig {
-            temperature: self.temp.or(model.temperature).unwrap_or(base.temperature),
-            top_k: self
-                .top_k
-                .or(model.top_k.map(|k| k as usize))
-                .unwrap_or(base.top_k),
-            top_p: self.top_p.or(model.top_p).unwrap_or(base.top_p),
-            min_p: self.min_p.or(model.min_p).unwrap_or(base.min_p),
+            temperature: self.temp.unwrap_or(base.temperature),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            min_p: self.min_p.unwrap_or(base.min_p),
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
             frequency_penalty: self.frequency_penalty,

@@ -37,6 +37,19 @@ impl SamplerConfig {
     /// runs with default settings produce the same text.
     pub const DEFAULT_SEED: u64 = 0x5EED_C0FFEE;
 
+    /// llama.cpp's defaults with the model's recommended sampling in their place where it has
+    /// one (as llama.cpp reads `general.sampling.*`): what a setting the user leaves out takes.
+    pub fn for_model(model: &crate::model::SamplingDefaults) -> Self {
+        let d = Self::default();
+        Self {
+            temperature: model.temperature.unwrap_or(d.temperature),
+            top_k: model.top_k.map_or(d.top_k, |k| k as usize),
+            top_p: model.top_p.unwrap_or(d.top_p),
+            min_p: model.min_p.unwrap_or(d.min_p),
+            ..d
+        }
+    }
+
     /// Greedy decoding: always the most likely token (lowest id on ties), no penalty.
     pub fn greedy() -> Self {
         Self {

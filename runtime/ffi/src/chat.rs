@@ -276,16 +276,13 @@ struct ReplyOptions {
 impl ReplyOptions {
     /// Each option given, else the model's recommended sampling, else llama.cpp's default.
     fn sampler(&self, facts: &ModelFacts) -> Sampler {
-        let (d, m) = (SamplerConfig::default(), &facts.sampling);
+        let d = SamplerConfig::for_model(&facts.sampling);
         Sampler::new(
             SamplerConfig {
-                temperature: self.temperature.or(m.temperature).unwrap_or(d.temperature),
-                top_k: self
-                    .top_k
-                    .or(m.top_k.map(|k| k as usize))
-                    .unwrap_or(d.top_k),
-                top_p: self.top_p.or(m.top_p).unwrap_or(d.top_p),
-                min_p: self.min_p.or(m.min_p).unwrap_or(d.min_p),
+                temperature: self.temperature.unwrap_or(d.temperature),
+                top_k: self.top_k.unwrap_or(d.top_k),
+                top_p: self.top_p.unwrap_or(d.top_p),
+                min_p: self.min_p.unwrap_or(d.min_p),
                 seed: self.seed.unwrap_or(d.seed),
                 ..d
             },

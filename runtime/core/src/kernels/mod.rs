@@ -524,6 +524,35 @@ pub(crate) mod testing {
     }
 }
 
+/// Test inputs for the quantized dots: activations spread over [-1, 1), and the check that a
+/// dot `got` of the stored `row` with them (8-bit quantized) is within half an 8-bit step of
+/// the exact dot of the dequantized weights, term by term.
+#[cfg(test)]
+pub(crate) mod near {
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    use crate::quant::Format;
+
+    pub fn activations(cols: usize) -> Vec<f32> {
+        (0..cols)
+            .map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0)
+            .collect()
+    }
+
+    pub fn assert_near_dequantized(format: Format, row: &[u8], x: &[f32], got: f32) {
+        let mut w = vec![0f32; x.len()];
+        format.dequantize_row(row, &mut w);
+        let exact: f32 = w.iter().zip(x).map(|(a, b)| a * b).sum();
+        let scale: f32 = w.iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
+        assert!(
+            (got - exact).abs() <= scale / 127.0,
+            "{}: {got} vs {exact} (Σ|terms| {scale})",
+            format.name()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::testing::*;

@@ -213,25 +213,14 @@ mod tests {
     #[test]
     fn k_quant_dots_are_close_to_the_dequantized_dot() {
         let cols = 512;
-        let x: Vec<f32> = (0..cols)
-            .map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0)
-            .collect();
+        let x = crate::kernels::near::activations(cols);
         let mut xq = vec![Q8KBlock::default(); cols / SUPER_BLOCK];
         quantize(&x, &mut xq);
         let mut seed = 7;
         for format in [Format::Q4K, Format::Q5K, Format::Q6K] {
             let row = random_row(format, cols, &mut seed);
-            let mut w = vec![0f32; cols];
-            format.dequantize_row(&row, &mut w);
-            let exact: f32 = w.iter().zip(&x).map(|(a, b)| a * b).sum();
-            let scale: f32 = w.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
             let got = dot_row(format, &row, &xq);
-            // 8-bit activations: each off by at most half a step of max|x| / 127.
-            assert!(
-                (got - exact).abs() <= scale / 127.0,
-                "{}: {got} vs {exact} (Σ|terms| {scale})",
-                format.name()
-            );
+            crate::kernels::near::assert_near_dequantized(format, &row, &x, got);
         }
     }
 
