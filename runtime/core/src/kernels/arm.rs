@@ -24,7 +24,7 @@ use super::lanes::widen_f16_bits;
 use super::product::{Out, Product};
 use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::q8::{self, Q8Block};
-use super::{x4, Kernels, Level, TILE_ROWS, TILE_TOKENS};
+use super::{arm_k, x4, Kernels, Level, TILE_ROWS, TILE_TOKENS};
 use crate::layout::Layout;
 use crate::quant::{Format, BLOCK};
 
@@ -528,8 +528,7 @@ pub fn table(level: Level) -> Option<Kernels> {
         dot4_f16: float::dot4_f16,
         gemm_q8: |p| x4::gemm_neon(p, rows_neon),
         quantize,
-        // K-quants have only the reference kernel on aarch64 so far.
-        gemm_q8k: super::q8k::gemm,
+        gemm_q8k: arm_k::gemm_neon,
         rms_norm: float::rms_norm,
         swiglu: float::swiglu,
         softmax: float::softmax,
@@ -544,6 +543,8 @@ pub fn table(level: Level) -> Option<Kernels> {
             name: "aarch64 dotprod",
             // SAFETY: these only need dotprod, which the caller checked.
             gemm_q8: |p| unsafe { x4::gemm_dotprod(p, |p| rows_dotprod(p)) },
+            // SAFETY: dotprod, which the caller checked.
+            gemm_q8k: |w, rows, x, n, out| unsafe { arm_k::gemm_dotprod(w, rows, x, n, out) },
             ..neon
         }),
         Level::I8mm => Some(Kernels {
@@ -551,6 +552,8 @@ pub fn table(level: Level) -> Option<Kernels> {
             name: "aarch64 i8mm",
             // SAFETY: these only need dotprod and i8mm, which the caller checked.
             gemm_q8: |p| unsafe { x4::gemm_i8mm(p, |p| rows_i8mm(p)) },
+            // SAFETY: dotprod and i8mm, which the caller checked.
+            gemm_q8k: |w, rows, x, n, out| unsafe { arm_k::gemm_i8mm(w, rows, x, n, out) },
             ..neon
         }),
         _ => None,

@@ -5,6 +5,8 @@
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
+#[cfg(target_arch = "aarch64")]
+mod arm_k;
 pub mod budget;
 mod generic;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
