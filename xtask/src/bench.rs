@@ -118,6 +118,7 @@ pub struct Args {
     pub backend: Vec<Backend>,
     /// kiln's kernel levels for the native engine, comma-separated (`KILN_KERNELS` names:
     /// generic, avx2, avxvnni, avx512, avx512vnni, neon, dotprod, i8mm); default: this CPU's best.
+    /// With --arch aarch64: the levels to count (default: all three).
     #[arg(long, value_delimiter = ',')]
     pub kernels: Vec<String>,
     /// Who kiln is compared with: llama-bench (native llama.cpp), llama-cpp-python, none.
@@ -1033,10 +1034,12 @@ struct Report {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.arch.as_deref() == Some("aarch64") {
+        return run_aarch64(&args);
+    }
     let plan = plan(&args)?;
     match args.arch.as_deref() {
         None | Some("x86_64") => {}
-        Some("aarch64") => return run_aarch64(&args, &plan),
         Some(other) => bail!("--arch {other}: kiln counts aarch64 (or times this x86_64 machine)"),
     }
     let load_start = load_average();
@@ -1120,30 +1123,51 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// `--arch aarch64`: instruction counts per token under qemu, kiln against llama.cpp.
-fn run_aarch64(args: &Args, plan: &Plan) -> anyhow::Result<()> {
-    let quant = plan.quants[0];
-    let tools = Tools {
-        kiln: PathBuf::new(),
-        ort_lib: None,
-        python: pypi::python_from_env(),
-        llama_bench: vec![llama_bench::ensure(Build::Native)?],
+/// `--quant copy` counts a GGUF as stored (a K-quant mix such as `Q4_K_M`): kiln compiles it
+/// keeping each tensor's format and llama.cpp runs the file itself.
+fn run_aarch64(args: &Args) -> anyhow::Result<()> {
+    let (quant, gguf) = if args.quant.first().map(|q| q.trim()) == Some("copy") {
+        let model = Path::new(&args.model);
+        ensure!(
+            model.is_file()
+                && model
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf")),
+            "--quant copy counts a GGUF as stored: --model must be a GGUF file"
+        );
+        ("copy", model.to_path_buf())
+    } else {
+        let quant = plan(args)?.quants[0];
+        let tools = Tools {
+            kiln: PathBuf::new(),
+            ort_lib: None,
+            python: pypi::python_from_env(),
+            llama_bench: vec![llama_bench::ensure(Build::Native)?],
+        };
+        let dir = cache::kiln_home()?.join("artifacts");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let gguf_path = dir.join(format!(
+            "{}.{}.llama-cpp.gguf",
+            cache_stem(&args.model),
+            quant.name()
+        ));
+        let gguf = ensure_gguf(&args.model, quant, &gguf_path, &tools, args.rebuild)?;
+        (quant.name(), gguf.path)
     };
-    let dir = cache::kiln_home()?.join("artifacts");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let gguf_path = dir.join(format!(
-        "{}.{}.llama-cpp.gguf",
-        cache_stem(&args.model),
-        quant.name()
-    ));
-    let gguf = ensure_gguf(&args.model, quant, &gguf_path, &tools, args.rebuild)?;
-    let rows = crate::bench_arm::run(&args.model, quant, &gguf.path)?;
+    // --kernels picks aarch64 levels here (their llama.cpp builds take a while each).
+    let levels = args
+        .kernels
+        .iter()
+        .map(|name| Level::from_name(name.trim()))
+        .collect::<Result<Vec<Level>, _>>()?;
+    let rows = crate::bench_arm::run(&args.model, quant, &gguf, &levels)?;
     if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": args.model,
-                "quant": quant.name(),
-                "llama_cpp_gguf": gguf.path,
+                "quant": quant,
+                "llama_cpp_gguf": gguf,
                 "what": "guest instructions per token under qemu-user, 1 thread: a deterministic proxy for speed, not a speed",
                 "rows": rows,
             }))?
@@ -1151,8 +1175,7 @@ fn run_aarch64(args: &Args, plan: &Plan) -> anyhow::Result<()> {
     } else {
         println!(
             "{} {}: guest instructions per token under qemu-user (1 thread), a proxy for speed: instructions are not time",
-            args.model,
-            quant.name()
+            args.model, quant
         );
         print!("{}", crate::bench_arm::table(&rows));
     }

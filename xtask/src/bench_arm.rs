@@ -18,7 +18,6 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context};
 use kiln_runtime::kernels::Level;
-use kiln_runtime::quant::Format;
 use serde::Serialize;
 
 use crate::llama_bench::{self, Build, LlamaCpp};
@@ -148,17 +147,21 @@ fn per_token(
     Ok((b - a) as f64 / (sizes[1] - sizes[0]) as f64)
 }
 
-/// Counts kiln and llama.cpp at every level for `model` at `quant`; `gguf` is llama.cpp's
-/// file at that quantization.
-pub fn run(model: &str, quant: Format, gguf: &Path) -> anyhow::Result<Vec<ArmRow>> {
+/// Counts kiln and llama.cpp at every level for `model` compiled with `--quant quant` (a
+/// format's name, or `copy`); `gguf` is llama.cpp's file at that quantization. `levels` picks
+/// some (none: all).
+pub fn run(model: &str, quant: &str, gguf: &Path, levels: &[Level]) -> anyhow::Result<Vec<ArmRow>> {
     let plugin = plugin()?;
     let dir = cache::kiln_home()?.join("artifacts/aarch64");
     let mut rows = Vec::new();
-    for s in &SETUPS {
+    for s in SETUPS
+        .iter()
+        .filter(|s| levels.is_empty() || levels.contains(&s.level))
+    {
         let built = build::build(&build::Args {
             target: s.target.to_owned(),
             model: model.to_owned(),
-            quant: Some(quant.name().to_owned()),
+            quant: Some(quant.to_owned()),
             out_dir: Some(dir.join(s.target)),
             json: true,
         })?;
