@@ -27,7 +27,6 @@ use core::arch::aarch64::*;
 use core::arch::asm;
 
 use super::arm::{pair, sdot, smmla};
-use super::lanes::widen_f16_bits;
 use super::q8k::{self, Q8KBlock};
 use super::{Matrix, Out, TILE_ROWS};
 use crate::layout::Layout;
@@ -116,15 +115,6 @@ unsafe fn codes<const F: u8, const C: usize>(p: *const u8) -> [int8x16_t; 2] {
         }
         [s(lo), s(hi)]
     }
-}
-
-/// Reads the f16 at `p` as f32.
-///
-/// SAFETY: `p` is valid for 2 bytes.
-#[inline(always)]
-unsafe fn half(p: *const u8) -> f32 {
-    // SAFETY: the caller's contract.
-    widen_f16_bits(u16::from_le_bytes(unsafe { [*p, *p.add(1)] }))
 }
 
 /// The 8 scales and 8 mins of a `q4_k`/`q5_k` super-block as i16 (llama.cpp's kmask
@@ -365,15 +355,51 @@ fn prefetch<const F: u8>(p: *const u8) {
     }
 }
 
-/// The f32 scales of 4 rows' super-blocks at byte `at`.
-///
-/// SAFETY: each `p[i] + at` is valid for 2 bytes.
+/// `fcvtl`/`fcvtl2`: the low and the high four f16 of `h` as f32 (exact).
 #[inline(always)]
-unsafe fn halves(p: &[*const u8; R], at: usize) -> float32x4_t {
-    // SAFETY: the caller's contract; NEON is baseline.
+fn widen8(h: uint16x8_t) -> [float32x4_t; 2] {
+    let (lo, hi): (float32x4_t, float32x4_t);
+    // SAFETY: register arithmetic only (ARMv8.0).
     unsafe {
-        let v: [f32; R] = core::array::from_fn(|i| half(p[i].add(at)));
-        vld1q_f32(v.as_ptr())
+        asm!(
+            "fcvtl {lo:v}.4s, {h:v}.4h",
+            "fcvtl2 {hi:v}.4s, {h:v}.8h",
+            h = in(vreg) h,
+            lo = out(vreg) lo,
+            hi = out(vreg) hi,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    [lo, hi]
+}
+
+/// The f32 scales `d` (at byte `at`) and `dmin` (at byte 2, `q4_k`/`q5_k`) of 4 rows'
+/// super-blocks, lanes the rows, converted together.
+///
+/// SAFETY: each `p[i]` points at a whole super-block of format `F`.
+#[inline(always)]
+unsafe fn scales_f32<const F: u8>(p: &[*const u8; R]) -> (float32x4_t, float32x4_t) {
+    // SAFETY: the reads stay inside the super-blocks (bytes 0..4, or 208..210 for q6_k);
+    // NEON is baseline.
+    unsafe {
+        let read = |p: *const u8| p.cast::<u32>().read_unaligned().to_le();
+        if F == Q6K {
+            let h = |i: usize| u32::from(p[i].add(208).cast::<u16>().read_unaligned().to_le());
+            let v = vcombine_u32(
+                vcreate_u32(u64::from(h(0) | h(1) << 16) | u64::from(h(2) | h(3) << 16) << 32),
+                vdup_n_u32(0),
+            );
+            let [d, _] = widen8(vreinterpretq_u16_u32(v));
+            return (d, d);
+        }
+        let mut v = vdupq_n_u32(0);
+        v = vsetq_lane_u32::<0>(read(p[0]), v);
+        v = vsetq_lane_u32::<1>(read(p[1]), v);
+        v = vsetq_lane_u32::<2>(read(p[2]), v);
+        v = vsetq_lane_u32::<3>(read(p[3]), v);
+        // [d0, dmin0, d1, dmin1] and [d2, dmin2, d3, dmin3].
+        let [lo, hi] = widen8(vreinterpretq_u16_u32(v));
+        (vuzp1q_f32(lo, hi), vuzp2q_f32(lo, hi))
     }
 }
 
@@ -437,8 +463,7 @@ unsafe fn dot_tile<D: KDot, const F: u8, const TT: usize, const PF: bool>(tile: 
                     }
                 }
             });
-            let d = halves(&p, if k6 { 208 } else { 0 });
-            let dmin = halves(&p, 2);
+            let (d, dmin) = scales_f32::<F>(&p);
             for (t, x) in x.iter().enumerate() {
                 let dots = vcvtq_f32_s32(sum4(acc[t].map(D::total)));
                 let term = vmulq_f32(vmulq_n_f32(d, x.d), dots);
@@ -590,13 +615,11 @@ unsafe fn mmla_tile<const F: u8, const TP: usize>(tile: &Tile, tokens: usize) {
                     }
                 }
             });
-            let at = if k6 { 208 } else { 0 };
-            for rp in 0..2 {
-                let (p0, p1) = (p[2 * rp], p[2 * rp + 1]);
-                let (d0, d1) = (half(p0.add(at)), half(p1.add(at)));
-                let (m0, m1) = (half(p0.add(2)), half(p1.add(2)));
-                let d = vld1q_f32([d0, d0, d1, d1].as_ptr());
-                let dmin = vld1q_f32([m0, m0, m1, m1].as_ptr());
+            let (d4, dmin4) = scales_f32::<F>(&p);
+            // Lanes [r0, r0, r1, r1] of each row pair.
+            let d = [vzip1q_f32(d4, d4), vzip2q_f32(d4, d4)];
+            let dmin = [vzip1q_f32(dmin4, dmin4), vzip2q_f32(dmin4, dmin4)];
+            for (rp, (&d, &dmin)) in d.iter().zip(&dmin).enumerate() {
                 for (tp, xb) in xb.iter().enumerate() {
                     let dy = vld1q_f32([xb[0].d, xb[1].d, xb[0].d, xb[1].d].as_ptr());
                     let term = vmulq_f32(vmulq_f32(d, dy), vcvtq_f32_s32(acc[rp][tp]));
