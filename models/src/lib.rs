@@ -604,7 +604,13 @@ mod tests {
             let Source::Huggingface(hf) = &card.source else {
                 panic!("{name}: not a Hugging Face card")
             };
-            assert!(hf.repo.starts_with("meta-llama/") && hf.gated && hf.revision == "main");
+            assert!(hf.repo.starts_with("meta-llama/") && hf.gated);
+            // Pinned to a commit, not a branch.
+            assert!(
+                hf.revision.len() == 40 && hf.revision.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{name}: revision {}",
+                hf.revision
+            );
             assert_eq!(card.format, Format::Safetensors);
             assert_eq!(card.primary_file(), None);
             assert_eq!(card.model.unwrap().context_length, 131072);

@@ -21,6 +21,12 @@
 //! ggml rows, so memory plans do not change. A 4-bit block's quant bytes are its 16 packed bytes
 //! (low nibbles: elements 0–15, high nibbles: 16–31), `q8_0`'s its 32 signed bytes.
 //!
+//! The K-quants interleave in 4×16 only (x86-64; `q5_k` and every other layout keep ggml's
+//! rows). A "block" is then a super-block of 256: `q4_k`'s quant bytes are its 128 packed
+//! bytes, `q6_k`'s its 128 low-nibble and 64 high-bit-pair bytes, in runs of 16; the rest of
+//! the super-block is its scales, arranged for the kernels to decode four rows at once
+//! (`Geometry::scale_at`).
+//!
 //! In the aarch64 layouts (4×4, 4×8) `q4_0`'s packed bytes are stored XOR `0x88`: nibble `q`
 //! becomes `q ^ 8`, the 4-bit two's complement of `q − 8`, so a shift left by 4 (low nibbles)
 //! or a mask of `0xf0` (high) gives `16·(q − 8)` as a signed byte in one instruction, with no
@@ -106,12 +112,12 @@ impl Layout {
     }
 
     /// The layout a matrix of `format` gets when `self` is asked for: only block formats
-    /// interleave; floats keep their rows.
+    /// interleave (the K-quants only in 4×16, the layout their x86-64 kernels read); floats
+    /// keep their rows.
     pub fn for_format(self, format: Format) -> Layout {
-        if Geometry::quant_bytes(format).is_some() {
-            self
-        } else {
-            Layout::Rows
+        match Geometry::quant_bytes(format) {
+            Some(_) if !format.is_k_quant() || self == Layout::X16 => self,
+            _ => Layout::Rows,
         }
     }
 }
@@ -132,14 +138,48 @@ impl Geometry {
         match format {
             Format::Q4_0 | Format::Q4_1 => Some(16),
             Format::Q8_0 => Some(32),
+            // The packed codes of a super-block: `qs` (`q4_k`), `ql` and `qh` (`q6_k`).
+            Format::Q4K => Some(128),
+            Format::Q6K => Some(192),
             // Formats without interleaved kernels stay in ggml's rows.
             _ => None,
         }
     }
 
-    /// Scale bytes of one block: `d`, and `m` for `q4_1`.
+    /// Scale bytes of one block: `d`, and `m` for `q4_1`; for the K-quants everything but
+    /// the codes.
     pub fn scale_bytes(format: Format) -> usize {
         format.block_bytes() - Geometry::quant_bytes(format).unwrap_or(0)
+    }
+
+    /// Where a block's quant bytes start in ggml's block (`q6_k` stores its scales last).
+    fn quants_in_block(format: Format) -> usize {
+        match format {
+            Format::Q6K => 0,
+            _ => Geometry::scale_bytes(format),
+        }
+    }
+
+    /// Where a block's scale bytes start in ggml's block.
+    fn scales_in_block(format: Format) -> usize {
+        match format {
+            Format::Q6K => 192,
+            _ => 0,
+        }
+    }
+
+    /// Where scale byte `e` of row `i` of a group lies among the group's scale bytes of one
+    /// block: f16 values interleaved row by row, except for the K-quants, whose scales are
+    /// arranged for their kernels (x86_k.rs): `q4_k` as `d` of the 4 rows, `dmin` of the 4
+    /// rows, then each of the three 32-bit words of packed 6-bit scales for the 4 rows;
+    /// `q6_k` as each row's 16 scales, then `d` of the 4 rows.
+    fn scale_at(format: Format, i: usize, e: usize) -> usize {
+        match format {
+            Format::Q4K if e >= 4 => 16 + 16 * ((e - 4) / 4) + 4 * i + (e - 4) % 4,
+            Format::Q6K if e < 16 => 16 * i + e,
+            Format::Q6K => 64 + 2 * i + (e - 16),
+            _ => (e / 2 * GROUP + i) * 2 + e % 2,
+        }
     }
 
     /// Whole groups of interleaved rows (none for [`Layout::Rows`]).
@@ -208,17 +248,20 @@ impl Geometry {
     pub fn block(&self, bytes: &[u8], r: usize, b: usize, out: &mut [u8]) {
         let (g, i) = (r / GROUP, r % GROUP);
         let (qb, sb) = (self.qb(), Geometry::scale_bytes(self.format));
+        let (qin, sin) = (
+            Geometry::quants_in_block(self.format),
+            Geometry::scales_in_block(self.format),
+        );
         let chunk = self.layout.chunk().unwrap_or(qb);
         let quants = self.quants(g) + b * GROUP * qb;
         for run in 0..qb / chunk {
             let at = quants + (run * GROUP + i) * chunk;
-            out[sb + run * chunk..sb + (run + 1) * chunk].copy_from_slice(&bytes[at..at + chunk]);
+            out[qin + run * chunk..qin + (run + 1) * chunk].copy_from_slice(&bytes[at..at + chunk]);
         }
-        self.flip(&mut out[sb..sb + qb]);
+        self.flip(&mut out[qin..qin + qb]);
         let scales = self.scales(g) + b * GROUP * sb;
-        for s in 0..sb / 2 {
-            let at = scales + (s * GROUP + i) * 2;
-            out[2 * s..2 * s + 2].copy_from_slice(&bytes[at..at + 2]);
+        for e in 0..sb {
+            out[sin + e] = bytes[scales + Geometry::scale_at(self.format, i, e)];
         }
     }
 
@@ -231,6 +274,10 @@ impl Geometry {
             Geometry::scale_bytes(self.format),
             self.format.block_bytes(),
         );
+        let (qin, sin) = (
+            Geometry::quants_in_block(self.format),
+            Geometry::scales_in_block(self.format),
+        );
         let chunk = self.layout.chunk().unwrap_or(qb);
         for g in 0..self.groups() {
             for i in 0..GROUP {
@@ -241,13 +288,12 @@ impl Geometry {
                     for run in 0..qb / chunk {
                         let at = quants + (run * GROUP + i) * chunk;
                         out[at..at + chunk]
-                            .copy_from_slice(&block[sb + run * chunk..sb + (run + 1) * chunk]);
+                            .copy_from_slice(&block[qin + run * chunk..qin + (run + 1) * chunk]);
                         self.flip(&mut out[at..at + chunk]);
                     }
                     let scales = self.scales(g) + b * GROUP * sb;
-                    for s in 0..sb / 2 {
-                        let at = scales + (s * GROUP + i) * 2;
-                        out[at..at + 2].copy_from_slice(&block[2 * s..2 * s + 2]);
+                    for e in 0..sb {
+                        out[scales + Geometry::scale_at(self.format, i, e)] = block[sin + e];
                     }
                 }
             }
@@ -265,12 +311,18 @@ mod tests {
 
     #[test]
     fn packing_round_trips_every_row_in_every_layout() {
-        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+        for format in [
+            Format::Q4_0,
+            Format::Q4_1,
+            Format::Q8_0,
+            Format::Q4K,
+            Format::Q6K,
+        ] {
             for rows in [1, 4, 7, 9] {
                 let blocks = 3;
                 let rb = blocks * format.block_bytes();
                 let row_major: Vec<u8> = (0..rows * rb).map(|i| (i * 7 % 251) as u8).collect();
-                for layout in Layout::ALL {
+                for layout in Layout::ALL.map(|l| l.for_format(format)) {
                     let g = Geometry {
                         format,
                         layout,

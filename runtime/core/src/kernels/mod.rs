@@ -87,6 +87,9 @@ pub struct Kernels {
     pub quantize: fn(&[f32], &mut [Q8Block]),
     /// K-quant weight rows against `q8_K` activations, bit-identical to [`q8k::gemm`].
     pub gemm_q8k: GemmQ8K,
+    /// 5-bit weight rows (`q5_0`, `q5_1`, kept in ggml's rows) against 8-bit activations,
+    /// bit-identical to [`q8::gemm`].
+    pub gemm_q5: GemmQ8,
     /// [`rms_norm`].
     pub rms_norm: fn(&[f32], &[f32], f32, &mut [f32]),
     /// [`swiglu`].
@@ -119,6 +122,7 @@ impl Kernels {
             gemm_q8: q8::gemm,
             quantize: q8::quantize,
             gemm_q8k: q8k::gemm,
+            gemm_q5: q8::gemm,
             rms_norm,
             swiglu,
             softmax,
@@ -232,7 +236,7 @@ impl<'a> Matrix<'a> {
         let g = self.geometry();
         let plain = g.groups() * crate::layout::GROUP;
         let (rb, bl) = (g.row_bytes(), self.format.block_len());
-        let mut block = [0u8; 34];
+        let mut block = [0u8; Format::MAX_BLOCK_BYTES];
         for (i, r) in (r0..r0 + count).enumerate() {
             let row = &mut scratch[i * self.cols..(i + 1) * self.cols];
             if r >= plain {
@@ -288,7 +292,7 @@ pub fn matmul_rows(
         if q8::has_level_kernels(w.format) {
             (k.gemm_q8)(product);
         } else {
-            q8::gemm(product);
+            (k.gemm_q5)(product);
         }
         return;
     }

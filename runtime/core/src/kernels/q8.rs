@@ -86,8 +86,8 @@ pub fn uses_q8(format: Format) -> bool {
     )
 }
 
-/// Whether the levels' optimized kernels take `format` (the 5-bit formats have only the
-/// reference [`gemm`] so far).
+/// Whether the levels' optimized kernels take `format` (the 5-bit formats have their own
+/// entry, [`Kernels::gemm_q5`](super::Kernels::gemm_q5)).
 pub fn has_level_kernels(format: Format) -> bool {
     matches!(format, Format::Q8_0 | Format::Q4_0 | Format::Q4_1)
 }
@@ -111,6 +111,10 @@ pub trait BlockDot {
     fn nibbles(qs: &[u8], a: &[i8; BLOCK]) -> i32;
     /// `Σ a[j]`.
     fn sum(a: &[i8; BLOCK]) -> i32;
+    /// `16 × Σ a[v]` over the values `v` whose fifth bit is set in a 5-bit block's `qh`.
+    fn fifth(qh: &[u8], a: &[i8; BLOCK]) -> i32 {
+        fifth_bits(qh, a)
+    }
 }
 
 /// Portable integer block dots, written so compilers vectorize them.
@@ -158,11 +162,11 @@ pub fn block_term<D: BlockDot>(format: Format, b: &[u8], q: &Q8Block) -> f32 {
         }
         Format::Q5_0 => {
             // Σ (q − 16)·a with q = nibble + 16·bit.
-            let acc = D::nibbles(&b[6..], &q.qs) + fifth_bits(&b[2..6], &q.qs) - 16 * D::sum(&q.qs);
+            let acc = D::nibbles(&b[6..], &q.qs) + D::fifth(&b[2..6], &q.qs) - 16 * D::sum(&q.qs);
             acc as f32 * (half_at(b, 0) * q.d)
         }
         Format::Q5_1 => {
-            let acc = D::nibbles(&b[8..], &q.qs) + fifth_bits(&b[4..8], &q.qs);
+            let acc = D::nibbles(&b[8..], &q.qs) + D::fifth(&b[4..8], &q.qs);
             half_at(b, 0) * q.d * acc as f32 + half_at(b, 2) * q.s
         }
         // Formats without these activations never reach here (see [`uses_q8`]); zero keeps

@@ -5,6 +5,7 @@
 //! The sums inside a super-block are exact, so any kernel that keeps them integer gives the
 //! same bits as this reference.
 
+use crate::layout::GROUP;
 use crate::quant::dequant::scale_min_k4;
 use crate::quant::{Format, BLOCK, SUPER_BLOCK};
 
@@ -39,7 +40,7 @@ const _: () = assert!(core::mem::size_of::<Q8KBlock>().is_multiple_of(4));
 
 /// Whether `format` multiplies against [`Q8KBlock`] activations.
 pub fn uses_q8k(format: Format) -> bool {
-    matches!(format, Format::Q4K | Format::Q5K | Format::Q6K)
+    format.is_k_quant()
 }
 
 /// Rounds half to even, as ggml's `nearest_int` does for the magnitudes it sees (at most 127).
@@ -140,40 +141,50 @@ fn k6_term(b: &[u8], q: &Q8KBlock) -> f32 {
     half_at(b, 208) * q.d * sum as f32
 }
 
+/// What one super-block `b` (ggml's bytes) adds to a row's sum against activations `q`.
+pub fn block_term(format: Format, b: &[u8], q: &Q8KBlock) -> f32 {
+    match format {
+        Format::Q6K => k6_term(b, q),
+        _ => k4_term(format, b, q),
+    }
+}
+
 /// Dot product of one stored K-quant row with quantized activations (super-blocks summed in
 /// order).
 pub fn dot_row(format: Format, row: &[u8], x: &[Q8KBlock]) -> f32 {
     let mut sum = 0f32;
     for (b, q) in row.chunks_exact(format.block_bytes()).zip(x) {
-        sum += match format {
-            Format::Q6K => k6_term(b, q),
-            _ => k4_term(format, b, q),
-        };
+        sum += block_term(format, b, q);
     }
     sum
 }
 
-/// `out(t, r − rows.start) = x[t] · w[r]` for K-quant rows (kept in ggml's rows).
-pub fn gemm(w: &Matrix<'_>, rows: core::ops::Range<usize>, x: &[Q8KBlock], n: usize, out: Out<'_>) {
-    gemm_with(w, rows, x, n, out, dot_row);
-}
-
-/// [`gemm`] one row and token at a time on the row dot `dot`.
-#[inline(always)]
-pub fn gemm_with(
+/// `out(t, r − rows.start) = x[t] · w[r]` for K-quant rows in any layout.
+pub fn gemm(
     w: &Matrix<'_>,
     rows: core::ops::Range<usize>,
     x: &[Q8KBlock],
     n: usize,
     mut out: Out<'_>,
-    dot: impl Fn(Format, &[u8], &[Q8KBlock]) -> f32,
 ) {
-    let nb = w.cols / SUPER_BLOCK;
-    let rb = w.geometry().row_bytes();
+    let g = w.geometry();
+    let (nb, bb) = (g.blocks, w.format.block_bytes());
+    let plain = g.groups() * GROUP;
+    let mut block = [0u8; Format::MAX_BLOCK_BYTES];
     for (c, r) in rows.enumerate() {
-        let row = &w.bytes[r * rb..(r + 1) * rb];
         for t in 0..n {
-            out.set(t, c, dot(w.format, row, &x[t * nb..(t + 1) * nb]));
+            let mut sum = 0f32;
+            for (b, q) in x[t * nb..(t + 1) * nb].iter().enumerate() {
+                let bytes = if r >= plain {
+                    let at = g.plain_row(r) + b * bb;
+                    &w.bytes[at..at + bb]
+                } else {
+                    g.block(w.bytes, r, b, &mut block);
+                    &block[..bb]
+                };
+                sum += block_term(w.format, bytes, q);
+            }
+            out.set(t, c, sum);
         }
     }
 }

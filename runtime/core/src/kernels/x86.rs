@@ -71,6 +71,29 @@ impl BlockDot for Avx2 {
             ))
         }
     }
+
+    #[inline(always)]
+    fn fifth(qh: &[u8], a: &[i8; BLOCK]) -> i32 {
+        let bits = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        // SAFETY: reads the 32 activations; AVX2 as in `hsum`.
+        unsafe {
+            // Byte `v` of the spread word is byte `v / 8` of `qh`; masked by bit `v % 8`, it
+            // selects activation `v`.
+            let spread = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(bits as i32),
+                _mm256_setr_epi64x(
+                    0,
+                    0x0101_0101_0101_0101,
+                    0x0202_0202_0202_0202,
+                    0x0303_0303_0303_0303,
+                ),
+            );
+            let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+            let a = _mm256_and_si256(set, _mm256_loadu_si256(a.as_ptr().cast()));
+            16 * hsum(madd(_mm256_set1_epi8(1), a))
+        }
+    }
 }
 
 /// [`q8::gemm`] one row and token at a time on the AVX2 block dots (ggml rows; other layouts
@@ -300,6 +323,7 @@ pub fn table(level: Level) -> Option<Kernels> {
         gemm_q8: |p| unsafe { x16::gemm_avx2(p, |p| gemm_q8_avx2(p)) },
         quantize: |x, q| unsafe { quantize_avx2(x, q) },
         gemm_q8k: |w, r, x, n, o| unsafe { super::x86_k::gemm_avx2(w, r, x, n, o) },
+        gemm_q5: |p| unsafe { gemm_q8_avx2(p) },
         rms_norm: |x, w, e, o| unsafe { f256::rms_norm(x, w, e, o) },
         swiglu: |g, u, o| unsafe { f256::swiglu(g, u, o) },
         softmax: |x| unsafe { f256::softmax(x) },
@@ -328,6 +352,7 @@ pub fn table(level: Level) -> Option<Kernels> {
             level,
             name: "x86-64 avxvnni",
             gemm_q8: |p| unsafe { x16::gemm_avxvnni(p, |p| gemm_q8_avx2(p)) },
+            gemm_q8k: |w, r, x, n, o| unsafe { super::x86_k::gemm_avxvnni(w, r, x, n, o) },
             ..avx2
         }),
         Level::Avx512 => Some(avx512()),
@@ -335,6 +360,7 @@ pub fn table(level: Level) -> Option<Kernels> {
             level,
             name: "x86-64 avx512vnni",
             gemm_q8: |p| unsafe { x16::gemm_avx512vnni(p, |p| vnni::gemm(p)) },
+            gemm_q8k: |w, r, x, n, o| unsafe { super::x86_k::gemm_avx512vnni(w, r, x, n, o) },
             ..avx512()
         }),
         _ => None,
@@ -433,6 +459,7 @@ mod tests {
                 q8::Scalar::nibbles(&w[..BLOCK / 2], &a)
             );
             assert_eq!(Avx2::sum(&a), q8::Scalar::sum(&a));
+            assert_eq!(Avx2::fifth(&w[..4], &a), q8::Scalar::fifth(&w[..4], &a));
         }
     }
 }

@@ -121,6 +121,9 @@ impl Format {
         }
     }
 
+    /// The most bytes a storage unit takes (`q6_k`'s).
+    pub const MAX_BLOCK_BYTES: usize = 210;
+
     /// Bytes per storage unit (ggml's block sizes).
     pub fn block_bytes(self) -> usize {
         match self {
@@ -139,6 +142,11 @@ impl Format {
             // 128 bytes of low nibbles, 64 of high bit pairs, 16 8-bit scales, an f16 scale.
             Format::Q6K => 210,
         }
+    }
+
+    /// Whether this is one of ggml's K-quants (super-blocks of 256 with 6- or 8-bit scales).
+    pub fn is_k_quant(self) -> bool {
+        matches!(self, Format::Q4K | Format::Q5K | Format::Q6K)
     }
 
     /// Whether kiln's compiler can quantize to this format.
