@@ -221,7 +221,8 @@ fn malformed_overrides_are_clear_errors() {
     for (spec, why) in [
         ("blk.*.ffn_down", "PATTERN=FORMAT"),
         ("=q8_0", "empty"),
-        ("blk.*.ffn_down=q5_k", "q5_k"),
+        ("blk.*.ffn_down=bf16", "bf16"),
+        ("blk.*.ffn_down=q3_k", "q3_k"),
     ] {
         let err = QuantPlan::new(Format::Q4_0)
             .with_override(spec)

@@ -222,14 +222,19 @@ mod tests {
     }
 
     #[test]
-    fn copy_keeps_every_format_and_kept_only_formats_are_refused_as_targets() {
+    fn copy_keeps_every_format_and_k_quants_are_overrides() {
         let p = plan("copy", &[]).expect("copy");
         assert_eq!((p.default, p.name()), (None, "copy"));
-        // kiln reads q4_k and friends but does not write them (yet): neither as the default
-        // nor in an override.
+        // q4_k alone is no plan (its rows often hold no whole super-block), but any format
+        // kiln writes may be an override.
         let e = plan("q4_k", &[]).expect_err("q4_k").to_string();
         assert!(e.contains("\"q4_k\"") && e.contains("copy"), "{e}");
-        let e = plan("copy", &["blk.*.ffn_down=q6_k".to_owned()]).expect_err("q6_k");
-        assert!(e.to_string().contains("unknown format \"q6_k\""), "{e}");
+        let p = plan("copy", &["blk.*.ffn_down=q6_k".to_owned()]).expect("q6_k override");
+        assert_eq!(
+            p.overrides,
+            vec![("blk.*.ffn_down".to_owned(), Format::Q6K)]
+        );
+        let e = plan("copy", &["blk.*.ffn_down=bf16".to_owned()]).expect_err("bf16");
+        assert!(e.to_string().contains("unknown format \"bf16\""), "{e}");
     }
 }
