@@ -1,12 +1,15 @@
 //! Weight quantization into kiln's storage formats, with the arithmetic of ggml's reference
 //! quantizers (`quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref` here, the K-quants in `kquants.rs`),
 //! so that kiln's blocks are llama.cpp's byte for byte; and [`QuantPlan`], which picks a format
-//! per tensor of a checkpoint.
+//! per tensor of a checkpoint (one format, or one of llama.cpp's [`Mixture`]s).
 
 mod kquants;
+pub mod mixture;
 
 use half::f16;
 use kiln_runtime::quant::{Format, BLOCK};
+
+pub use mixture::{MixShape, Mixture};
 
 use crate::graph::{Checkpoint, Tensor};
 
@@ -319,17 +322,27 @@ fn glob_match(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
+/// What a [`QuantPlan`] stores the matrices no override names in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Storage {
+    /// As the checkpoint stores them (`--quant copy`, llama-quantize's `COPY`).
+    Copy,
+    /// One format, except that the token embedding and the output head get `q8_0` when it is a
+    /// 4-bit format, as llama.cpp keeps them wider.
+    Each(Format),
+    /// One of llama.cpp's K-quant mixtures, tensor by tensor as `llama-quantize` picks.
+    Mixture(Mixture),
+}
+
 /// Which format each weight of a checkpoint gets.
 ///
 /// Vectors (norm weights) keep their storage. A matrix gets the format of the last override
-/// whose pattern matches it, else `default` — except the token embedding and the output head,
-/// which get `q8_0` when `default` is a 4-bit format, as llama.cpp keeps them wider; without a
-/// default (`--quant copy`, llama-quantize's `COPY`) it keeps its stored format. Patterns
-/// are globs over the tensor's canonical GGUF-style role (`blk.3.ffn_down`, `token_embd`,
-/// `output`) or its own name, with or without the `.weight` suffix.
+/// whose pattern matches it, else what [`Storage`] says. Patterns are globs over the tensor's
+/// canonical GGUF-style role (`blk.3.ffn_down`, `token_embd`, `output`) or its own name, with
+/// or without the `.weight` suffix.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantPlan {
-    pub default: Option<Format>,
+    pub storage: Storage,
     pub overrides: Vec<(String, Format)>,
 }
 
@@ -349,23 +362,33 @@ const LAYER_ROLES: [&str; 9] = [
 impl QuantPlan {
     /// Every matrix in `default`, with the embedding/output rule.
     pub fn new(default: Format) -> QuantPlan {
-        QuantPlan {
-            default: Some(default),
-            overrides: Vec::new(),
-        }
+        QuantPlan::with_storage(Storage::Each(default))
     }
 
     /// Every tensor as the checkpoint stores it (a K-quant GGUF's mix, bit for bit).
     pub fn copy() -> QuantPlan {
+        QuantPlan::with_storage(Storage::Copy)
+    }
+
+    /// llama.cpp's mixture `mixture` (what `llama-quantize` writes for its file type).
+    pub fn mixture(mixture: Mixture) -> QuantPlan {
+        QuantPlan::with_storage(Storage::Mixture(mixture))
+    }
+
+    fn with_storage(storage: Storage) -> QuantPlan {
         QuantPlan {
-            default: None,
+            storage,
             overrides: Vec::new(),
         }
     }
 
-    /// The name `--quant` takes for this plan's default: a format's, or `copy`.
+    /// The name `--quant` takes for this plan: a format's, a mixture's, or `copy`.
     pub fn name(&self) -> &'static str {
-        self.default.map_or("copy", Format::name)
+        match self.storage {
+            Storage::Copy => "copy",
+            Storage::Each(f) => f.name(),
+            Storage::Mixture(m) => m.name(),
+        }
     }
 
     /// Adds an override written `PATTERN=FORMAT` (e.g. `blk.*.ffn_down=q8_0`).
@@ -401,22 +424,26 @@ impl QuantPlan {
             .rposition(|(p, _)| [role, name, short].iter().any(|n| glob_match(p, n)))
     }
 
-    /// The format for tensor `t` in canonical role `role` (see [`QuantPlan`]).
-    pub fn format_for(&self, role: &str, t: &Tensor) -> Format {
+    /// The format for tensor `t` in canonical role `role` of a model shaped `shape` (see
+    /// [`QuantPlan`]).
+    pub fn format_for(&self, role: &str, t: &Tensor, shape: &MixShape) -> Format {
         if t.shape.len() < 2 {
             return t.format;
         }
         if let Some(i) = self.matching_override(role, &t.name) {
             return self.overrides[i].1;
         }
-        let Some(default) = self.default else {
-            return t.format;
-        };
-        let four_bit = matches!(default, Format::Q4_0 | Format::Q4_1);
-        if four_bit && matches!(role, "token_embd" | "output") {
-            Format::Q8_0
-        } else {
-            default
+        match self.storage {
+            Storage::Copy => t.format,
+            Storage::Each(default) => {
+                let four_bit = matches!(default, Format::Q4_0 | Format::Q4_1);
+                if four_bit && matches!(role, "token_embd" | "output") {
+                    Format::Q8_0
+                } else {
+                    default
+                }
+            }
+            Storage::Mixture(m) => m.format_for(role, t.cols(), shape),
         }
     }
 
@@ -424,6 +451,7 @@ impl QuantPlan {
     /// no matrix is an error, as it is most likely a misspelt name.
     pub fn apply(&self, checkpoint: &Checkpoint) -> Result<Checkpoint, QuantError> {
         let mut out = checkpoint.clone();
+        let shape = MixShape::new(&out.facts, out.weights.lm_head.is_none());
         let w = &mut out.weights;
         let mut jobs: Vec<(String, &mut Tensor)> = vec![("token_embd".into(), &mut w.embed)];
         for (i, l) in w.layers.iter_mut().enumerate() {
@@ -453,7 +481,7 @@ impl QuantPlan {
                     used[i] = true;
                 }
             }
-            let format = self.format_for(&role, t);
+            let format = self.format_for(&role, t, &shape);
             if format != t.format {
                 *t = quantize_tensor(t, format)?;
             }
