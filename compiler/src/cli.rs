@@ -16,7 +16,7 @@ pub enum Command {
     Export(export::Args),
     /// Compile a model into a `.kiln` artifact for a target.
     Compile(compile::Args),
-    /// Quantize a model (q8_0, q4_0, q4_1, per-tensor overrides) into a `.kiln` artifact for
+    /// Quantize a model (q8_0, q4_0, q4_1, q4_k_m, q5_k_m, q6_k, per-tensor overrides) into a `.kiln` artifact for
     /// this machine or a MatMulNBits ONNX decoder for onnxruntime.
     Quantize(quantize::Args),
     /// Cross-compile the `kiln` runtime and compile a model for a device, into `dist/<target>/`.

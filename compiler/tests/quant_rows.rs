@@ -2,7 +2,7 @@
 //! input, and the per-tensor plan's override patterns.
 
 use kiln_compiler::graph::Tensor;
-use kiln_compiler::quant::{quantize_tensor, QuantError, QuantPlan};
+use kiln_compiler::quant::{quantize_tensor, MixShape, QuantError, QuantPlan};
 use kiln_runtime::quant::{Format, BLOCK};
 
 /// Deterministic values in `[-scale, scale)` (xorshift), with the occasional outlier.
@@ -169,6 +169,13 @@ fn bad_values_and_bad_bytes_are_errors_not_panics() {
     assert!(matches!(err, QuantError::Malformed { .. }), "{err}");
 }
 
+/// The model shape plans are asked about (only llama.cpp's mixtures depend on it).
+const SHAPE: MixShape = MixShape {
+    layers: 30,
+    tied: true,
+    seventy_b: false,
+};
+
 fn matrix(name: &str) -> Tensor {
     Tensor::from_f32(name, vec![2, BLOCK], &[0.0; 2 * BLOCK])
 }
@@ -178,15 +185,18 @@ fn plan_defaults_keep_norms_and_widen_the_embedding_for_4_bit() {
     let norm = Tensor::from_f32("blk.0.attn_norm.weight", vec![BLOCK], &[1.0; BLOCK]);
     for default in Format::QUANTIZABLE {
         let plan = QuantPlan::new(default);
-        assert_eq!(plan.format_for("blk.0.attn_norm", &norm), Format::F32);
         assert_eq!(
-            plan.format_for("blk.0.ffn_down", &matrix("blk.0.ffn_down.weight")),
+            plan.format_for("blk.0.attn_norm", &norm, &SHAPE),
+            Format::F32
+        );
+        assert_eq!(
+            plan.format_for("blk.0.ffn_down", &matrix("blk.0.ffn_down.weight"), &SHAPE),
             default
         );
         let four_bit = matches!(default, Format::Q4_0 | Format::Q4_1);
         for role in ["token_embd", "output"] {
             let want = if four_bit { Format::Q8_0 } else { default };
-            assert_eq!(plan.format_for(role, &matrix(role)), want, "{role}");
+            assert_eq!(plan.format_for(role, &matrix(role), &SHAPE), want, "{role}");
         }
     }
 }
@@ -199,7 +209,7 @@ fn override_patterns_match_roles_and_own_names_last_one_winning() {
         .and_then(|p| p.with_override("model.layers.1?.self_attn.*=f16"))
         .and_then(|p| p.with_override("blk.2.ffn_down=q4_1"))
         .expect("plan");
-    let f = |role: &str, name: &str| plan.format_for(role, &matrix(name));
+    let f = |role: &str, name: &str| plan.format_for(role, &matrix(name), &SHAPE);
     assert_eq!(f("blk.7.ffn_down", "blk.7.ffn_down.weight"), Format::Q8_0);
     assert_eq!(f("blk.2.ffn_down", "blk.2.ffn_down.weight"), Format::Q4_1);
     assert_eq!(f("blk.7.ffn_up", "blk.7.ffn_up.weight"), Format::Q4_0);
@@ -221,7 +231,8 @@ fn malformed_overrides_are_clear_errors() {
     for (spec, why) in [
         ("blk.*.ffn_down", "PATTERN=FORMAT"),
         ("=q8_0", "empty"),
-        ("blk.*.ffn_down=q5_k", "q5_k"),
+        ("blk.*.ffn_down=bf16", "bf16"),
+        ("blk.*.ffn_down=q3_k", "q3_k"),
     ] {
         let err = QuantPlan::new(Format::Q4_0)
             .with_override(spec)

@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context};
 use kiln_compiler::import::gguf::GgufFile;
 use kiln_compiler::onnx::{export_quantized, ExportOptions};
+use kiln_compiler::quant::Storage;
 use kiln_engine::stats::Stats;
 use kiln_runtime::artifact::{Artifact, Metadata, Op};
 use kiln_runtime::kernels::Level;
@@ -181,11 +182,14 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
     let quants = args
         .quant
         .iter()
-        .map(|name| {
-            kiln_compiler::pipeline::quantize::plan(name.trim(), &[])?
-                .default
-                .context("--quant copy keeps each tensor's own format; bench compares one format at a time")
-        })
+        .map(
+            |name| match kiln_compiler::pipeline::quantize::plan(name.trim(), &[])?.storage {
+                Storage::Each(format) => Ok(format),
+                _ => bail!(
+                    "--quant {name}: bench compares one format at a time, not a mixture or copy"
+                ),
+            },
+        )
         .collect::<anyhow::Result<Vec<Format>>>()?;
     let threads = if args.threads.is_empty() {
         vec![std::thread::available_parallelism().map_or(1, |n| n.get())]

@@ -33,7 +33,8 @@ pub struct Args {
     pub target: String,
     /// Weight storage (`f32`, `f16`, `q8_0`, `q4_0`, `q4_1`; default: the target's): tensors
     /// already stored so keep their bytes, others are re-quantized; with a 4-bit format the
-    /// embedding and output head get `q8_0`. `copy` keeps every tensor as the checkpoint stores
+    /// embedding and output head get `q8_0`. `q4_k_m`, `q5_k_m`, `q6_k`: llama.cpp's mixtures,
+    /// each tensor as llama-quantize stores it. `copy` keeps every tensor as the checkpoint stores
     /// it, e.g. a `Q4_K_M` GGUF's mix of `q4_k`, `q6_k`, `q5_0`, `q8_0` (llama-quantize's COPY).
     #[arg(long)]
     pub quant: Option<String>,

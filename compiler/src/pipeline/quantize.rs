@@ -7,13 +7,14 @@ use std::path::Path;
 
 use crate::graph::Checkpoint;
 use crate::onnx::{export_quantized, ExportOptions};
-use crate::quant::QuantPlan;
+use crate::quant::{Mixture, QuantPlan};
 use anyhow::{bail, Context};
 use kiln_runtime::quant::Format;
 
 use crate::pipeline::{compile, source};
 
-/// Quantize a model's weights (q8_0, q4_0, q4_1, f16; per-tensor overrides) and write them as
+/// Quantize a model's weights (q8_0, q4_0, q4_1, f16, llama.cpp's q4_k_m/q5_k_m/q6_k mixtures;
+/// per-tensor overrides) and write them as
 /// a `.kiln` artifact for this machine or as an ONNX decoder for onnxruntime.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "What gets written depends on the extension of -o:
@@ -28,10 +29,12 @@ Examples:
   kiln run smollm2-q4_0.kiln -p \"The capital of France is\"
   kilnc quantize --model smollm2-135m-instruct --quant q8_0 -o smollm2-q8_0.onnx
   kilnc quantize --model model.gguf --quant q4_1 --override 'blk.*.ffn_down=q8_0' -o m.kiln
+  kilnc quantize --model model.f16.gguf --quant q4_k_m -o m-q4_k_m.kiln
 
 Weights already stored in the requested format keep their bytes (bit for bit); the others are
 dequantized and re-quantized with ggml's reference arithmetic, so kiln's q4_1 of a GGUF's Q4_1
-tensor is that tensor. To compile for a device other than this machine, use
+tensor is that tensor. q4_k_m, q5_k_m and q6_k pick each tensor's format as llama-quantize's
+Q4_K_M, Q5_K_M and Q6_K do (no importance matrix) and write the same bytes. To compile for a device other than this machine, use
 `kilnc compile --target` (`kilnc targets` lists them).")]
 pub struct Args {
     /// The model: a card name (fetched on demand; `kilnc models` lists them), a GGUF file,
@@ -40,12 +43,14 @@ pub struct Args {
     #[arg(long)]
     pub model: String,
     /// Storage of the weight matrices: q8_0 (8-bit), q4_0 or q4_1 (4-bit; the embedding and the
-    /// output head stay q8_0), f16 or f32. Norm weights stay f32.
+    /// output head stay q8_0), f16 or f32; or llama.cpp's mixture q4_k_m, q5_k_m or q6_k.
+    /// Norm weights stay f32.
     #[arg(long)]
     pub quant: String,
     /// Per-tensor storage, `PATTERN=FORMAT` (repeatable; the last match wins): a glob over names
     /// such as `blk.0.ffn_down`, `token_embd`, `output` or the checkpoint's own, e.g.
-    /// `'blk.*.ffn_down=q8_0'`. A pattern that matches no weight matrix is an error.
+    /// `'blk.*.ffn_down=q8_0'`; FORMAT is any of f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k,
+    /// q5_k, q6_k. A pattern that matches no weight matrix is an error.
     #[arg(long = "override", value_name = "PATTERN=FORMAT")]
     pub overrides: Vec<String>,
     /// Where to write: `NAME.kiln` (artifact for this machine) or `NAME.onnx` (MatMulNBits
@@ -79,19 +84,26 @@ fn output_kind(out: &Path) -> anyhow::Result<Output> {
 
 /// The storage plan for `--quant quant` and `--override` specs `overrides`.
 pub fn plan(quant: &str, overrides: &[String]) -> anyhow::Result<QuantPlan> {
-    let base = match quant {
-        "copy" => QuantPlan::copy(),
-        name => QuantPlan::new(
-            Format::from_name(name)
+    let base = if quant == "copy" {
+        QuantPlan::copy()
+    } else if let Some(m) = Mixture::from_name(quant) {
+        QuantPlan::mixture(m)
+    } else {
+        QuantPlan::new(
+            Format::from_name(quant)
                 .filter(|f| f.quantizable())
                 .with_context(|| {
-                    let names: Vec<&str> = Format::QUANTIZABLE.iter().map(|f| f.name()).collect();
+                    let names: Vec<&str> = Format::QUANTIZABLE
+                        .iter()
+                        .map(|f| f.name())
+                        .chain(Mixture::ALL.iter().map(|m| m.name()))
+                        .collect();
                     format!(
                         "unknown --quant {quant:?} (one of {}, or copy to keep each tensor as the checkpoint stores it)",
                         names.join(", ")
                     )
                 })?,
-        ),
+        )
     };
     Ok(overrides
         .iter()
@@ -193,6 +205,7 @@ fn onnx(args: &Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::Storage;
 
     #[test]
     fn the_extension_of_out_picks_the_output() {
@@ -210,7 +223,7 @@ mod tests {
     #[test]
     fn a_plan_takes_the_format_and_every_override() {
         let p = plan("q4_0", &["blk.*.ffn_down=q8_0".to_owned()]).expect("plan");
-        assert_eq!(p.default, Some(Format::Q4_0));
+        assert_eq!(p.storage, Storage::Each(Format::Q4_0));
         assert_eq!(
             p.overrides,
             vec![("blk.*.ffn_down".to_owned(), Format::Q8_0)]
@@ -222,14 +235,26 @@ mod tests {
     }
 
     #[test]
-    fn copy_keeps_every_format_and_kept_only_formats_are_refused_as_targets() {
+    fn copy_and_the_k_quant_mixtures_are_plans_and_k_quants_are_overrides() {
         let p = plan("copy", &[]).expect("copy");
-        assert_eq!((p.default, p.name()), (None, "copy"));
-        // kiln reads q4_k and friends but does not write them (yet): neither as the default
-        // nor in an override.
+        assert_eq!((p.storage, p.name()), (Storage::Copy, "copy"));
+        for m in Mixture::ALL {
+            let p = plan(m.name(), &[]).ok().map(|p| (p.storage, p.name()));
+            assert_eq!(p, Some((Storage::Mixture(m), m.name())));
+        }
+        // q4_k alone is no plan (llama.cpp has none: its rows often hold no whole super-block),
+        // but any format kiln writes may be an override.
         let e = plan("q4_k", &[]).expect_err("q4_k").to_string();
-        assert!(e.contains("\"q4_k\"") && e.contains("copy"), "{e}");
-        let e = plan("copy", &["blk.*.ffn_down=q6_k".to_owned()]).expect_err("q6_k");
-        assert!(e.to_string().contains("unknown format \"q6_k\""), "{e}");
+        assert!(
+            e.contains("\"q4_k\"") && e.contains("q4_k_m") && e.contains("copy"),
+            "{e}"
+        );
+        let p = plan("copy", &["blk.*.ffn_down=q6_k".to_owned()]).expect("q6_k override");
+        assert_eq!(
+            p.overrides,
+            vec![("blk.*.ffn_down".to_owned(), Format::Q6K)]
+        );
+        let e = plan("copy", &["blk.*.ffn_down=bf16".to_owned()]).expect_err("bf16");
+        assert!(e.to_string().contains("unknown format \"bf16\""), "{e}");
     }
 }

@@ -1,7 +1,7 @@
 //! Weight storage formats: ggml-compatible blocks of 32 values (`q8_0`, `q4_0`, `q4_1`,
 //! `q5_0`, `q5_1`), ggml's K-quant super-blocks of 256 (`q4_k`, `q5_k`, `q6_k`) and plain
-//! floats (`f32`, `f16`, `bf16`). kiln quantizes to the first five; the others come from GGUF
-//! files and are kept byte for byte ([`dequant`] reads them).
+//! floats (`f32`, `f16`, `bf16`). kiln's compiler writes all but `bf16`, which comes from GGUF
+//! files and is kept byte for byte ([`dequant`] reads them all).
 
 pub(crate) mod dequant;
 
@@ -81,7 +81,9 @@ impl Format {
         Format::Q6K,
     ];
 
-    /// The formats kiln's compiler quantizes to (the rest are kept as a GGUF file stores them).
+    /// The formats a whole model may be stored in under one name (`--quant`, a target's
+    /// default); the compiler writes the 5-bit and K-quant formats per tensor, as llama.cpp's
+    /// mixtures and overrides pick them.
     pub const QUANTIZABLE: [Format; 5] = [
         Format::F32,
         Format::F16,
@@ -149,7 +151,7 @@ impl Format {
         matches!(self, Format::Q4K | Format::Q5K | Format::Q6K)
     }
 
-    /// Whether kiln's compiler can quantize to this format.
+    /// Whether this format is one of [`Format::QUANTIZABLE`].
     pub fn quantizable(self) -> bool {
         Format::QUANTIZABLE.contains(&self)
     }

@@ -1,11 +1,31 @@
 //! Weight quantization into kiln's storage formats, with the arithmetic of ggml's reference
-//! quantizers (`quantize_row_{q8_0,q4_0,q4_1}_ref`), so that re-encoding llama.cpp's blocks is
-//! bit-exact; and [`QuantPlan`], which picks a format per tensor of a checkpoint.
+//! quantizers (`quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref` here, the K-quants in `kquants.rs`),
+//! so that kiln's blocks are llama.cpp's byte for byte; and [`QuantPlan`], which picks a format
+//! per tensor of a checkpoint (one format, or one of llama.cpp's [`Mixture`]s).
+
+mod kquants;
+pub mod mixture;
 
 use half::f16;
 use kiln_runtime::quant::{Format, BLOCK};
 
+pub use mixture::{MixShape, Mixture};
+
 use crate::graph::{Checkpoint, Tensor};
+
+/// Every format kiln writes: all it reads but bf16.
+pub const WRITABLE: [Format; 10] = [
+    Format::F32,
+    Format::F16,
+    Format::Q8_0,
+    Format::Q4_0,
+    Format::Q4_1,
+    Format::Q5_0,
+    Format::Q5_1,
+    Format::Q4K,
+    Format::Q5K,
+    Format::Q6K,
+];
 
 /// Why a tensor or a plan could not be quantized.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +64,7 @@ pub enum QuantError {
         format: &'static str,
         value: f32,
     },
-    #[error("{tensor}: kiln does not quantize to {format} (it keeps {format} tensors a GGUF file holds; quantize to one of f32, f16, q8_0, q4_0, q4_1, or use --quant copy)")]
+    #[error("{tensor}: kiln does not quantize to {format} (it keeps {format} tensors a GGUF file holds; quantize to one of f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, or use --quant copy)")]
     NotQuantizable {
         tensor: String,
         format: &'static str,
@@ -122,6 +142,67 @@ fn q4_1_block(x: &[f32], col: usize, out: &mut Vec<u8>) -> Result<(), RowError> 
     Ok(())
 }
 
+/// `v` as the integer gcc's x86-64 code makes of ggml's C casts from float (`cvttss2si`):
+/// truncated toward zero, and `i32::MIN` for NaN and values beyond i32 (which C leaves
+/// undefined). Rows whose range is a few f32 subnormals give 1/d = ±inf and reach that case.
+fn c_trunc(v: f32) -> i32 {
+    if v.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&v) {
+        i32::MIN
+    } else {
+        v as i32
+    }
+}
+
+/// `d = max / -16` for the signed value of largest magnitude; 5-bit codes, their low nibbles
+/// packed as in `q4_0` and the fifth bits in a little-endian `u32` before them.
+fn q5_0_block(x: &[f32], col: usize, out: &mut Vec<u8>) -> Result<(), RowError> {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out.extend(half_bytes(d, col)?);
+    let codes: [u8; BLOCK] =
+        std::array::from_fn(|j| (c_trunc(x[j] * id + 16.5) as i8).min(31) as u8);
+    five_bit_codes(&codes, out);
+    Ok(())
+}
+
+/// `d = (max - min) / 31`, `m = min`, `q = trunc((x - min) / d + 0.5)`, packed as `q5_0`.
+fn q5_1_block(x: &[f32], col: usize, out: &mut Vec<u8>) -> Result<(), RowError> {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        min = if v < min { v } else { min };
+        max = if v > max { v } else { max };
+    }
+    let d = (max - min) / 31.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out.extend(half_bytes(d, col)?);
+    out.extend(half_bytes(min, col)?);
+    let codes: [u8; BLOCK] = std::array::from_fn(|j| c_trunc((x[j] - min) * id + 0.5) as u8);
+    five_bit_codes(&codes, out);
+    Ok(())
+}
+
+/// The fifth bits of 32 codes (bit `j` for value `j`), then their low nibbles as in `q4_0`.
+fn five_bit_codes(codes: &[u8; BLOCK], out: &mut Vec<u8>) {
+    let qh = codes
+        .iter()
+        .enumerate()
+        .fold(0u32, |qh, (j, &c)| qh | u32::from(c >> 4 & 1) << j);
+    out.extend(qh.to_le_bytes());
+    let (lo, hi) = codes.split_at(BLOCK / 2);
+    out.extend(
+        lo.iter()
+            .zip(hi)
+            .map(|(&a, &b)| (a & 0x0f) | (b & 0x0f) << 4),
+    );
+}
+
 /// Appends `row` encoded as `format`; `row.len()` is a whole number of `format`'s blocks.
 fn quantize_row(row: &[f32], format: Format, out: &mut Vec<u8>) -> Result<(), RowError> {
     if let Some(col) = row.iter().position(|v| !v.is_finite()) {
@@ -141,10 +222,16 @@ fn quantize_row(row: &[f32], format: Format, out: &mut Vec<u8>) -> Result<(), Ro
         Format::Q8_0 => q8_0_block,
         Format::Q4_0 => q4_0_block,
         Format::Q4_1 => q4_1_block,
-        _ => return Err(RowError::NotQuantizable),
+        Format::Q5_0 => q5_0_block,
+        Format::Q5_1 => q5_1_block,
+        Format::Q4K => kquants::q4_k_block,
+        Format::Q5K => kquants::q5_k_block,
+        Format::Q6K => kquants::q6_k_block,
+        Format::Bf16 => return Err(RowError::NotQuantizable),
     };
-    for (i, x) in row.chunks_exact(BLOCK).enumerate() {
-        block(x, i * BLOCK, out)?;
+    let len = format.block_len();
+    for (i, x) in row.chunks_exact(len).enumerate() {
+        block(x, i * len, out)?;
     }
     Ok(())
 }
@@ -235,17 +322,27 @@ fn glob_match(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
+/// What a [`QuantPlan`] stores the matrices no override names in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Storage {
+    /// As the checkpoint stores them (`--quant copy`, llama-quantize's `COPY`).
+    Copy,
+    /// One format, except that the token embedding and the output head get `q8_0` when it is a
+    /// 4-bit format, as llama.cpp keeps them wider.
+    Each(Format),
+    /// One of llama.cpp's K-quant mixtures, tensor by tensor as `llama-quantize` picks.
+    Mixture(Mixture),
+}
+
 /// Which format each weight of a checkpoint gets.
 ///
 /// Vectors (norm weights) keep their storage. A matrix gets the format of the last override
-/// whose pattern matches it, else `default` — except the token embedding and the output head,
-/// which get `q8_0` when `default` is a 4-bit format, as llama.cpp keeps them wider; without a
-/// default (`--quant copy`, llama-quantize's `COPY`) it keeps its stored format. Patterns
-/// are globs over the tensor's canonical GGUF-style role (`blk.3.ffn_down`, `token_embd`,
-/// `output`) or its own name, with or without the `.weight` suffix.
+/// whose pattern matches it, else what [`Storage`] says. Patterns are globs over the tensor's
+/// canonical GGUF-style role (`blk.3.ffn_down`, `token_embd`, `output`) or its own name, with
+/// or without the `.weight` suffix.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantPlan {
-    pub default: Option<Format>,
+    pub storage: Storage,
     pub overrides: Vec<(String, Format)>,
 }
 
@@ -265,23 +362,33 @@ const LAYER_ROLES: [&str; 9] = [
 impl QuantPlan {
     /// Every matrix in `default`, with the embedding/output rule.
     pub fn new(default: Format) -> QuantPlan {
-        QuantPlan {
-            default: Some(default),
-            overrides: Vec::new(),
-        }
+        QuantPlan::with_storage(Storage::Each(default))
     }
 
     /// Every tensor as the checkpoint stores it (a K-quant GGUF's mix, bit for bit).
     pub fn copy() -> QuantPlan {
+        QuantPlan::with_storage(Storage::Copy)
+    }
+
+    /// llama.cpp's mixture `mixture` (what `llama-quantize` writes for its file type).
+    pub fn mixture(mixture: Mixture) -> QuantPlan {
+        QuantPlan::with_storage(Storage::Mixture(mixture))
+    }
+
+    fn with_storage(storage: Storage) -> QuantPlan {
         QuantPlan {
-            default: None,
+            storage,
             overrides: Vec::new(),
         }
     }
 
-    /// The name `--quant` takes for this plan's default: a format's, or `copy`.
+    /// The name `--quant` takes for this plan: a format's, a mixture's, or `copy`.
     pub fn name(&self) -> &'static str {
-        self.default.map_or("copy", Format::name)
+        match self.storage {
+            Storage::Copy => "copy",
+            Storage::Each(f) => f.name(),
+            Storage::Mixture(m) => m.name(),
+        }
     }
 
     /// Adds an override written `PATTERN=FORMAT` (e.g. `blk.*.ffn_down=q8_0`).
@@ -297,9 +404,9 @@ impl QuantPlan {
             return Err(bad("the pattern is empty".into()));
         }
         let format = Format::from_name(name)
-            .filter(|f| f.quantizable())
+            .filter(|f| WRITABLE.contains(f))
             .ok_or_else(|| {
-                let names: Vec<&str> = Format::QUANTIZABLE.iter().map(|f| f.name()).collect();
+                let names: Vec<&str> = WRITABLE.iter().map(|f| f.name()).collect();
                 bad(format!(
                     "unknown format {name:?} (one of {})",
                     names.join(", ")
@@ -317,22 +424,26 @@ impl QuantPlan {
             .rposition(|(p, _)| [role, name, short].iter().any(|n| glob_match(p, n)))
     }
 
-    /// The format for tensor `t` in canonical role `role` (see [`QuantPlan`]).
-    pub fn format_for(&self, role: &str, t: &Tensor) -> Format {
+    /// The format for tensor `t` in canonical role `role` of a model shaped `shape` (see
+    /// [`QuantPlan`]).
+    pub fn format_for(&self, role: &str, t: &Tensor, shape: &MixShape) -> Format {
         if t.shape.len() < 2 {
             return t.format;
         }
         if let Some(i) = self.matching_override(role, &t.name) {
             return self.overrides[i].1;
         }
-        let Some(default) = self.default else {
-            return t.format;
-        };
-        let four_bit = matches!(default, Format::Q4_0 | Format::Q4_1);
-        if four_bit && matches!(role, "token_embd" | "output") {
-            Format::Q8_0
-        } else {
-            default
+        match self.storage {
+            Storage::Copy => t.format,
+            Storage::Each(default) => {
+                let four_bit = matches!(default, Format::Q4_0 | Format::Q4_1);
+                if four_bit && matches!(role, "token_embd" | "output") {
+                    Format::Q8_0
+                } else {
+                    default
+                }
+            }
+            Storage::Mixture(m) => m.format_for(role, t.cols(), shape),
         }
     }
 
@@ -340,6 +451,7 @@ impl QuantPlan {
     /// no matrix is an error, as it is most likely a misspelt name.
     pub fn apply(&self, checkpoint: &Checkpoint) -> Result<Checkpoint, QuantError> {
         let mut out = checkpoint.clone();
+        let shape = MixShape::new(&out.facts, out.weights.lm_head.is_none());
         let w = &mut out.weights;
         let mut jobs: Vec<(String, &mut Tensor)> = vec![("token_embd".into(), &mut w.embed)];
         for (i, l) in w.layers.iter_mut().enumerate() {
@@ -369,7 +481,7 @@ impl QuantPlan {
                     used[i] = true;
                 }
             }
-            let format = self.format_for(&role, t);
+            let format = self.format_for(&role, t, &shape);
             if format != t.format {
                 *t = quantize_tensor(t, format)?;
             }
