@@ -19,6 +19,9 @@ use std::process::Command;
 use kiln_compiler::gguf_write::{self, GgufTensor};
 use kiln_compiler::import::gguf::{GgufFile, Value};
 use kiln_compiler::quant::{quantize_tensor, Mixture, QuantPlan};
+use kiln_engine::generate::Model;
+use kiln_engine::perplexity::{perplexity, Windows};
+use kiln_runtime::kernels::Level;
 use kiln_runtime::quant::Format;
 use sha2::{Digest, Sha256};
 
@@ -216,5 +219,50 @@ fn k_quant_mixtures_write_llama_quantizes_bytes() {
             *counts.entry(f.as_str()).or_insert(0) += 1;
         }
         println!("{ftype}: {} matrices identical: {counts:?}", ours.len());
+    }
+}
+
+/// kiln's perplexity of the golden text on its own `q4_k_m` and `q6_k` (the bytes of
+/// llama-quantize's files, as above), packed for this CPU's kernels, is within 1 % of
+/// `llama-perplexity`'s on llama-quantize's files (recorded in testdata/quant).
+#[test]
+fn k_quant_perplexity_within_1_percent_of_llama_cpp() {
+    let path = common::testdata().join("quant/llama_perplexity_kquants.json");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f16_model = dir.path().join("smollm2.f16.gguf");
+    write_f16_model(&f16_model);
+    let checkpoint = kiln_compiler::import::import(&f16_model).expect("import the f16 model");
+    let text =
+        std::fs::read_to_string(common::testdata().join("golden/apache-2.0.txt")).expect("text");
+    let ctx = recorded["ctx"].as_u64().expect("ctx") as usize;
+    for (mixture, key) in [(Mixture::Q4KM, "Q4_K_M"), (Mixture::Q6K, "Q6_K")] {
+        let quantized =
+            kiln_compiler::emit::convert_with(&checkpoint, &QuantPlan::mixture(mixture))
+                .expect("quantize");
+        let out = dir.path().join(format!("{key}.kiln"));
+        let packing = kiln_compiler::emit::Packing::new(&[], Level::best().preferred_layout());
+        kiln_compiler::emit::write_artifact_for(&quantized, &out, &packing).expect("write");
+        let model = Model::open(&out).expect("open");
+        let tokens = model.encode_prompt(&text, true);
+        let score = perplexity(&model, &tokens, &Windows::of(ctx), &common::two_threads())
+            .expect("perplexity");
+        let want = recorded["ppl"][key].as_f64().expect("ppl");
+        assert_eq!(
+            score.chunks as u64,
+            recorded["chunks"].as_u64().expect("chunks")
+        );
+        let rel = (score.ppl - want) / want;
+        println!(
+            "{key}: kiln perplexity {:.4}, llama.cpp {want} ({:+.2}%)",
+            score.ppl,
+            rel * 100.0
+        );
+        assert!(
+            rel.abs() <= 0.01,
+            "{key}: kiln {:.4} vs llama.cpp {want}",
+            score.ppl
+        );
     }
 }
