@@ -536,7 +536,7 @@ fn matmul(
     } else if q8k::uses_q8k(m.format) && !float {
         let blocks = n * m.cols / SUPER_BLOCK;
         let xq: &mut [Q8KBlock] = bytemuck::cast_slice_mut(&mut xq[..blocks * Q8K_FLOATS]);
-        q8k::quantize(&x[..n * m.cols], xq);
+        (k.quantize_q8k)(&x[..n * m.cols], xq);
         Input::Q8K(xq)
     } else {
         Input::F32(x)

@@ -529,6 +529,7 @@ pub fn table(level: Level) -> Option<Kernels> {
         gemm_q8: |p| x4::gemm_neon(p, rows_neon),
         quantize,
         gemm_q8k: arm_k::gemm_neon,
+        quantize_q8k: super::q8k::quantize,
         gemm_q5: super::q8::gemm,
         rms_norm: float::rms_norm,
         swiglu: float::swiglu,

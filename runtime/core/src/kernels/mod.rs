@@ -87,6 +87,8 @@ pub struct Kernels {
     pub quantize: fn(&[f32], &mut [Q8Block]),
     /// K-quant weight rows against `q8_K` activations, bit-identical to [`q8k::gemm`].
     pub gemm_q8k: GemmQ8K,
+    /// Quantizes activations to `q8_K` super-blocks, bit-identical to [`q8k::quantize`].
+    pub quantize_q8k: fn(&[f32], &mut [Q8KBlock]),
     /// 5-bit weight rows (`q5_0`, `q5_1`, kept in ggml's rows) against 8-bit activations,
     /// bit-identical to [`q8::gemm`].
     pub gemm_q5: GemmQ8,
@@ -122,6 +124,7 @@ impl Kernels {
             gemm_q8: q8::gemm,
             quantize: q8::quantize,
             gemm_q8k: q8k::gemm,
+            quantize_q8k: q8k::quantize,
             gemm_q5: q8::gemm,
             rms_norm,
             swiglu,

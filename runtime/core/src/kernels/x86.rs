@@ -323,6 +323,7 @@ pub fn table(level: Level) -> Option<Kernels> {
         gemm_q8: |p| unsafe { x16::gemm_avx2(p, |p| gemm_q8_avx2(p)) },
         quantize: |x, q| unsafe { quantize_avx2(x, q) },
         gemm_q8k: |w, r, x, n, o| unsafe { super::x86_k::gemm_avx2(w, r, x, n, o) },
+        quantize_q8k: |x, q| unsafe { super::x86_k::quantize_avx2(x, q) },
         gemm_q5: |p| unsafe { gemm_q8_avx2(p) },
         rms_norm: |x, w, e, o| unsafe { f256::rms_norm(x, w, e, o) },
         swiglu: |g, u, o| unsafe { f256::swiglu(g, u, o) },

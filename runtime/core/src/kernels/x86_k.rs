@@ -728,6 +728,68 @@ pub unsafe fn gemm_avx512vnni(
     }
 }
 
+/// [`q8k::quantize`] on AVX2, bit-identical to it: the same first value of largest magnitude
+/// (NaNs skipped), the same scalar scale, rounding half to even as `rintf`, NaN products to 0.
+///
+/// SAFETY: the caller has checked the CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub unsafe fn quantize_avx2(x: &[f32], out: &mut [Q8KBlock]) {
+    for (block, q) in x.chunks_exact(SUPER_BLOCK).zip(out.iter_mut()) {
+        // SAFETY: `block` holds 256 floats (32 loads of 8) and `q.qs` 256 bytes (8 stores of
+        // 32); AVX2 by this function's contract.
+        unsafe {
+            let load = |i: usize| _mm256_loadu_ps(block.as_ptr().add(8 * i));
+            let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+            let mut amax = _mm256_setzero_ps();
+            for i in 0..SUPER_BLOCK / 8 {
+                // `vmaxps` returns its second operand when the first is NaN: NaNs are skipped.
+                amax = _mm256_max_ps(_mm256_and_ps(load(i), magnitude), amax);
+            }
+            let m = _mm_max_ps(
+                _mm256_castps256_ps128(amax),
+                _mm256_extractf128_ps::<1>(amax),
+            );
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            if amax == 0.0 {
+                *q = Q8KBlock::default();
+                continue;
+            }
+            let first = (0..SUPER_BLOCK / 8)
+                .find_map(|i| {
+                    let hit = _mm256_cmp_ps::<_CMP_EQ_OQ>(
+                        _mm256_and_ps(load(i), magnitude),
+                        _mm256_set1_ps(amax),
+                    );
+                    let bits = _mm256_movemask_ps(hit);
+                    (bits != 0).then(|| 8 * i + bits.trailing_zeros() as usize)
+                })
+                .unwrap_or(0);
+            let iscale = -127.0 / block[first];
+            let mut ints = [_mm256_setzero_si256(); 4];
+            for c in 0..SUPER_BLOCK / 32 {
+                for (k, int) in ints.iter_mut().enumerate() {
+                    let p = _mm256_mul_ps(load(4 * c + k), _mm256_set1_ps(iscale));
+                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(p);
+                    let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(p, p);
+                    let i = _mm256_cvtps_epi32(_mm256_and_ps(r, ordered));
+                    *int = _mm256_min_epi32(i, _mm256_set1_epi32(127));
+                }
+                let bytes = _mm256_packs_epi16(
+                    _mm256_packs_epi32(ints[0], ints[1]),
+                    _mm256_packs_epi32(ints[2], ints[3]),
+                );
+                let bytes =
+                    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(q.qs.as_mut_ptr().add(32 * c).cast(), bytes);
+                q.bsums[2 * c] = hsum(_mm256_add_epi32(ints[0], ints[1])) as i16;
+                q.bsums[2 * c + 1] = hsum(_mm256_add_epi32(ints[2], ints[3])) as i16;
+            }
+            q.d = 1.0 / iscale;
+        }
+    }
+}
+
 /// `Σ_j scale_j·(q·a)_j` and `Σ_j min_j·(Σa)_j` of one `q4_k`/`q5_k` super-block. Codes are
 /// at most 31 and activations at least −127, so no i16 pair of `vpmaddubsw` saturates.
 #[target_feature(enable = "avx2")]
@@ -837,6 +899,45 @@ fn dot_row(format: Format, row: &[u8], x: &[Q8KBlock]) -> f32 {
 mod tests {
     use super::*;
     use crate::layout::Layout;
+
+    /// The AVX2 `q8_K` quantizer gives the reference's blocks, on random, huge, tied, zero and
+    /// NaN-holding super-blocks.
+    #[test]
+    fn avx2_q8k_quantizer_equals_the_reference() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut seed = 0x9e37_u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        for round in 0..40 {
+            let mut x: Vec<f32> = (0..4 * SUPER_BLOCK)
+                .map(|_| (next() % 20001) as f32 / 1000.0 - 10.0)
+                .map(|v| if round % 5 == 0 { v * 1e30 } else { v })
+                .collect();
+            // A tie of magnitudes (the first wins), an all-zero block, a NaN, halves to round.
+            x[7] = 50.0;
+            x[9] = -50.0;
+            x[SUPER_BLOCK..2 * SUPER_BLOCK].fill(0.0);
+            x[2 * SUPER_BLOCK + 3] = f32::NAN;
+            x[3 * SUPER_BLOCK..3 * SUPER_BLOCK + 8]
+                .copy_from_slice(&[127.0, 0.5, 1.5, -2.5, -0.5, 3.5, 63.5, -127.0]);
+            let mut want = vec![Q8KBlock::default(); 4];
+            let mut got = vec![Q8KBlock::default(); 4];
+            q8k::quantize(&x, &mut want);
+            // SAFETY: AVX2 was detected above.
+            unsafe { quantize_avx2(&x, &mut got) };
+            for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.qs, w.qs, "round {round} block {b}");
+                assert_eq!(g.bsums, w.bsums, "round {round} block {b}");
+                assert_eq!(g.d.to_bits(), w.d.to_bits(), "round {round} block {b}");
+            }
+        }
+    }
 
     /// Each level's kernel gives the reference's bits for random rows of each K-quant against
     /// random activations (some huge), for every token count up to 9 and row ranges that end
