@@ -785,22 +785,14 @@ mod tests {
     /// tokens, row ranges that are not whole tiles, activations up to the f32 range.
     #[test]
     fn k_quant_kernels_equal_the_reference_bit_for_bit() {
-        let mut seed = 0x5eed_u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as u32
-        };
+        let mut rng = crate::kernels::testing::Rng(0x5eed_u64);
         let kernels = kernels();
         let mut row_seed = 17;
         let total = 11;
         for (round, cols) in [256, 512, 768, 512].into_iter().enumerate() {
             let nb = cols / SUPER_BLOCK;
             let magnitude = [1.0f32, 1e3, 1e30, 3e38][round];
-            let x: Vec<f32> = (0..9 * cols)
-                .map(|_| ((next() % 2001) as f32 / 1000.0 - 1.0) * magnitude)
-                .collect();
+            let x: Vec<f32> = (0..9 * cols).map(|_| rng.unit() * magnitude).collect();
             let mut xq = vec![Q8KBlock::default(); 9 * nb];
             q8k::quantize(&x, &mut xq);
             for format in [Format::Q4K, Format::Q5K, Format::Q6K] {

@@ -1,8 +1,9 @@
-//! K-quant rows (ggml's layout) against `q8_K` activations on x86-64, bit-identical to
-//! [`q8k::gemm`]. Four rows are computed together, one super-block at a time: their codes are
-//! unpacked once into a stack buffer with the rows interleaved in 16-byte runs (row `r` in
-//! 128-bit lane `r`, as AVX-512 holds all four and AVX2 two), their scales into i16 vectors
-//! of the same shape; then each token's 16 activations of a run are broadcast to every lane,
+//! K-quant weights against `q8_K` activations on x86-64, bit-identical to [`q8k::gemm`], and
+//! the AVX2 `q8_K` quantizer. Four rows are computed together, one super-block at a time: their
+//! codes are unpacked once into a stack buffer with the rows interleaved in 16-byte runs (row
+//! `r` in 128-bit lane `r`, as AVX-512 holds all four and AVX2 two) — from the 4×16 layout the
+//! compiler packs `q4_k`/`q6_k` in (a few vector operations per line), or from ggml's rows —
+//! and their scales into i16 vectors of the same shape; then each token's 16 activations of a run are broadcast to every lane,
 //! multiplied by `vpmaddubsw` (unsigned codes × signed activations) and scaled and summed by
 //! `vpmaddwd` (`vpdpwssd` with VNNI), so one accumulator per token holds the four rows and the
 //! integer sums stay exact. The float tail is the reference's, one lane per row, each token's
@@ -909,16 +910,10 @@ mod tests {
         if !std::is_x86_feature_detected!("avx2") {
             return;
         }
-        let mut seed = 0x9e37_u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as u32
-        };
+        let mut rng = crate::kernels::testing::Rng(0x9e37_u64);
         for round in 0..40 {
             let mut x: Vec<f32> = (0..4 * SUPER_BLOCK)
-                .map(|_| (next() % 20001) as f32 / 1000.0 - 10.0)
+                .map(|_| rng.unit() * 10.0)
                 .map(|v| if round % 5 == 0 { v * 1e30 } else { v })
                 .collect();
             // A tie of magnitudes (the first wins), an all-zero block, a NaN, halves to round.
@@ -966,20 +961,14 @@ mod tests {
                 gemm_avx512vnni(w, r, x, n, o)
             }));
         }
-        let mut seed = 0x5eed_u64;
-        let mut next = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as u32
-        };
+        let mut rng = crate::kernels::testing::Rng(0x5eed_u64);
         let (cols, rows) = (768, 11);
         let nb = cols / SUPER_BLOCK;
         let mut row_seed = 11;
         for round in 0..6 {
             let n = 1 + round % 9 + round / 2;
             let x: Vec<f32> = (0..n * cols)
-                .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                .map(|_| rng.unit())
                 .map(|v| if round % 3 == 0 { v * 1e3 } else { v })
                 .collect();
             let mut xq = vec![Q8KBlock::default(); n * nb];

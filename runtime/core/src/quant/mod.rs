@@ -190,6 +190,7 @@ mod tests {
     fn names_round_trip() {
         for f in Format::ALL {
             assert_eq!(Format::from_name(f.name()), Some(f));
+            assert!(f.block_bytes() <= Format::MAX_BLOCK_BYTES, "{}", f.name());
         }
         assert_eq!(Format::from_name("iq4_xs"), None);
     }
