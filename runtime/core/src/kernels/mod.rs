@@ -490,7 +490,7 @@ pub(crate) mod testing {
                 b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
             };
             half(0, rng);
-            if format == Format::Q4_1 {
+            if matches!(format, Format::Q4_1 | Format::Q5_1) {
                 half(2, rng);
             }
         }
@@ -668,6 +668,51 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Every table's 5-bit product gives the reference's bits (the formats stay in ggml's rows).
+    fn check_gemm_q5(format: Format, rows: usize, blocks: usize, n: usize, seed: u64) {
+        let mut rng = testing::Rng(seed | 1);
+        let w = weights(&mut rng, format, rows, blocks);
+        let (_, x) = activations(&mut rng, n, blocks * BLOCK);
+        let case = Case {
+            format,
+            rows,
+            blocks,
+            first: 0,
+            row_major: &w,
+            x: &x,
+            n,
+        };
+        let mut want = vec![f32::NAN; n * rows];
+        case.run(q8::gemm, Layout::Rows, &mut want, rows);
+        for k in optimized() {
+            let mut got = vec![f32::NAN; n * rows];
+            case.run(k.gemm_q5, Layout::Rows, &mut got, rows);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{} {format:?} {rows}x{blocks}, {n} tokens: {got:?} vs {want:?}",
+                k.name
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn gemm_q5_0_equals_the_reference(rows in 1usize..12, blocks in 1usize..8, n in 1usize..10, seed: u64) {
+            check_gemm_q5(Format::Q5_0, rows, blocks, n, seed);
+        }
+
+        #[test]
+        fn gemm_q5_1_equals_the_reference(rows in 1usize..12, blocks in 1usize..8, n in 1usize..10, seed: u64) {
+            check_gemm_q5(Format::Q5_1, rows, blocks, n, seed);
         }
     }
 
