@@ -142,7 +142,7 @@ fn k6_term(b: &[u8], q: &Q8KBlock) -> f32 {
 }
 
 /// What one super-block `b` (ggml's bytes) adds to a row's sum against activations `q`.
-pub fn block_term(format: Format, b: &[u8], q: &Q8KBlock) -> f32 {
+fn block_term(format: Format, b: &[u8], q: &Q8KBlock) -> f32 {
     match format {
         Format::Q6K => k6_term(b, q),
         _ => k4_term(format, b, q),
@@ -173,17 +173,18 @@ pub fn gemm(
     let mut block = [0u8; Format::MAX_BLOCK_BYTES];
     for (c, r) in rows.enumerate() {
         for t in 0..n {
-            let mut sum = 0f32;
-            for (b, q) in x[t * nb..(t + 1) * nb].iter().enumerate() {
-                let bytes = if r >= plain {
-                    let at = g.plain_row(r) + b * bb;
-                    &w.bytes[at..at + bb]
-                } else {
+            let x = &x[t * nb..(t + 1) * nb];
+            let sum = if r >= plain {
+                let at = g.plain_row(r);
+                dot_row(w.format, &w.bytes[at..at + nb * bb], x)
+            } else {
+                let mut sum = 0f32;
+                for (b, q) in x.iter().enumerate() {
                     g.block(w.bytes, r, b, &mut block);
-                    &block[..bb]
-                };
-                sum += block_term(w.format, bytes, q);
-            }
+                    sum += block_term(w.format, &block[..bb], q);
+                }
+                sum
+            };
             out.set(t, c, sum);
         }
     }
