@@ -11,12 +11,10 @@
 
 use core::arch::x86_64::*;
 
-use super::q8::f16_to_f32;
 use super::q8k::{self, Q8KBlock};
 use super::x86::hsum;
 use super::{Matrix, Out, TILE_ROWS};
 use crate::layout::{Geometry, Layout, GROUP};
-use crate::quant::dequant::scale_min_k4;
 use crate::quant::{Format, SUPER_BLOCK};
 
 /// The formats, as const parameters.
@@ -37,10 +35,6 @@ const T: usize = 4;
 /// Chosen by timing `kiln bench` decode on the 1B shape's Q4_K_M (Zen 5, one thread): 2 KiB
 /// gave 21 tokens/s, 4 KiB 19–20, 8 KiB 25–26, 12 KiB 28–29, 16 KiB 22–27.
 const PREFETCH: usize = 12288;
-
-fn half_at(b: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
-}
 
 /// 64 bytes: one 16-byte run per row.
 #[derive(Clone, Copy)]
@@ -230,7 +224,7 @@ impl Isa for Avx512 {
 }
 
 /// The 8 scales and the 8 mins of a `q4_k`/`q5_k` super-block (byte `j` is sub-block `j`'s),
-/// from its 12 packed bytes ([`scale_min_k4`] for all eight at once).
+/// from its 12 packed bytes (`scale_min_k4` for all eight at once).
 #[inline(always)]
 fn k4_scales_mins(p: &[u8]) -> (u64, u64) {
     let word = |i: usize| u32::from_le_bytes([p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]]);
@@ -575,7 +569,7 @@ unsafe fn tile<I: Isa, const F: u8, const TT: usize>(
 }
 
 /// [`q8k::gemm`] for format `F` with the ISA `I`: tiles of four rows (groups of the 4×16
-/// layout, or any four of ggml's rows), then the rows past the last tile one by one.
+/// layout, or any four of ggml's rows), then the rows past the last tile on the reference.
 #[inline(always)]
 unsafe fn gemm<I: Isa, const F: u8>(
     w: &Matrix<'_>,
@@ -642,20 +636,10 @@ unsafe fn gemm<I: Isa, const F: u8>(
             }
         }
     }
-    for (c, r) in rows.clone().enumerate().skip(tiled) {
-        let at = if interleaved {
-            geo.plain_row(r)
-        } else {
-            r * rb
-        };
-        let row = &w.bytes[at..at + rb];
-        for t in 0..n {
-            // SAFETY: the caller has AVX2.
-            out.set(t, c, unsafe {
-                dot_row(w.format, row, &x[t * nb..(t + 1) * nb])
-            });
-        }
-    }
+    // The rows past the last tile (at most three, at the matrix's end): the reference.
+    // SAFETY: the tiles wrote only the columns before `tiled`.
+    let rest = unsafe { out.columns(tiled) };
+    q8k::gemm(w, tiled_end..rows.end, x, n, rest);
 }
 
 /// [`q8k::gemm`] for any K-quant, else the reference.
@@ -791,111 +775,6 @@ pub unsafe fn quantize_avx2(x: &[f32], out: &mut [Q8KBlock]) {
             q.d = 1.0 / iscale;
         }
     }
-}
-
-/// `Σ_j scale_j·(q·a)_j` and `Σ_j min_j·(Σa)_j` of one `q4_k`/`q5_k` super-block. Codes are
-/// at most 31 and activations at least −127, so no i16 pair of `vpmaddubsw` saturates.
-#[target_feature(enable = "avx2")]
-fn k4_sums(format: Format, b: &[u8], q: &Q8KBlock) -> (i32, i32) {
-    let (scales, qh, qs) = match format {
-        Format::Q5K => (&b[4..16], Some(&b[16..48]), &b[48..176]),
-        _ => (&b[4..16], None, &b[16..144]),
-    };
-    let mut acc = _mm256_setzero_si256();
-    let mut mins = 0i32;
-    let low = _mm256_set1_epi8(0x0f);
-    let one = _mm256_set1_epi8(1);
-    // SAFETY: every load reads 32 bytes inside `qs` (128), `qh` (32) or `q.qs` (256).
-    unsafe {
-        let high_bits = qh.map(|h| _mm256_loadu_si256(h.as_ptr().cast()));
-        for pair in 0..4 {
-            let packed = _mm256_loadu_si256(qs.as_ptr().add(32 * pair).cast());
-            for half in 0..2 {
-                let j = 2 * pair + half;
-                let (sc, m) = scale_min_k4(j, scales);
-                let mut codes = if half == 0 {
-                    _mm256_and_si256(packed, low)
-                } else {
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low)
-                };
-                if let Some(h) = high_bits {
-                    // Bit `j` of each byte to 16: shift within 16-bit lanes, keep bit 0 of each byte.
-                    let bit =
-                        _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(j as i32)), one);
-                    codes = _mm256_or_si256(codes, _mm256_slli_epi16::<4>(bit));
-                }
-                let a = _mm256_loadu_si256(q.qs.as_ptr().add(32 * j).cast());
-                let pairs = _mm256_maddubs_epi16(codes, a);
-                acc = _mm256_add_epi32(
-                    acc,
-                    _mm256_madd_epi16(pairs, _mm256_set1_epi16(i16::from(sc))),
-                );
-                mins += i32::from(m) * (i32::from(q.bsums[2 * j]) + i32::from(q.bsums[2 * j + 1]));
-            }
-        }
-    }
-    (hsum(acc), mins)
-}
-
-/// `Σ_j scale_j·(q·a)_j` of one `q6_k` super-block: codes biased to 0..64 for `vpmaddubsw`,
-/// the bias taken back as `32·Σ_j scale_j·(Σa)_j` from the activations' sums of 16.
-#[target_feature(enable = "avx2")]
-fn k6_sum(b: &[u8], q: &Q8KBlock) -> i32 {
-    let (ql, qh, scales) = (&b[..128], &b[128..192], &b[192..208]);
-    let low = _mm256_set1_epi8(0x0f);
-    let three = _mm256_set1_epi8(3);
-    let mut acc = _mm256_setzero_si256();
-    // SAFETY: every load reads 32 bytes inside `ql` (128), `qh` (64) or `q.qs` (256).
-    unsafe {
-        for half in 0..2 {
-            let h = _mm256_loadu_si256(qh.as_ptr().add(32 * half).cast());
-            let l0 = _mm256_loadu_si256(ql.as_ptr().add(64 * half).cast());
-            let l1 = _mm256_loadu_si256(ql.as_ptr().add(64 * half + 32).cast());
-            for k in 0..4 {
-                let l = if k % 2 == 0 { l0 } else { l1 };
-                let nibble = if k < 2 {
-                    _mm256_and_si256(l, low)
-                } else {
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l), low)
-                };
-                let shift = _mm_cvtsi32_si128(2 * k as i32);
-                let high = _mm256_and_si256(_mm256_srl_epi16(h, shift), three);
-                let codes = _mm256_or_si256(nibble, _mm256_slli_epi16::<4>(high));
-                let base = 128 * half + 32 * k;
-                let a = _mm256_loadu_si256(q.qs.as_ptr().add(base).cast());
-                let s = 8 * half + 2 * k;
-                let scale = _mm256_set_m128i(
-                    _mm_set1_epi16(i16::from(scales[s + 1] as i8)),
-                    _mm_set1_epi16(i16::from(scales[s] as i8)),
-                );
-                acc = _mm256_add_epi32(
-                    acc,
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(codes, a), scale),
-                );
-            }
-        }
-    }
-    let bias: i32 = (0..16)
-        .map(|j| i32::from(scales[j] as i8) * i32::from(q.bsums[j]))
-        .sum();
-    hsum(acc) - 32 * bias
-}
-
-/// [`q8k::dot_row`] on AVX2, with the same float arithmetic per super-block: the rows past
-/// the last whole tile.
-#[target_feature(enable = "avx2")]
-fn dot_row(format: Format, row: &[u8], x: &[Q8KBlock]) -> f32 {
-    let mut sum = 0f32;
-    for (b, q) in row.chunks_exact(format.block_bytes()).zip(x) {
-        sum += match format {
-            Format::Q6K => half_at(b, 208) * q.d * k6_sum(b, q) as f32,
-            _ => {
-                let (dots, mins) = k4_sums(format, b, q);
-                half_at(b, 0) * q.d * dots as f32 - half_at(b, 2) * q.d * mins as f32
-            }
-        };
-    }
-    sum
 }
 
 #[cfg(test)]
