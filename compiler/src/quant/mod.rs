@@ -125,13 +125,19 @@ fn q4_0_block(x: &[f32], col: usize, out: &mut Vec<u8>) -> Result<(), RowError> 
     Ok(())
 }
 
-/// `d = (max - min) / 15`, `m = min`, `q = trunc((x - min) / d + 0.5)`.
-fn q4_1_block(x: &[f32], col: usize, out: &mut Vec<u8>) -> Result<(), RowError> {
+/// The smallest and largest of `x`, compared as ggml's `q4_1`/`q5_1` quantizers compare them.
+fn min_max(x: &[f32]) -> (f32, f32) {
     let (mut min, mut max) = (f32::MAX, -f32::MAX);
     for &v in x {
         min = if v < min { v } else { min };
         max = if v > max { v } else { max };
     }
+    (min, max)
+}
+
+/// `d = (max - min) / 15`, `m = min`, `q = trunc((x - min) / d + 0.5)`.
+fn q4_1_block(x: &[f32], col: usize, out: &mut Vec<u8>) -> Result<(), RowError> {
+    let (min, max) = min_max(x);
     let d = (max - min) / 15.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     out.extend(half_bytes(d, col)?);
@@ -174,11 +180,7 @@ fn q5_0_block(x: &[f32], col: usize, out: &mut Vec<u8>) -> Result<(), RowError> 
 
 /// `d = (max - min) / 31`, `m = min`, `q = trunc((x - min) / d + 0.5)`, packed as `q5_0`.
 fn q5_1_block(x: &[f32], col: usize, out: &mut Vec<u8>) -> Result<(), RowError> {
-    let (mut min, mut max) = (f32::MAX, -f32::MAX);
-    for &v in x {
-        min = if v < min { v } else { min };
-        max = if v > max { v } else { max };
-    }
+    let (min, max) = min_max(x);
     let d = (max - min) / 31.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     out.extend(half_bytes(d, col)?);
