@@ -4,13 +4,15 @@
 //! over the packed layouts are in [`super::x4`].
 //!
 //! The block products take a tile of 4 weight rows, decode each block of them once to 32 signed
-//! bytes (`nibble − 8` for `q4_0`, the nibble for `q4_1`, as stored for `q8_0`) and multiply it
+//! bytes (`nibble − 8` for `q4_0`, the nibble for `q4_1`, as stored for `q8_0`, the nibble and
+//! its fifth bit for `q5_1`, less 16 for `q5_0`) and multiply it
 //! against 1–4 tokens: exact integer sums per (row, token) — `vmull_s8` + `vpadalq_s16`, or
 //! `sdot` — reduced so that the four lanes are the four rows, converted to f32 and accumulated
 //! with the block's `d_w·d_x` (plus `m·s` for `q4_1`), as llama.cpp's
 //! `ggml_vec_dot_q4_0_q8_0` does. With i8mm, `smmla` multiplies 2 rows × 2 tokens × 8 bytes at
 //! once. Only the order of the float sums differs from [`q8::gemm`], which the tests hold to
-//! [`q8::error_budget`].
+//! [`q8::error_budget`]; the 5-bit formats (the `gemm_q5` entry) keep the reference's
+//! multiplies and adds unfused, in its order, and give its bits.
 //!
 //! `sdot` and `smmla` go through `asm!` (their intrinsics are unstable); each `asm!` only sits
 //! in `#[inline(always)]` helpers inlined into functions compiled with the feature, which are
@@ -22,7 +24,7 @@ use core::arch::asm;
 
 use super::lanes::widen_f16_bits;
 use super::product::{Out, Product};
-use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q8_0};
+use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::q8::{self, Q8Block};
 use super::{arm_k, x4, Kernels, Level, TILE_ROWS, TILE_TOKENS};
 use crate::layout::Layout;
@@ -100,7 +102,8 @@ pub(super) fn smmla(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t
     acc
 }
 
-/// One block of one weight row: elements 0..16 and 16..32 as signed bytes, `d` and (`q4_1`) `m`.
+/// One block of one weight row: elements 0..16 and 16..32 as signed bytes, `d` and (`q4_1`,
+/// `q5_1`) `m`.
 #[derive(Clone, Copy)]
 struct Wb {
     lo: int8x16_t,
@@ -109,41 +112,95 @@ struct Wb {
     m: f32,
 }
 
+/// Whether format `F` has a minimum `m` (times the activations' sum `s`) in each block.
+const fn has_min(f: u8) -> bool {
+    f == Q4_1 || f == Q5_1
+}
+
+/// The bit of each byte lane within its 8-lane half: `vtstq_u8` against a byte of `qh`
+/// repeated over a half spreads its 8 bits over the half's 8 lanes.
+const LANE_BITS: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+
+/// `16·bit` for elements `0..16` (`qh` bits 0–15) or `16..32` (bits 16–31) of a 5-bit block:
+/// bytes `h0` and `h1` of `qh`, each spread over 8 lanes.
+///
+/// SAFETY: NEON is part of every aarch64 CPU.
+#[inline(always)]
+unsafe fn fifth_bits(h0: u8, h1: u8) -> uint8x16_t {
+    // SAFETY: register arithmetic and a 16-byte load of `LANE_BITS`.
+    unsafe {
+        let spread = vcombine_u8(vdup_n_u8(h0), vdup_n_u8(h1));
+        let set = vtstq_u8(spread, vld1q_u8(LANE_BITS.as_ptr()));
+        vandq_u8(set, vdupq_n_u8(16))
+    }
+}
+
 /// Decodes the block at `p`.
 ///
 /// SAFETY: `p` points at a whole block of format `F`.
 #[inline(always)]
 unsafe fn decode<const F: u8>(p: *const u8) -> Wb {
-    // SAFETY: every read stays inside the block at `p` (18, 20 or 34 bytes).
+    // SAFETY: every read stays inside the block at `p` (`block_bytes(F)` bytes).
     unsafe {
         let half = |at: usize| widen_f16_bits(u16::from_le_bytes([*p.add(at), *p.add(at + 1)]));
+        let m = if has_min(F) { half(2) } else { 0.0 };
         if F == Q8_0 {
             return Wb {
                 lo: vld1q_s8(p.add(2).cast()),
                 hi: vld1q_s8(p.add(18).cast()),
                 d: half(0),
-                m: 0.0,
+                m,
             };
         }
-        let at = if F == Q4_1 { 4 } else { 2 };
+        // The nibbles follow `d`, `m` (with a minimum) and `qh` (5-bit formats, 4 bytes).
+        let qh = if has_min(F) { 4 } else { 2 };
+        let at = qh + if F == Q5_0 || F == Q5_1 { 4 } else { 0 };
         let packed = vld1q_u8(p.add(at));
-        let lo = vreinterpretq_s8_u8(vandq_u8(packed, vdupq_n_u8(0x0f)));
-        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(packed));
-        if F == Q4_0 {
-            let eight = vdupq_n_s8(8);
-            Wb {
-                lo: vsubq_s8(lo, eight),
-                hi: vsubq_s8(hi, eight),
-                d: half(0),
-                m: 0.0,
-            }
-        } else {
-            Wb {
-                lo,
-                hi,
-                d: half(0),
-                m: half(2),
-            }
+        let mut lo = vandq_u8(packed, vdupq_n_u8(0x0f));
+        let mut hi = vshrq_n_u8::<4>(packed);
+        if F == Q5_0 || F == Q5_1 {
+            let h = |i: usize| *p.add(qh + i);
+            lo = vorrq_u8(lo, fifth_bits(h(0), h(1)));
+            hi = vorrq_u8(hi, fifth_bits(h(2), h(3)));
+        }
+        let (lo, hi) = (vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi));
+        // Stored codes are offset by half their range when the format has no minimum.
+        let offset = match F {
+            Q4_0 => 8,
+            Q5_0 => 16,
+            _ => 0,
+        };
+        let offset = vdupq_n_s8(offset);
+        Wb {
+            lo: vsubq_s8(lo, offset),
+            hi: vsubq_s8(hi, offset),
+            d: half(0),
+            m,
+        }
+    }
+}
+
+/// `acc + sums·(d_w·d_x) + m_w·s_x` per lane (the last term with a minimum): fused for the 4-
+/// and 8-bit formats, whose results are held to the error budget; the 5-bit ones round each
+/// operation as the reference does, in its order.
+///
+/// SAFETY: NEON is part of every aarch64 CPU.
+#[inline(always)]
+unsafe fn accumulate<const F: u8>(
+    acc: float32x4_t,
+    sums: int32x4_t,
+    dd: float32x4_t,
+    mw: float32x4_t,
+    sx: float32x4_t,
+) -> float32x4_t {
+    // SAFETY: register arithmetic.
+    unsafe {
+        let sums = vcvtq_f32_s32(sums);
+        match F {
+            Q5_0 => vaddq_f32(acc, vmulq_f32(dd, sums)),
+            Q5_1 => vaddq_f32(acc, vaddq_f32(vmulq_f32(dd, sums), vmulq_f32(mw, sx))),
+            Q4_1 => vfmaq_f32(vfmaq_f32(acc, sums, dd), mw, sx),
+            _ => vfmaq_f32(acc, sums, dd),
         }
     }
 }
@@ -220,10 +277,8 @@ unsafe fn dot_tile<D: IDot, const F: u8, const TT: usize>(tile: &Tile) {
                     *s = D::dot(D::dot(zero, w.lo, a0), w.hi, a1);
                 }
                 let sums = vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3]));
-                *acc = vfmaq_f32(*acc, vcvtq_f32_s32(sums), vmulq_n_f32(dw, a.d));
-                if F == Q4_1 {
-                    *acc = vfmaq_n_f32(*acc, mw, a.s);
-                }
+                let dd = vmulq_n_f32(dw, a.d);
+                *acc = accumulate::<F>(*acc, sums, dd, mw, vdupq_n_f32(a.s));
             }
         }
         for (t, &acc) in acc.iter().enumerate() {
@@ -297,10 +352,7 @@ unsafe fn mmla_tile<const F: u8, const TP: usize>(tile: &Tile, tokens: usize) {
                         s = smmla(s, w, a);
                     }
                     let a = &mut acc[p][tp];
-                    *a = vfmaq_f32(*a, vcvtq_f32_s32(s), vmulq_f32(dw[p], dx));
-                    if F == Q4_1 {
-                        *a = vfmaq_f32(*a, mw[p], sx);
-                    }
+                    *a = accumulate::<F>(*a, s, vmulq_f32(dw[p], dx), mw[p], sx);
                 }
             }
         }
@@ -413,6 +465,8 @@ fn gemm_level<L: Tiles>(p: Product<'_>) {
         Format::Q4_0 => gemm::<L, Q4_0>(w, rows, x, p.n, p.out),
         Format::Q4_1 => gemm::<L, Q4_1>(w, rows, x, p.n, p.out),
         Format::Q8_0 => gemm::<L, Q8_0>(w, rows, x, p.n, p.out),
+        Format::Q5_0 => gemm::<L, Q5_0>(w, rows, x, p.n, p.out),
+        Format::Q5_1 => gemm::<L, Q5_1>(w, rows, x, p.n, p.out),
         _ => q8::gemm(p),
     }
 }
@@ -530,7 +584,7 @@ pub fn table(level: Level) -> Option<Kernels> {
         quantize,
         gemm_q8k: arm_k::gemm_neon,
         quantize_q8k: super::q8k::quantize,
-        gemm_q5: super::q8::gemm,
+        gemm_q5: rows_neon,
         rms_norm: float::rms_norm,
         swiglu: float::swiglu,
         softmax: float::softmax,
@@ -546,6 +600,8 @@ pub fn table(level: Level) -> Option<Kernels> {
             // SAFETY: these only need dotprod, which the caller checked.
             gemm_q8: |p| unsafe { x4::gemm_dotprod(p, |p| rows_dotprod(p)) },
             // SAFETY: dotprod, which the caller checked.
+            gemm_q5: |p| unsafe { rows_dotprod(p) },
+            // SAFETY: dotprod, which the caller checked.
             gemm_q8k: |w, rows, x, n, out| unsafe { arm_k::gemm_dotprod(w, rows, x, n, out) },
             ..neon
         }),
@@ -554,6 +610,8 @@ pub fn table(level: Level) -> Option<Kernels> {
             name: "aarch64 i8mm",
             // SAFETY: these only need dotprod and i8mm, which the caller checked.
             gemm_q8: |p| unsafe { x4::gemm_i8mm(p, |p| rows_i8mm(p)) },
+            // SAFETY: dotprod and i8mm, which the caller checked.
+            gemm_q5: |p| unsafe { rows_i8mm(p) },
             // SAFETY: dotprod and i8mm, which the caller checked.
             gemm_q8k: |w, rows, x, n, out| unsafe { arm_k::gemm_i8mm(w, rows, x, n, out) },
             ..neon
