@@ -55,12 +55,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     // `cargo test` builds a package's binaries only for that package's own tests; the
     // compiler's tests run `kiln` (kiln-cli) and link libkiln (kiln-ffi), so build them all,
-    // with the same features, first.
+    // with the same features, first. With the tests in the same build, the dependencies get
+    // the features the dev-dependencies add (e.g. proptest's `bit-set` defaults under tract),
+    // so `cargo test` reuses every crate instead of building tract and the compiler again.
     let status = Command::new(&cargo)
         .args([
             "build",
             "--release",
             "--workspace",
+            "--lib",
+            "--bins",
+            "--tests",
             "--features",
             TEST_FEATURES,
         ])
