@@ -103,6 +103,8 @@ trait Isa {
     unsafe fn times32(a: Self::V) -> Self::V;
     /// The sums of each row's lanes, row `r` in lane `r` (the parts of one line in order).
     unsafe fn rows(v: &[Self::V]) -> __m128i;
+    /// [`Isa::rows`] of `a` in lanes 0..4 and of `b` in lanes 4..8, at once.
+    unsafe fn rows2(a: &[Self::V], b: &[Self::V]) -> __m256i;
 }
 
 /// AVX2 (two rows a register), with AVX-VNNI's `vpdpwssd` when `VNNI`.
@@ -245,6 +247,16 @@ impl<const VNNI: bool> Isa for Avx2<VNNI> {
             _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
         }
     }
+
+    #[inline(always)]
+    unsafe fn rows2(a: &[__m256i], b: &[__m256i]) -> __m256i {
+        // SAFETY: the trait's contract. Three rounds of pair sums leave `[a0, a2, b0, b2 |
+        // a1, a3, b1, b3]`.
+        unsafe {
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(b[0], b[1]));
+            _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+        }
+    }
 }
 
 /// AVX-512 BW with VNNI (four rows a register).
@@ -380,6 +392,19 @@ impl Isa for Avx512 {
             let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0b10_11_00_01>(s));
             let first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
             _mm512_castsi512_si128(_mm512_permutexvar_epi32(first, s))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows2(a: &[__m512i], b: &[__m512i]) -> __m256i {
+        // SAFETY: the trait's contract. Lane `r` sums to `[a_r, a_r, b_r, b_r]`, then each
+        // lane's `a_r` and `b_r` to positions `r` and `4 + r`.
+        unsafe {
+            let (a, b) = (a[0], b[0]);
+            let s = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+            let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0b10_11_00_01>(s));
+            let pick = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+            _mm512_castsi512_si256(_mm512_permutexvar_epi32(pick, s))
         }
     }
 }
@@ -833,18 +858,17 @@ unsafe fn k4_line_term<I: Isa>(q: *const u8, s: *const u8, x: &Q8KBlock) -> __m1
         for (h, mins) in mins.iter_mut().enumerate().take(I::PARTS) {
             *mins = I::madd(m[h], pairs);
         }
-        let dy = _mm_set1_ps(x.d);
-        let d = _mm_cvtph_ps(_mm_loadl_epi64(s.cast()));
-        let dmin = _mm_cvtph_ps(_mm_loadl_epi64(s.add(8).cast()));
-        let dots = _mm_mul_ps(
-            _mm_mul_ps(d, dy),
-            _mm_cvtepi32_ps(I::rows(&acc[..I::PARTS])),
+        // `d` then `dmin` of the four rows, against the dots then the mins.
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(s.cast()));
+        let sums = I::rows2(&acc[..I::PARTS], &mins[..I::PARTS]);
+        let terms = _mm256_mul_ps(
+            _mm256_mul_ps(d, _mm256_set1_ps(x.d)),
+            _mm256_cvtepi32_ps(sums),
         );
-        let mins = _mm_mul_ps(
-            _mm_mul_ps(dmin, dy),
-            _mm_cvtepi32_ps(I::rows(&mins[..I::PARTS])),
-        );
-        _mm_sub_ps(dots, mins)
+        _mm_sub_ps(
+            _mm256_castps256_ps128(terms),
+            _mm256_extractf128_ps::<1>(terms),
+        )
     }
 }
 
