@@ -7,7 +7,9 @@
 //! multiplied by `vpmaddubsw` (unsigned codes × signed activations) and scaled and summed by
 //! `vpmaddwd` (`vpdpwssd` with VNNI), so one accumulator per token holds the four rows and the
 //! integer sums stay exact. The float tail is the reference's, one lane per row, each token's
-//! partial sums kept in the output between super-blocks.
+//! partial sums kept in the output between super-blocks. One token (decode) reuses nothing it
+//! could unpack: it multiplies the 4×16 layout's lines straight from memory, split into codes
+//! in registers, each row's partial sums kept in a register between super-blocks.
 
 use core::arch::x86_64::*;
 
@@ -69,8 +71,31 @@ trait Isa {
     unsafe fn part(p: &Line, h: usize) -> Self::V;
     /// The 16 bytes at `p` in every row's lane.
     unsafe fn broadcast(p: *const u8) -> Self::V;
+    /// Part `h` of the 64 bytes at `p` (unaligned).
+    unsafe fn load(p: *const u8, h: usize) -> Self::V;
+    /// Byte products `w·a` (unsigned codes, signed activations), summed in i16 pairs.
+    unsafe fn products(w: Self::V, a: Self::V) -> Self::V;
+    /// `acc +` the i16 pairs of `p` times the i16 scales of their lanes in `s`, summed to i32.
+    unsafe fn scaled(acc: Self::V, p: Self::V, s: Self::V) -> Self::V;
     /// `acc + Σ` of pairs of `w·a` byte products times the i16 scale of their lanes in `s`.
-    unsafe fn dot(acc: Self::V, w: Self::V, a: Self::V, s: Self::V) -> Self::V;
+    #[inline(always)]
+    unsafe fn dot(acc: Self::V, w: Self::V, a: Self::V, s: Self::V) -> Self::V {
+        // SAFETY: the trait's contract. Codes are at most 63 and activations at least −127, so
+        // no i16 pair of `vpmaddubsw` saturates.
+        unsafe { Self::scaled(acc, Self::products(w, a), s) }
+    }
+    /// Each 128-bit lane's i16 number `j`, in all of its lane.
+    unsafe fn pick(v: Self::V, j: usize) -> Self::V;
+    /// The bytes of rows `2h, 2h + 1` (`v[h]`: 8 each) as i16 (sign-extended when `SIGNED`),
+    /// one row a 128-bit lane, in parts.
+    unsafe fn widen<const SIGNED: bool>(v: [__m128i; 2]) -> [Self::V; 2];
+    unsafe fn splat(b: i8) -> Self::V;
+    unsafe fn and(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn or(a: Self::V, b: Self::V) -> Self::V;
+    /// Pairs of i16 summed (sums that fit in i16).
+    unsafe fn add16(a: Self::V, b: Self::V) -> Self::V;
+    /// Shifted right (`n > 0`) or left (`n < 0`) by `|n|` (2 or 4) bits within i16 lanes.
+    unsafe fn shift(v: Self::V, n: i32) -> Self::V;
     /// Pairs of i16 products, summed to i32.
     unsafe fn madd(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
@@ -78,6 +103,8 @@ trait Isa {
     unsafe fn times32(a: Self::V) -> Self::V;
     /// The sums of each row's lanes, row `r` in lane `r` (the parts of one line in order).
     unsafe fn rows(v: &[Self::V]) -> __m128i;
+    /// [`Isa::rows`] of `a` in lanes 0..4 and of `b` in lanes 4..8, at once.
+    unsafe fn rows2(a: &[Self::V], b: &[Self::V]) -> __m256i;
 }
 
 /// AVX2 (two rows a register), with AVX-VNNI's `vpdpwssd` when `VNNI`.
@@ -106,15 +133,82 @@ impl<const VNNI: bool> Isa for Avx2<VNNI> {
     }
 
     #[inline(always)]
-    unsafe fn dot(acc: __m256i, w: __m256i, a: __m256i, s: __m256i) -> __m256i {
-        // SAFETY: the trait's contract (AVX-VNNI when `VNNI`). Codes are at most 63 and
-        // activations at least −127, so no i16 pair of `vpmaddubsw` saturates.
+    unsafe fn load(p: *const u8, h: usize) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_loadu_si256(p.add(32 * h).cast()) }
+    }
+
+    #[inline(always)]
+    unsafe fn products(w: __m256i, a: __m256i) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_maddubs_epi16(w, a) }
+    }
+
+    #[inline(always)]
+    unsafe fn scaled(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: the trait's contract (AVX-VNNI when `VNNI`).
         unsafe {
-            let pairs = _mm256_maddubs_epi16(w, a);
             if VNNI {
-                _mm256_dpwssd_avx_epi32(acc, pairs, s)
+                _mm256_dpwssd_avx_epi32(acc, p, s)
             } else {
-                _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, s))
+                _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pick(v: __m256i, j: usize) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_shuffle_epi8(v, _mm256_set1_epi16(pick_bytes(j))) }
+    }
+
+    #[inline(always)]
+    unsafe fn widen<const SIGNED: bool>(v: [__m128i; 2]) -> [__m256i; 2] {
+        // SAFETY: the trait's contract.
+        unsafe {
+            v.map(|v| {
+                if SIGNED {
+                    _mm256_cvtepi8_epi16(v)
+                } else {
+                    _mm256_cvtepu8_epi16(v)
+                }
+            })
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn splat(b: i8) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_set1_epi8(b) }
+    }
+
+    #[inline(always)]
+    unsafe fn and(a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_and_si256(a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn or(a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_or_si256(a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn add16(a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_add_epi16(a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn shift(v: __m256i, n: i32) -> __m256i {
+        // SAFETY: the trait's contract.
+        unsafe {
+            match n {
+                2 => _mm256_srli_epi16::<2>(v),
+                4 => _mm256_srli_epi16::<4>(v),
+                -2 => _mm256_slli_epi16::<2>(v),
+                _ => _mm256_slli_epi16::<4>(v),
             }
         }
     }
@@ -153,6 +247,16 @@ impl<const VNNI: bool> Isa for Avx2<VNNI> {
             _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
         }
     }
+
+    #[inline(always)]
+    unsafe fn rows2(a: &[__m256i], b: &[__m256i]) -> __m256i {
+        // SAFETY: the trait's contract. Three rounds of pair sums leave `[a0, a2, b0, b2 |
+        // a1, a3, b1, b3]`.
+        unsafe {
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(b[0], b[1]));
+            _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+        }
+    }
 }
 
 /// AVX-512 BW with VNNI (four rows a register).
@@ -181,9 +285,78 @@ impl Isa for Avx512 {
     }
 
     #[inline(always)]
-    unsafe fn dot(acc: __m512i, w: __m512i, a: __m512i, s: __m512i) -> __m512i {
-        // SAFETY: the trait's contract; no pair saturates (see `Avx2::dot`).
-        unsafe { _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(w, a), s) }
+    unsafe fn load(p: *const u8, _h: usize) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_loadu_si512(p.cast()) }
+    }
+
+    #[inline(always)]
+    unsafe fn products(w: __m512i, a: __m512i) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_maddubs_epi16(w, a) }
+    }
+
+    #[inline(always)]
+    unsafe fn scaled(acc: __m512i, p: __m512i, s: __m512i) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_dpwssd_epi32(acc, p, s) }
+    }
+
+    #[inline(always)]
+    unsafe fn pick(v: __m512i, j: usize) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_shuffle_epi8(v, _mm512_set1_epi16(pick_bytes(j))) }
+    }
+
+    #[inline(always)]
+    unsafe fn widen<const SIGNED: bool>(v: [__m128i; 2]) -> [__m512i; 2] {
+        // SAFETY: the trait's contract.
+        unsafe {
+            let rows = _mm256_set_m128i(v[1], v[0]);
+            let wide = if SIGNED {
+                _mm512_cvtepi8_epi16(rows)
+            } else {
+                _mm512_cvtepu8_epi16(rows)
+            };
+            [wide, wide]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn splat(b: i8) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_set1_epi8(b) }
+    }
+
+    #[inline(always)]
+    unsafe fn and(a: __m512i, b: __m512i) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_and_si512(a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn or(a: __m512i, b: __m512i) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_or_si512(a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn add16(a: __m512i, b: __m512i) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe { _mm512_add_epi16(a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn shift(v: __m512i, n: i32) -> __m512i {
+        // SAFETY: the trait's contract.
+        unsafe {
+            match n {
+                2 => _mm512_srli_epi16::<2>(v),
+                4 => _mm512_srli_epi16::<4>(v),
+                -2 => _mm512_slli_epi16::<2>(v),
+                _ => _mm512_slli_epi16::<4>(v),
+            }
+        }
     }
 
     #[inline(always)]
@@ -221,6 +394,19 @@ impl Isa for Avx512 {
             _mm512_castsi512_si128(_mm512_permutexvar_epi32(first, s))
         }
     }
+
+    #[inline(always)]
+    unsafe fn rows2(a: &[__m512i], b: &[__m512i]) -> __m256i {
+        // SAFETY: the trait's contract. Lane `r` sums to `[a_r, a_r, b_r, b_r]`, then each
+        // lane's `a_r` and `b_r` to positions `r` and `4 + r`.
+        unsafe {
+            let (a, b) = (a[0], b[0]);
+            let s = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+            let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<0b10_11_00_01>(s));
+            let pick = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+            _mm512_castsi512_si256(_mm512_permutexvar_epi32(pick, s))
+        }
+    }
 }
 
 /// The 8 scales and the 8 mins of a `q4_k`/`q5_k` super-block (byte `j` is sub-block `j`'s),
@@ -233,6 +419,44 @@ fn k4_scales_mins(p: &[u8]) -> (u64, u64) {
     let sc = u64::from(u0 & low6) | u64::from((u2 & low4) | ((u0 >> 6) & top2) << 4) << 32;
     let m = u64::from(u1 & low6) | u64::from(((u2 >> 4) & low4) | ((u1 >> 6) & top2) << 4) << 32;
     (sc, m)
+}
+
+/// The 8 scales and the 8 mins of each of a `q4_k` group's four rows, rows 0 and 1 then 2 and
+/// 3 (8 bytes a row), from the 4×16 layout's scale bytes of one super-block at `scales`: the
+/// three words of 6-bit scales of the four rows ([`k4_scales_mins`], four rows at once).
+///
+/// SAFETY: the caller has SSE2 and `scales` holds the group's 64 scale bytes.
+#[inline(always)]
+unsafe fn k4_x16_scales(scales: *const u8) -> ([__m128i; 2], [__m128i; 2]) {
+    // SAFETY: the caller's contract; the loads read bytes 16..64.
+    unsafe {
+        let word = |i: usize| _mm_loadu_si128(scales.add(16 + 16 * i).cast());
+        let (u0, u1, u2) = (word(0), word(1), word(2));
+        let low6 = _mm_set1_epi8(0x3f);
+        let low4 = _mm_set1_epi8(0x0f);
+        let top2 = |u: __m128i| {
+            _mm_slli_epi32::<4>(_mm_and_si128(_mm_srli_epi32::<6>(u), _mm_set1_epi8(3)))
+        };
+        let sc_lo = _mm_and_si128(u0, low6);
+        let sc_hi = _mm_or_si128(_mm_and_si128(u2, low4), top2(u0));
+        let m_lo = _mm_and_si128(u1, low6);
+        let m_hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi32::<4>(u2), low4), top2(u1));
+        (
+            [
+                _mm_unpacklo_epi32(sc_lo, sc_hi),
+                _mm_unpackhi_epi32(sc_lo, sc_hi),
+            ],
+            [
+                _mm_unpacklo_epi32(m_lo, m_hi),
+                _mm_unpackhi_epi32(m_lo, m_hi),
+            ],
+        )
+    }
+}
+
+/// The `vpshufb` index that copies i16 number `j` of a 128-bit lane to every i16 of it.
+const fn pick_bytes(j: usize) -> i16 {
+    i16::from_le_bytes([2 * j as u8, 2 * j as u8 + 1])
 }
 
 /// `v` shifted right by `n` (0, 2, 4 or 6) bits within 16-bit lanes.
@@ -454,27 +678,7 @@ impl Unpacked {
                 }
                 self.d = _mm_cvtph_ps(_mm_loadl_epi64(scales.cast()));
                 self.dmin = _mm_cvtph_ps(_mm_loadl_epi64(scales.add(8).cast()));
-                // The three words of 6-bit scales of the four rows ([`k4_scales_mins`]).
-                let word = |i: usize| _mm_loadu_si128(scales.add(16 + 16 * i).cast());
-                let (u0, u1, u2) = (word(0), word(1), word(2));
-                let low6 = _mm_set1_epi8(0x3f);
-                let low4 = _mm_set1_epi8(0x0f);
-                let top2 = |u: __m128i| {
-                    _mm_slli_epi32::<4>(_mm_and_si128(_mm_srli_epi32::<6>(u), _mm_set1_epi8(3)))
-                };
-                let sc_lo = _mm_and_si128(u0, low6);
-                let sc_hi = _mm_or_si128(_mm_and_si128(u2, low4), top2(u0));
-                let m_lo = _mm_and_si128(u1, low6);
-                let m_hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi32::<4>(u2), low4), top2(u1));
-                // Each row's 8 scales (8 mins), rows 0 and 1 then 2 and 3.
-                let sc = [
-                    _mm_unpacklo_epi32(sc_lo, sc_hi),
-                    _mm_unpackhi_epi32(sc_lo, sc_hi),
-                ];
-                let m = [
-                    _mm_unpacklo_epi32(m_lo, m_hi),
-                    _mm_unpackhi_epi32(m_lo, m_hi),
-                ];
+                let (sc, m) = k4_x16_scales(scales);
                 for h in 0..2 {
                     // Row `2h` in the low lane, `2h + 1` in the high, each 8 bytes twice.
                     let rows = _mm256_set_m128i(
@@ -568,6 +772,174 @@ unsafe fn tile<I: Isa, const F: u8, const TT: usize>(
     }
 }
 
+/// One token against groups `groups` of a matrix in the 4×16 layout, straight from its bytes
+/// (nothing reuses an unpacked super-block): each 64-byte line's codes are split into
+/// registers and multiplied at once, the scales decoded once per super-block into vectors.
+/// Group `c` of the range writes `out[4c..4c + 4]`.
+///
+/// SAFETY: the caller has the ISA, the groups exist in `bytes`, `x` holds the token's
+/// super-blocks and `out` four floats per group.
+#[inline(always)]
+unsafe fn gemv<I: Isa, const F: u8>(
+    geo: &Geometry,
+    bytes: *const u8,
+    groups: core::ops::Range<usize>,
+    x: *const Q8KBlock,
+    out: *mut f32,
+) {
+    let format = geo.format;
+    let qb = Geometry::quant_bytes(format).unwrap_or(0);
+    let sb = Geometry::scale_bytes(format);
+    for (c, g) in groups.enumerate() {
+        // SAFETY: the caller's contract; the loads read inside the group's super-blocks.
+        unsafe {
+            let mut sum = _mm_setzero_ps();
+            for b in 0..geo.blocks {
+                let quants = bytes.add(geo.quants(g) + b * GROUP * qb);
+                let scales = bytes.add(geo.scales(g) + b * GROUP * sb);
+                for line in 0..GROUP * qb / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(quants.wrapping_add(PREFETCH + 64 * line).cast());
+                }
+                _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(PREFETCH).cast());
+                _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(PREFETCH + 64).cast());
+                let q = &*x.add(b);
+                let term = if F == K6 {
+                    k6_line_term::<I>(quants, scales, q)
+                } else {
+                    k4_line_term::<I>(quants, scales, q)
+                };
+                sum = _mm_add_ps(sum, term);
+            }
+            _mm_storeu_ps(out.add(GROUP * c), sum);
+        }
+    }
+}
+
+/// What one `q4_k` super-block of a 4×16 group adds to its four rows' sums (as
+/// `q8k::k4_term`), from its quants (`q`) and scales (`s`).
+///
+/// SAFETY: the caller has the ISA and F16C, and the super-block's bytes exist.
+#[inline(always)]
+unsafe fn k4_line_term<I: Isa>(q: *const u8, s: *const u8, x: &Q8KBlock) -> __m128 {
+    // SAFETY: the caller's contract; reads inside the super-block's 512 quant and 64 scale
+    // bytes and `x`.
+    unsafe {
+        let a = |k: usize| I::broadcast(x.qs.as_ptr().add(RUN * k).cast());
+        let (sc, m) = k4_x16_scales(s);
+        let (sc, m) = (I::widen::<false>(sc), I::widen::<false>(m));
+        let low4 = I::splat(0x0f);
+        let mut acc = [I::zero(); 2];
+        // Lines `2p` and `2p + 1` hold bytes `32p..32p + 32` of `qs`: their low nibbles are
+        // sub-block `2p` (runs `4p`, `4p + 1`), their high nibbles sub-block `2p + 1`. The two
+        // runs of a sub-block are summed in i16 (at most 4·15·127) before their scale.
+        for p in 0..4 {
+            let (a0, a1, a2, a3) = (a(4 * p), a(4 * p + 1), a(4 * p + 2), a(4 * p + 3));
+            for (h, acc) in acc.iter_mut().enumerate().take(I::PARTS) {
+                let w0 = I::load(q.add(128 * p), h);
+                let w1 = I::load(q.add(128 * p + 64), h);
+                let low = I::add16(
+                    I::products(I::and(w0, low4), a0),
+                    I::products(I::and(w1, low4), a1),
+                );
+                let high = I::add16(
+                    I::products(I::and(I::shift(w0, 4), low4), a2),
+                    I::products(I::and(I::shift(w1, 4), low4), a3),
+                );
+                *acc = I::scaled(*acc, low, I::pick(sc[h], 2 * p));
+                *acc = I::scaled(*acc, high, I::pick(sc[h], 2 * p + 1));
+            }
+        }
+        // Sums of 32 (the sub-blocks the mins apply to).
+        let sums = _mm_loadu_si128(x.bsums.as_ptr().cast());
+        let sums_hi = _mm_loadu_si128(x.bsums.as_ptr().add(8).cast());
+        let pairs = _mm_hadd_epi16(sums, sums_hi);
+        let pairs = I::broadcast(core::ptr::addr_of!(pairs).cast());
+        let mut mins = [I::zero(); 2];
+        for (h, mins) in mins.iter_mut().enumerate().take(I::PARTS) {
+            *mins = I::madd(m[h], pairs);
+        }
+        // `d` then `dmin` of the four rows, against the dots then the mins.
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(s.cast()));
+        let sums = I::rows2(&acc[..I::PARTS], &mins[..I::PARTS]);
+        let terms = _mm256_mul_ps(
+            _mm256_mul_ps(d, _mm256_set1_ps(x.d)),
+            _mm256_cvtepi32_ps(sums),
+        );
+        _mm_sub_ps(
+            _mm256_castps256_ps128(terms),
+            _mm256_extractf128_ps::<1>(terms),
+        )
+    }
+}
+
+/// What one `q6_k` super-block of a 4×16 group adds to its four rows' sums (as
+/// `q8k::k6_term`), from its quants (`q`) and scales (`s`).
+///
+/// SAFETY: the caller has the ISA and F16C, and the super-block's bytes exist.
+#[inline(always)]
+unsafe fn k6_line_term<I: Isa>(q: *const u8, s: *const u8, x: &Q8KBlock) -> __m128 {
+    // SAFETY: the caller's contract; reads inside the super-block's 768 quant and 72 scale
+    // bytes and `x`.
+    unsafe {
+        let a = |k: usize| I::broadcast(x.qs.as_ptr().add(RUN * k).cast());
+        // Each row's 16 signed scales: the first 8 of rows 0 and 1, then 2 and 3; the last 8.
+        let row = |r: usize| _mm_loadu_si128(s.add(16 * r).cast());
+        let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+        let lo = I::widen::<true>([_mm_unpacklo_epi64(r0, r1), _mm_unpacklo_epi64(r2, r3)]);
+        let hi = I::widen::<true>([_mm_unpackhi_epi64(r0, r1), _mm_unpackhi_epi64(r2, r3)]);
+        let (low4, top2) = (I::splat(0x0f), I::splat(0x30));
+        let mut acc = [I::zero(); 2];
+        // Lines 0..8: bytes `16i..` of `ql`; lines 8..12: bytes `16(i − 8)..` of `qh`. Value
+        // `128·half + 32·q + l` (quarter `q`, `l < 32`): nibble `q / 2` of `ql` byte
+        // `64·half + 32·(q % 2) + l`, bits `2q, 2q + 1` of `qh` byte `32·half + l`.
+        for half in 0..2 {
+            for l in 0..2 {
+                for (h, acc) in acc.iter_mut().enumerate().take(I::PARTS) {
+                    let high = I::load(q.add(64 * (8 + 2 * half + l)), h);
+                    for qq in 0..2 {
+                        let v = I::load(q.add(64 * (4 * half + 2 * qq + l)), h);
+                        for nib in 0..2 {
+                            let quarter = qq + 2 * nib;
+                            let low = if nib == 0 {
+                                I::and(v, low4)
+                            } else {
+                                I::and(I::shift(v, 4), low4)
+                            };
+                            // Bits `2q, 2q + 1` moved to bits 4 and 5.
+                            let top = match quarter {
+                                0 => I::shift(high, -4),
+                                1 => I::shift(high, -2),
+                                2 => high,
+                                _ => I::shift(high, 2),
+                            };
+                            let codes = I::or(low, I::and(top, top2));
+                            let k = 8 * half + 2 * quarter + l;
+                            let scales = if k < 8 { lo[h] } else { hi[h] };
+                            *acc = I::dot(*acc, codes, a(k), I::pick(scales, k % 8));
+                        }
+                    }
+                }
+            }
+        }
+        // The codes' bias: Σ scale·(q − 32)·a = Σ scale·q·a − 32·Σ scale·Σa.
+        let sums = _mm_loadu_si128(x.bsums.as_ptr().cast());
+        let sums_hi = _mm_loadu_si128(x.bsums.as_ptr().add(8).cast());
+        let (sums, sums_hi) = (
+            I::broadcast(core::ptr::addr_of!(sums).cast()),
+            I::broadcast(core::ptr::addr_of!(sums_hi).cast()),
+        );
+        for (h, acc) in acc.iter_mut().enumerate().take(I::PARTS) {
+            let bias = I::add(I::madd(lo[h], sums), I::madd(hi[h], sums_hi));
+            *acc = I::sub(*acc, I::times32(bias));
+        }
+        let d = _mm_cvtph_ps(_mm_loadl_epi64(s.add(64).cast()));
+        _mm_mul_ps(
+            _mm_mul_ps(d, _mm_set1_ps(x.d)),
+            _mm_cvtepi32_ps(I::rows(&acc[..I::PARTS])),
+        )
+    }
+}
+
 /// [`q8k::gemm`] for format `F` with the ISA `I`: tiles of four rows (groups of the 4×16
 /// layout, or any four of ggml's rows), then the rows past the last tile on the reference.
 #[inline(always)]
@@ -596,42 +968,57 @@ unsafe fn gemm<I: Isa, const F: u8>(
     let stride = out.stride();
     let o = out.checked(n, tiled);
     assert!(x.len() >= n * nb && w.bytes.len() >= w.rows * rb && rows.end <= w.rows);
-    let mut u = Unpacked {
-        codes: [Line([0; 64]); RUNS],
-        scales: [Line([0; 64]); RUNS],
-        corr: Line([0; 64]),
-        corr_hi: Line([0; 64]),
-        // SAFETY: the caller has the ISA (AVX2 at least).
-        d: unsafe { _mm_setzero_ps() },
-        // SAFETY: as above.
-        dmin: unsafe { _mm_setzero_ps() },
-    };
-    for c in (0..tiled).step_by(TILE_ROWS) {
-        let r = rows.start + c;
-        // SAFETY: rows `r..r + 4` (a whole group when interleaved) and `n` tokens of `nb`
-        // super-blocks exist (asserted above), the outputs `t·stride + c..+4` are this view's
-        // (`checked`), and the caller has the ISA.
+    if interleaved && n == 1 {
+        // One token: nothing reuses an unpacked super-block.
+        // SAFETY: the groups of rows `rows.start..tiled_end`, the token's `nb` super-blocks
+        // and the outputs `0..tiled` exist (asserted above), and the caller has the ISA.
         unsafe {
-            for t in 0..n {
-                _mm_storeu_ps(o.add(t * stride + c), _mm_setzero_ps());
-            }
-            for b in 0..nb {
-                if interleaved {
-                    u.fill_x16::<F>(&geo, w.bytes.as_ptr(), r / GROUP, b);
-                } else {
-                    u.fill::<F>(w.bytes.as_ptr().add(r * rb), rb, bb, b);
+            gemv::<I, F>(
+                &geo,
+                w.bytes.as_ptr(),
+                rows.start / GROUP..tiled_end / GROUP,
+                x.as_ptr(),
+                o,
+            )
+        };
+    } else {
+        let mut u = Unpacked {
+            codes: [Line([0; 64]); RUNS],
+            scales: [Line([0; 64]); RUNS],
+            corr: Line([0; 64]),
+            corr_hi: Line([0; 64]),
+            // SAFETY: the caller has the ISA (AVX2 at least).
+            d: unsafe { _mm_setzero_ps() },
+            // SAFETY: as above.
+            dmin: unsafe { _mm_setzero_ps() },
+        };
+        for c in (0..tiled).step_by(TILE_ROWS) {
+            let r = rows.start + c;
+            // SAFETY: rows `r..r + 4` (a whole group when interleaved) and `n` tokens of `nb`
+            // super-blocks exist (asserted above), the outputs `t·stride + c..+4` are this view's
+            // (`checked`), and the caller has the ISA.
+            unsafe {
+                for t in 0..n {
+                    _mm_storeu_ps(o.add(t * stride + c), _mm_setzero_ps());
                 }
-                let mut t = 0;
-                while t < n {
-                    let (xt, ot) = (x.as_ptr().add(t * nb + b), o.add(t * stride + c));
-                    let step = (n - t).min(T);
-                    match step {
-                        4 => tile::<I, F, 4>(&u, xt, nb, ot, stride),
-                        3 => tile::<I, F, 3>(&u, xt, nb, ot, stride),
-                        2 => tile::<I, F, 2>(&u, xt, nb, ot, stride),
-                        _ => tile::<I, F, 1>(&u, xt, nb, ot, stride),
+                for b in 0..nb {
+                    if interleaved {
+                        u.fill_x16::<F>(&geo, w.bytes.as_ptr(), r / GROUP, b);
+                    } else {
+                        u.fill::<F>(w.bytes.as_ptr().add(r * rb), rb, bb, b);
                     }
-                    t += step;
+                    let mut t = 0;
+                    while t < n {
+                        let (xt, ot) = (x.as_ptr().add(t * nb + b), o.add(t * stride + c));
+                        let step = (n - t).min(T);
+                        match step {
+                            4 => tile::<I, F, 4>(&u, xt, nb, ot, stride),
+                            3 => tile::<I, F, 3>(&u, xt, nb, ot, stride),
+                            2 => tile::<I, F, 2>(&u, xt, nb, ot, stride),
+                            _ => tile::<I, F, 1>(&u, xt, nb, ot, stride),
+                        }
+                        t += step;
+                    }
                 }
             }
         }
@@ -703,11 +1090,12 @@ pub unsafe fn gemm_avx512vnni(
     n: usize,
     out: Out<'_>,
 ) {
-    // SAFETY: the features, by this function's contract (AVX-512 includes AVX2). One token
-    // runs faster on 256-bit registers (measured: the wide broadcasts and reductions cost
-    // more than they save when nothing reuses the weights).
+    // SAFETY: the features, by this function's contract (AVX-512 includes AVX2). One token of
+    // ggml's rows runs faster on 256-bit registers (measured: the wide broadcasts and
+    // reductions of the unpacked buffer cost more than they save when nothing reuses it); the
+    // 4×16 layout's lines are one 512-bit register each (decode 1.2× the 256-bit kernel).
     unsafe {
-        if n == 1 {
+        if n == 1 && w.geometry().layout != Layout::X16 {
             gemm_any::<Avx2<false>>(w, rows, x, n, out)
         } else {
             gemm_any::<Avx512>(w, rows, x, n, out)
@@ -844,8 +1232,13 @@ mod tests {
         let (cols, rows) = (768, 11);
         let nb = cols / SUPER_BLOCK;
         let mut row_seed = 11;
-        for round in 0..6 {
-            let n = 1 + round % 9 + round / 2;
+        for round in 0..8 {
+            // Rounds 6 and 7: one token (the decode kernels), with huge activations and not.
+            let n = if round >= 6 {
+                1
+            } else {
+                1 + round % 9 + round / 2
+            };
             let x: Vec<f32> = (0..n * cols)
                 .map(|_| rng.unit())
                 .map(|v| if round % 3 == 0 { v * 1e3 } else { v })
