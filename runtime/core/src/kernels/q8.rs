@@ -15,12 +15,16 @@ pub mod consts {
     pub const Q4_0: u8 = 0;
     pub const Q4_1: u8 = 1;
     pub const Q8_0: u8 = 2;
+    pub const Q5_0: u8 = 3;
+    pub const Q5_1: u8 = 4;
 
     /// Bytes of one stored block of format `f`.
     pub const fn block_bytes(f: u8) -> usize {
         match f {
             Q4_0 => 18,
             Q4_1 => 20,
+            Q5_0 => 22,
+            Q5_1 => 24,
             _ => 34,
         }
     }
