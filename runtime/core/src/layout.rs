@@ -10,7 +10,8 @@
 //!                            (row 0 run 0, row 1 run 0, row 2 run 0, row 3 run 0, row 0 run 1, …)
 //!                   block 1: …
 //!          group 1: …
-//! scales   group 0: block 0: d of rows 0–3 (f16), then for q4_1 m of rows 0–3
+//! scales   group 0: block 0: d of rows 0–3 (f16), then for q4_1 and q5_1 m of rows 0–3,
+//!                            then for q5_0 and q5_1 the fifth bits of rows 0–3
 //!                   block 1: …
 //!          group 1: …
 //! rows     the rows past the last whole group, as ggml stores them
@@ -21,10 +22,11 @@
 //! ggml rows, so memory plans do not change. A 4-bit block's quant bytes are its 16 packed bytes
 //! (low nibbles: elements 0–15, high nibbles: 16–31), `q8_0`'s its 32 signed bytes.
 //!
-//! `q5_0` and `q5_1` interleave in 4×16 only (x86-64): their quant bytes are the 16 packed
-//! bytes of low nibbles, as `q4_0`'s; the fifth bits `qh` go with the scales, after `d` (and
-//! `m`), as two runs of 16-bit halves: bits 0–15 of rows 0–3, then bits 16–31 of rows 0–3. Each
-//! run is then one 64-bit mask of a block of a group, bit `16r + j` for byte `j` of row `r`.
+//! `q5_0` and `q5_1` interleave in 4×16 only (x86-64): their quant bytes are the 16 bytes of
+//! packed low four bits, laid out as `q4_0`'s; the fifth bits `qh` go with the scales, after `d`
+//! (and `m`), as two runs of 16-bit halves: bits 0–15 of rows 0–3, then bits 16–31 of rows 0–3.
+//! Each run is then one 64-bit mask for a block of a group, bit `16r + j` for byte `j` of row
+//! `r`.
 //!
 //! The K-quants interleave in 4×16 only too (x86-64; `q5_k` and every other layout keep ggml's
 //! rows). A "block" is then a super-block of 256: `q4_k`'s quant bytes are its 128 packed
