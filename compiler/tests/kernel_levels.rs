@@ -75,6 +75,16 @@ fn q8_0_every_level_stays_within_the_contract_budget() {
     check_levels(Format::Q8_0);
 }
 
+#[test]
+fn q5_0_every_level_stays_within_the_contract_budget() {
+    check_levels(Format::Q5_0);
+}
+
+#[test]
+fn q5_1_every_level_stays_within_the_contract_budget() {
+    check_levels(Format::Q5_1);
+}
+
 /// A level this CPU cannot run is refused when a session starts, naming the level and why.
 #[test]
 fn a_forced_level_the_cpu_lacks_is_refused_by_name() {

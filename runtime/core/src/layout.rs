@@ -10,7 +10,8 @@
 //!                            (row 0 run 0, row 1 run 0, row 2 run 0, row 3 run 0, row 0 run 1, …)
 //!                   block 1: …
 //!          group 1: …
-//! scales   group 0: block 0: d of rows 0–3 (f16), then for q4_1 m of rows 0–3
+//! scales   group 0: block 0: d of rows 0–3 (f16), then for q4_1 and q5_1 m of rows 0–3,
+//!                            then for q5_0 and q5_1 the fifth bits of rows 0–3
 //!                   block 1: …
 //!          group 1: …
 //! rows     the rows past the last whole group, as ggml stores them
@@ -21,7 +22,13 @@
 //! ggml rows, so memory plans do not change. A 4-bit block's quant bytes are its 16 packed bytes
 //! (low nibbles: elements 0–15, high nibbles: 16–31), `q8_0`'s its 32 signed bytes.
 //!
-//! The K-quants interleave in 4×16 only (x86-64; `q5_k` and every other layout keep ggml's
+//! `q5_0` and `q5_1` interleave in 4×16 only (x86-64): their quant bytes are the 16 bytes of
+//! packed low four bits, laid out as `q4_0`'s; the fifth bits `qh` go with the scales, after `d`
+//! (and `m`), as two runs of 16-bit halves: bits 0–15 of rows 0–3, then bits 16–31 of rows 0–3.
+//! Each run is then one 64-bit mask for a block of a group, bit `16r + j` for byte `j` of row
+//! `r`.
+//!
+//! The K-quants interleave in 4×16 only too (x86-64; `q5_k` and every other layout keep ggml's
 //! rows). A "block" is then a super-block of 256: `q4_k`'s quant bytes are its 128 packed
 //! bytes, `q6_k`'s its 128 low-nibble and 64 high-bit-pair bytes, in runs of 16; the rest of
 //! the super-block is its scales, arranged for the kernels to decode four rows at once
@@ -112,11 +119,12 @@ impl Layout {
     }
 
     /// The layout a matrix of `format` gets when `self` is asked for: only block formats
-    /// interleave (the K-quants only in 4×16, the layout their x86-64 kernels read); floats
-    /// keep their rows.
+    /// interleave (the K-quants and the 5-bit formats only in 4×16, the layout their x86-64
+    /// kernels read); floats keep their rows.
     pub fn for_format(self, format: Format) -> Layout {
+        let x16_only = format.is_k_quant() || matches!(format, Format::Q5_0 | Format::Q5_1);
         match Geometry::quant_bytes(format) {
-            Some(_) if !format.is_k_quant() || self == Layout::X16 => self,
+            Some(_) if !x16_only || self == Layout::X16 => self,
             _ => Layout::Rows,
         }
     }
@@ -136,7 +144,8 @@ impl Geometry {
     /// Quant bytes of one block of `format` (`None`: not a block format).
     pub fn quant_bytes(format: Format) -> Option<usize> {
         match format {
-            Format::Q4_0 | Format::Q4_1 => Some(16),
+            // The packed nibbles (the 5-bit formats' `qh` counts as scale bytes).
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 => Some(16),
             Format::Q8_0 => Some(32),
             // The packed codes of a super-block: `qs` (`q4_k`), `ql` and `qh` (`q6_k`).
             Format::Q4K => Some(128),
@@ -146,8 +155,8 @@ impl Geometry {
         }
     }
 
-    /// Scale bytes of one block: `d`, and `m` for `q4_1`; for the K-quants everything but
-    /// the codes.
+    /// Scale bytes of one block: `d`, `m` for `q4_1` and `q5_1`, `qh` for `q5_0` and `q5_1`;
+    /// for the K-quants everything but the codes.
     pub fn scale_bytes(format: Format) -> usize {
         format.block_bytes() - Geometry::quant_bytes(format).unwrap_or(0)
     }
@@ -169,10 +178,10 @@ impl Geometry {
     }
 
     /// Where scale byte `e` of row `i` of a group lies among the group's scale bytes of one
-    /// block: f16 values interleaved row by row, except for the K-quants, whose scales are
-    /// arranged for their kernels (x86_k.rs): `q4_k` as `d` of the 4 rows, `dmin` of the 4
-    /// rows, then each of the three 32-bit words of packed 6-bit scales for the 4 rows;
-    /// `q6_k` as each row's 16 scales, then `d` of the 4 rows.
+    /// block: 16-bit values (f16 scales, halves of `qh`) interleaved row by row, except for
+    /// the K-quants, whose scales are arranged for their kernels (x86_k.rs): `q4_k` as `d` of
+    /// the 4 rows, `dmin` of the 4 rows, then each of the three 32-bit words of packed 6-bit
+    /// scales for the 4 rows; `q6_k` as each row's 16 scales, then `d` of the 4 rows.
     fn scale_at(format: Format, i: usize, e: usize) -> usize {
         match format {
             Format::Q4K if e >= 4 => 16 + 16 * ((e - 4) / 4) + 4 * i + (e - 4) % 4,
@@ -315,6 +324,8 @@ mod tests {
             Format::Q4_0,
             Format::Q4_1,
             Format::Q8_0,
+            Format::Q5_0,
+            Format::Q5_1,
             Format::Q4K,
             Format::Q6K,
         ] {
@@ -365,6 +376,54 @@ mod tests {
         assert_eq!(packed[16..32], row_major[38..54]);
         assert_eq!(g.scales(0), 128);
         assert_eq!(packed[130..132], row_major[36..38]);
+    }
+
+    /// The 4×16 layout of the 5-bit formats: the packed nibbles as `q4_0`'s, and after the
+    /// scales of a block of a group two 64-bit masks, bit `16r + j` the fifth bit of byte `j`
+    /// of row `r` (elements 0–15, then 16–31); the other layouts keep them in rows.
+    #[test]
+    fn x16_puts_the_fifth_bits_in_one_mask_per_half() {
+        for (format, at) in [(Format::Q5_0, 2), (Format::Q5_1, 4)] {
+            let (blocks, bb) = (2, format.block_bytes());
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+            let row_major: Vec<u8> = (0..4 * blocks * bb)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng as u8
+                })
+                .collect();
+            let g = Geometry {
+                format,
+                layout: Layout::X16,
+                rows: 4,
+                blocks,
+            };
+            let packed = g.pack(&row_major);
+            let sb = Geometry::scale_bytes(format);
+            for b in 0..blocks {
+                let scales = g.scales(0) + b * GROUP * sb;
+                let mask = |h: usize| {
+                    let at = scales + GROUP * (sb - 4) + 8 * h;
+                    u64::from_le_bytes(packed[at..at + 8].try_into().expect("8 bytes"))
+                };
+                for r in 0..GROUP {
+                    let block = &row_major[(r * blocks + b) * bb..][..bb];
+                    let qh = u32::from_le_bytes(block[at..at + 4].try_into().expect("4 bytes"));
+                    for j in 0..32 {
+                        let bit = mask(j / 16) >> (16 * r + j % 16) & 1;
+                        assert_eq!(bit, u64::from(qh >> j & 1), "{format:?} {b} row {r} {j}");
+                    }
+                    let quants = g.quants(0) + b * GROUP * 16 + 16 * r;
+                    assert_eq!(packed[quants..quants + 16], block[bb - 16..]);
+                }
+            }
+            for layout in [Layout::Rows, Layout::X4, Layout::X8] {
+                assert_eq!(layout.for_format(format), Layout::Rows);
+            }
+            assert_eq!(Layout::X16.for_format(format), Layout::X16);
+        }
     }
 
     /// The aarch64 layouts store `q4_0` nibble `q` as `q ^ 8`, whose shifted byte is

@@ -137,6 +137,7 @@ pub fn table<const S: u64>(base: &Kernels) -> Kernels {
         dot4: dot4::<S>,
         dot4_f16: dot4_f16::<S>,
         gemm_q8: gemm_q8::<S>,
+        gemm_q5: gemm_q8::<S>,
         rms_norm: rms_norm::<S>,
         swiglu: swiglu::<S>,
         softmax: softmax::<S>,

@@ -12,9 +12,14 @@
 //! tokens and each token's block once for `G` groups, and the loops run groups outside tokens,
 //! so a participant reads each weight once per product.
 //!
-//! The 4-bit quants are unsigned (`q4_0` stores `q + 8`) and VNNI's `q8_0` weights are made
-//! unsigned by adding 128, so each lane's integer sum starts from `−8·Σa` (`−128·Σa`) over
-//! its own 8 activations: exact integers, computed once per (token, block) before the tiles.
+//! The 5-bit formats unpack as the 4-bit ones, then take their fifth bits from the scales'
+//! masks (see `layout`): one masked byte add per half with AVX-512 BW, a bits-to-bytes
+//! expansion on AVX2.
+//!
+//! The 4- and 5-bit quants are unsigned (`q4_0` stores `q + 8`, `q5_0` `q + 16`) and VNNI's
+//! `q8_0` weights are made unsigned by adding 128, so each lane's integer sum starts from
+//! `−8·Σa` (`−16·Σa`, `−128·Σa`) over its own 8 activations: exact integers, computed once per
+//! (token, block) before the tiles. `q4_1` and `q5_1` add `m·s` per row and block.
 //! AVX2's `q8_0` multiplies `|w|` by `a·sign(w)` instead. Integer parts are exact; only the
 //! order of the float sums differs from the reference, which the tests hold to
 //! [`q8::error_budget`](super::q8::error_budget).
@@ -22,7 +27,7 @@
 use core::arch::x86_64::*;
 
 use super::product::Product;
-use super::q8::consts::{Q4_0, Q4_1, Q8_0};
+use super::q8::consts::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::q8::Q8Block;
 use crate::layout::{Layout, GROUP};
 use crate::quant::Format;
@@ -36,20 +41,37 @@ const fn group_quants(f: u8) -> usize {
     }
 }
 
-/// Scale bytes of one block of a group: 4 `d` (and 4 `m` for `q4_1`), f16.
+/// Scale bytes of one block of a group: 4 `d` (and 4 `m` for `q4_1`, `q5_1`), f16, then the
+/// 5-bit formats' two 64-bit masks of fifth bits.
 const fn group_scales(f: u8) -> usize {
-    if f == Q4_1 {
-        16
-    } else {
-        8
+    match f {
+        Q4_1 => 16,
+        Q5_0 => 24,
+        Q5_1 => 32,
+        _ => 8,
+    }
+}
+
+/// Whether each row and block adds `m·s` (a format with mins).
+const fn has_min(f: u8) -> bool {
+    matches!(f, Q4_1 | Q5_1)
+}
+
+/// Where the masks of fifth bits (elements 0–15 of the four rows, then 16–31) start among a
+/// block's scale bytes, for the 5-bit formats.
+const fn fifth_bits(f: u8) -> Option<usize> {
+    match f {
+        Q5_0 | Q5_1 => Some(group_scales(f) - 16),
+        _ => None,
     }
 }
 
 /// The integer lane sums start from `−K·Σa` over each lane's activations: `K` is 8 for `q4_0`
-/// (stored `q + 8`), 128 for `q8_0` on VNNI (`w + 128`), 0 otherwise.
+/// (stored `q + 8`), 16 for `q5_0` (`q + 16`), 128 for `q8_0` on VNNI (`w + 128`), 0 otherwise.
 const fn offset(f: u8, vnni: bool) -> u8 {
     match f {
         Q4_0 => 8,
+        Q5_0 => 16,
         Q8_0 if vnni => 128,
         _ => 0,
     }
@@ -338,7 +360,7 @@ struct Wt512 {
     lo: __m512i,
     hi: __m512i,
     d: __m512,
-    /// `q4_1`: the four rows' `m`.
+    /// `q4_1`, `q5_1`: the four rows' `m`.
     m: __m128,
 }
 
@@ -351,7 +373,7 @@ struct Act512 {
     s: __m128,
 }
 
-/// Per-lane sums, and (`q4_1`) the four rows' `Σ m·s`, which needs no lanes of its own.
+/// Per-lane sums, and (`q4_1`, `q5_1`) the four rows' `Σ m·s`, which needs no lanes of its own.
 type Acc512 = (__m512, __m128);
 
 impl<const F: u8> Group<F> for Avx512Vnni {
@@ -367,9 +389,9 @@ impl<const F: u8> Group<F> for Avx512Vnni {
 
     #[inline(always)]
     unsafe fn weights(q: *const u8, s: *const u8) -> Wt512 {
-        // SAFETY: reads one block of a group (64 or 128 quant bytes, 8 or 16 scale bytes).
+        // SAFETY: reads one block of a group (64 or 128 quant bytes, 8 to 32 scale bytes).
         unsafe {
-            let (lo, hi) = if F == Q8_0 {
+            let (mut lo, mut hi) = if F == Q8_0 {
                 let bias = _mm512_set1_epi8(-128);
                 (
                     _mm512_xor_si512(_mm512_loadu_si512(q.cast()), bias),
@@ -383,8 +405,16 @@ impl<const F: u8> Group<F> for Avx512Vnni {
                     _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibble),
                 )
             };
+            if let Some(at) = fifth_bits(F) {
+                // Bit 16r + j of a mask is byte j of row r's half: the byte's bit 4, clear
+                // in a nibble, so a masked byte add sets it (AVX-512 has no byte-masked OR).
+                let masks = s.add(at).cast::<u64>();
+                let bit = _mm512_set1_epi8(0x10);
+                lo = _mm512_mask_add_epi8(lo, masks.read_unaligned(), lo, bit);
+                hi = _mm512_mask_add_epi8(hi, masks.add(1).read_unaligned(), hi, bit);
+            }
             // Rows' d (and m) to lanes 4r..4r+4: d_r at index r, m_r at index 4 + r.
-            let scales = if F == Q4_1 {
+            let scales = if has_min(F) {
                 _mm256_cvtph_ps(_mm_loadu_si128(s.cast()))
             } else {
                 _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(s.cast())))
@@ -425,7 +455,7 @@ impl<const F: u8> Group<F> for Avx512Vnni {
         unsafe {
             let sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a.off, w.lo, a.lo), w.hi, a.hi);
             let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w.d, a.d), acc);
-            if F == Q4_1 {
+            if has_min(F) {
                 (acc, _mm_fmadd_ps(w.m, a.s, ms))
             } else {
                 (acc, ms)
@@ -470,7 +500,7 @@ struct Wt256 {
     sign_hi: [__m256i; 2],
     /// The rows' `d` in the folded lanes' order.
     d: __m256,
-    /// `q4_1`: the four rows' `m`.
+    /// `q4_1`, `q5_1`: the four rows' `m`.
     m: __m128,
 }
 
@@ -484,7 +514,7 @@ struct Act256 {
     s: __m128,
 }
 
-/// Folded lane sums of the four rows, and (`q4_1`) their `Σ m·s`.
+/// Folded lane sums of the four rows, and (`q4_1`, `q5_1`) their `Σ m·s`.
 type Acc256 = (__m256, __m128);
 
 /// Whether AVX2 without VNNI adds a format's offsets after folding (the 4-bit formats fold
@@ -494,7 +524,7 @@ const fn folds_i16(f: u8, vnni: bool) -> bool {
 }
 
 /// `Σ` of byte pairs `u·s` into i32 lanes: AVX-VNNI's `vpdpbusd`, else `vpmaddubsw` +
-/// `vpmaddwd` (no pair of a nibble or `|w| ≤ 128` with `|a| ≤ 127` saturates i16).
+/// `vpmaddwd` (no pair of a quant up to 31 or `|w| ≤ 128` with `|a| ≤ 128` saturates i16).
 #[inline(always)]
 unsafe fn dot<const V: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
     // SAFETY: register arithmetic; AVX2 (and AVX-VNNI when `V`) by the caller's contract.
@@ -505,6 +535,30 @@ unsafe fn dot<const V: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
             let pairs = _mm256_maddubs_epi16(u, s);
             _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
         }
+    }
+}
+
+/// The fifth bits of 32 bytes (two rows' halves), 32 bits at `bits`, as bytes of `0x10`
+/// where set: byte `j` takes byte `j / 8` of the word and keeps bit `j % 8`.
+///
+/// SAFETY: AVX2 is available; `bits` points at 4 readable bytes.
+#[inline(always)]
+unsafe fn fifth_bytes(bits: *const u8) -> __m256i {
+    // SAFETY: reads 4 bytes; register arithmetic.
+    unsafe {
+        let word = _mm256_set1_epi32(bits.cast::<i32>().read_unaligned());
+        let spread = _mm256_shuffle_epi8(
+            word,
+            _mm256_setr_epi64x(
+                0,
+                0x0101_0101_0101_0101,
+                0x0202_0202_0202_0202,
+                0x0303_0303_0303_0303,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 }
 
@@ -521,7 +575,7 @@ impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
 
     #[inline(always)]
     unsafe fn weights(q: *const u8, s: *const u8) -> Wt256 {
-        // SAFETY: reads one block of a group (64 or 128 quant bytes, 8 or 16 scale bytes).
+        // SAFETY: reads one block of a group (64 or 128 quant bytes, 8 to 32 scale bytes).
         unsafe {
             let zero = _mm256_setzero_si256();
             let (mut lo, mut hi) = ([zero; 2], [zero; 2]);
@@ -545,9 +599,14 @@ impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
                     let nibble = _mm256_set1_epi8(0x0f);
                     lo[p] = _mm256_and_si256(packed, nibble);
                     hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), nibble);
+                    if let Some(at) = fifth_bits(F) {
+                        // Rows 2p and 2p + 1 are bits 32p..32p + 32 of each mask.
+                        lo[p] = _mm256_or_si256(lo[p], fifth_bytes(s.add(at + 4 * p)));
+                        hi[p] = _mm256_or_si256(hi[p], fifth_bytes(s.add(at + 8 + 4 * p)));
+                    }
                 }
             }
-            let scales = if F == Q4_1 {
+            let scales = if has_min(F) {
                 _mm256_cvtph_ps(_mm_loadu_si128(s.cast()))
             } else {
                 _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(s.cast())))
@@ -599,8 +658,8 @@ impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
         // SAFETY: register arithmetic; AVX2 (AVX-VNNI when `V`) by the contract.
         unsafe {
             let sums = if folds_i16(F, V) {
-                // Two nibble products per i16 and two halves: at most 4·15·127 per pair's
-                // i16, and twice that once the pairs fold, within i16.
+                // Two products per i16 and two halves: at most 4·31·128 per pair's i16
+                // (5-bit quants), and twice that once the pairs fold, within i16.
                 let mut pairs = [_mm256_setzero_si256(); 2];
                 for (p, pair) in pairs.iter_mut().enumerate() {
                     *pair = _mm256_add_epi16(
@@ -626,7 +685,7 @@ impl<const F: u8, const V: bool> Group<F> for Avx2<V> {
                 _mm256_hadd_epi32(pairs[0], pairs[1])
             };
             let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(w.d, a.d), acc);
-            let ms = if F == Q4_1 {
+            let ms = if has_min(F) {
                 _mm_fmadd_ps(w.m, a.s, ms)
             } else {
                 ms
@@ -684,6 +743,10 @@ macro_rules! by_format {
             (Format::Q4_1, false) => gemm_with::<$isa, Q4_1, $g, $t>($p, $vnni, $tail),
             (Format::Q8_0, true) => gemm_with::<$isa, Q8_0, G_DECODE, 1>($p, $vnni, $tail),
             (Format::Q8_0, false) => gemm_with::<$isa, Q8_0, $g, $t>($p, $vnni, $tail),
+            (Format::Q5_0, true) => gemm_with::<$isa, Q5_0, G_DECODE, 1>($p, $vnni, $tail),
+            (Format::Q5_0, false) => gemm_with::<$isa, Q5_0, $g, $t>($p, $vnni, $tail),
+            (Format::Q5_1, true) => gemm_with::<$isa, Q5_1, G_DECODE, 1>($p, $vnni, $tail),
+            (Format::Q5_1, false) => gemm_with::<$isa, Q5_1, $g, $t>($p, $vnni, $tail),
             _ => {}
         }
     }};

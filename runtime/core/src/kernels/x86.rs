@@ -1,5 +1,6 @@
 //! x86-64 versions of the generic kernels: the float ones over [`lanes`] for AVX2 and AVX-512,
-//! activation quantization for each, and the block dots of matrices of ggml rows on AVX2.
+//! activation quantization for each, and the block dots of matrices of ggml rows on AVX2 (the
+//! 5-bit formats' rows on every level).
 
 use core::arch::x86_64::*;
 
@@ -324,7 +325,7 @@ pub fn table(level: Level) -> Option<Kernels> {
         quantize: |x, q| unsafe { quantize_avx2(x, q) },
         gemm_q8k: |w, r, x, n, o| unsafe { super::x86_k::gemm_avx2(w, r, x, n, o) },
         quantize_q8k: |x, q| unsafe { super::x86_k::quantize_avx2(x, q) },
-        gemm_q5: |p| unsafe { gemm_q8_avx2(p) },
+        gemm_q5: |p| unsafe { x16::gemm_avx2(p, |p| gemm_q8_avx2(p)) },
         rms_norm: |x, w, e, o| unsafe { f256::rms_norm(x, w, e, o) },
         swiglu: |g, u, o| unsafe { f256::swiglu(g, u, o) },
         softmax: |x| unsafe { f256::softmax(x) },
@@ -353,6 +354,7 @@ pub fn table(level: Level) -> Option<Kernels> {
             level,
             name: "x86-64 avxvnni",
             gemm_q8: |p| unsafe { x16::gemm_avxvnni(p, |p| gemm_q8_avx2(p)) },
+            gemm_q5: |p| unsafe { x16::gemm_avxvnni(p, |p| gemm_q8_avx2(p)) },
             gemm_q8k: |w, r, x, n, o| unsafe { super::x86_k::gemm_avxvnni(w, r, x, n, o) },
             ..avx2
         }),
@@ -361,6 +363,7 @@ pub fn table(level: Level) -> Option<Kernels> {
             level,
             name: "x86-64 avx512vnni",
             gemm_q8: |p| unsafe { x16::gemm_avx512vnni(p, |p| vnni::gemm(p)) },
+            gemm_q5: |p| unsafe { x16::gemm_avx512vnni(p, |p| gemm_q8_avx2(p)) },
             gemm_q8k: |w, r, x, n, o| unsafe { super::x86_k::gemm_avx512vnni(w, r, x, n, o) },
             ..avx512()
         }),
