@@ -21,11 +21,11 @@
 //! ggml rows, so memory plans do not change. A 4-bit block's quant bytes are its 16 packed bytes
 //! (low nibbles: elements 0–15, high nibbles: 16–31), `q8_0`'s its 32 signed bytes.
 //!
-//! The K-quants interleave in 4×16 only (x86-64; `q5_k` and every other layout keep ggml's
-//! rows). A "block" is then a super-block of 256: `q4_k`'s quant bytes are its 128 packed
-//! bytes, `q6_k`'s its 128 low-nibble and 64 high-bit-pair bytes, in runs of 16; the rest of
-//! the super-block is its scales, arranged for the kernels to decode four rows at once
-//! (`Geometry::scale_at`).
+//! The K-quants interleave in 4×16 (x86-64) and `q4_k` and `q6_k` also in 4×4 (aarch64; `q5_k`
+//! and 4×8 keep ggml's rows). A "block" is then a super-block of 256: `q4_k`'s quant bytes are
+//! its 128 packed bytes, `q6_k`'s its 128 low-nibble and 64 high-bit-pair bytes, in runs of 16
+//! (or 4); the rest of the super-block is its scales, arranged for the kernels to decode four
+//! rows at once (`Geometry::scale_at`, the same in both layouts).
 //!
 //! In the aarch64 layouts (4×4, 4×8) `q4_0`'s packed bytes are stored XOR `0x88`: nibble `q`
 //! becomes `q ^ 8`, the 4-bit two's complement of `q − 8`, so a shift left by 4 (low nibbles)
@@ -112,11 +112,12 @@ impl Layout {
     }
 
     /// The layout a matrix of `format` gets when `self` is asked for: only block formats
-    /// interleave (the K-quants only in 4×16, the layout their x86-64 kernels read); floats
-    /// keep their rows.
+    /// interleave (the K-quants in 4×16, the layout their x86-64 kernels read, and `q4_k` and
+    /// `q6_k` in 4×4, aarch64's `sdot` by element); floats keep their rows.
     pub fn for_format(self, format: Format) -> Layout {
+        let k_x4 = self == Layout::X4 && matches!(format, Format::Q4K | Format::Q6K);
         match Geometry::quant_bytes(format) {
-            Some(_) if !format.is_k_quant() || self == Layout::X16 => self,
+            Some(_) if !format.is_k_quant() || self == Layout::X16 || k_x4 => self,
             _ => Layout::Rows,
         }
     }
