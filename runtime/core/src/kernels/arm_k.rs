@@ -79,46 +79,36 @@ macro_rules! chunks {
     };
 }
 
-/// The 32 codes of chunk `C` of a super-block, as signed bytes: nibbles (plus 16 for the
-/// `q5_k` high bit) or `q6_k`'s 6-bit codes before their `−32`, from the 32 bytes holding its
-/// nibbles (`qs`; `q6_k`: `ql`) and, for `q5_k` and `q6_k`, the 32 bytes of its high bits.
+/// 16 of the 32 codes of chunk `C` of a super-block, as signed bytes: nibbles (plus 16 for
+/// the `q5_k` high bit) or `q6_k`'s 6-bit codes before their `−32`, from the 16 bytes holding
+/// their nibbles (`qs`; `q6_k`: `ql`) and, for `q5_k` and `q6_k`, the 16 of their high bits.
 #[inline(always)]
-fn decode<const F: u8, const C: usize>(
-    packed: [uint8x16_t; 2],
-    qh: [uint8x16_t; 2],
-) -> [int8x16_t; 2] {
+fn decode<const F: u8, const C: usize>(packed: uint8x16_t, qh: uint8x16_t) -> int8x16_t {
     // SAFETY: register arithmetic; NEON is baseline.
     unsafe {
         let s = vreinterpretq_s8_u8;
         if F == Q6K {
-            let k = C % 4;
             let m3f = vdupq_n_u8(0x3f);
             let m30 = vdupq_n_u8(0x30);
             // Value l: nibble k/2 of ql, bits 2k, 2k+1 of qh above it.
-            let code = |l: uint8x16_t, h: uint8x16_t| match k {
-                0 => vandq_u8(vsliq_n_u8::<4>(l, h), m3f),
-                1 => vandq_u8(vsliq_n_u8::<4>(l, vshrq_n_u8::<2>(h)), m3f),
-                2 => vsriq_n_u8::<4>(vandq_u8(h, m30), l),
-                _ => vsriq_n_u8::<4>(vshrq_n_u8::<2>(h), l),
-            };
-            return [s(code(packed[0], qh[0])), s(code(packed[1], qh[1]))];
+            return s(match C % 4 {
+                0 => vandq_u8(vsliq_n_u8::<4>(packed, qh), m3f),
+                1 => vandq_u8(vsliq_n_u8::<4>(packed, vshrq_n_u8::<2>(qh)), m3f),
+                2 => sri4(vandq_u8(qh, m30), packed),
+                _ => sri4(vshrq_n_u8::<2>(qh), packed),
+            });
         }
-        let nibbles = |v: uint8x16_t| {
-            if C % 2 == 0 {
-                vandq_u8(v, vdupq_n_u8(0x0f))
-            } else {
-                vshrq_n_u8::<4>(v)
-            }
+        let mut v = if C % 2 == 0 {
+            vandq_u8(packed, vdupq_n_u8(0x0f))
+        } else {
+            vshrq_n_u8::<4>(packed)
         };
-        let (mut lo, mut hi) = (nibbles(packed[0]), nibbles(packed[1]));
         if F == Q5K {
             // Bit C of each qh byte, moved to bit 4.
             let shift = vdupq_n_s8(4 - C as i8);
-            let m10 = vdupq_n_u8(0x10);
-            lo = vorrq_u8(lo, vandq_u8(vshlq_u8(qh[0], shift), m10));
-            hi = vorrq_u8(hi, vandq_u8(vshlq_u8(qh[1], shift), m10));
+            v = vorrq_u8(v, vandq_u8(vshlq_u8(qh, shift), vdupq_n_u8(0x10)));
         }
-        [s(lo), s(hi)]
+        s(v)
     }
 }
 
@@ -389,7 +379,10 @@ impl Src for Rows {
                 } else {
                     vld1q_u8_x2(p.add(qh))
                 };
-                decode::<F, C>([packed.0, packed.1], [high.0, high.1])
+                [
+                    decode::<F, C>(packed.0, high.0),
+                    decode::<F, C>(packed.1, high.1),
+                ]
             })
         }
     }
@@ -432,20 +425,24 @@ impl Src for Group {
         // elements de-interleaves the runs back into one register per row.
         unsafe {
             let at = self.q.add(b * group_bytes(F).0);
-            let rows = |o: usize| {
-                let lo = vld4q_u32(at.add(4 * o).cast());
-                let hi = vld4q_u32(at.add(4 * o + 64).cast());
+            // Half `h` (16 bytes) of each row, decoded before the next is loaded.
+            let half = |h: usize| {
+                let p = vld4q_u32(at.add(4 * qs + 64 * h).cast());
+                let q = if F == Q4K {
+                    p
+                } else {
+                    vld4q_u32(at.add(4 * qh + 64 * h).cast())
+                };
                 let u = vreinterpretq_u8_u32;
                 [
-                    [u(lo.0), u(hi.0)],
-                    [u(lo.1), u(hi.1)],
-                    [u(lo.2), u(hi.2)],
-                    [u(lo.3), u(hi.3)],
+                    decode::<F, C>(u(p.0), u(q.0)),
+                    decode::<F, C>(u(p.1), u(q.1)),
+                    decode::<F, C>(u(p.2), u(q.2)),
+                    decode::<F, C>(u(p.3), u(q.3)),
                 ]
             };
-            let packed = rows(qs);
-            let high = if F == Q4K { packed } else { rows(qh) };
-            core::array::from_fn(|i| decode::<F, C>(packed[i], high[i]))
+            let (lo, hi) = (half(0), half(1));
+            core::array::from_fn(|i| [lo[i], hi[i]])
         }
     }
 
