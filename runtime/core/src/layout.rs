@@ -28,11 +28,11 @@
 //! Each run is then one 64-bit mask for a block of a group, bit `16r + j` for byte `j` of row
 //! `r`.
 //!
-//! The K-quants interleave in 4×16 only too (x86-64; `q5_k` and every other layout keep ggml's
-//! rows). A "block" is then a super-block of 256: `q4_k`'s quant bytes are its 128 packed
-//! bytes, `q6_k`'s its 128 low-nibble and 64 high-bit-pair bytes, in runs of 16; the rest of
-//! the super-block is its scales, arranged for the kernels to decode four rows at once
-//! (`Geometry::scale_at`).
+//! The K-quants interleave in 4×16 (x86-64) and `q4_k` and `q6_k` also in 4×4 (aarch64; `q5_k`
+//! and 4×8 keep ggml's rows). A "block" is then a super-block of 256: `q4_k`'s quant bytes are
+//! its 128 packed bytes, `q6_k`'s its 128 low-nibble and 64 high-bit-pair bytes, in runs of 16
+//! (or 4); the rest of the super-block is its scales, arranged for the kernels to decode four
+//! rows at once (`Geometry::scale_at`, the same in both layouts).
 //!
 //! In the aarch64 layouts (4×4, 4×8) `q4_0`'s packed bytes are stored XOR `0x88`: nibble `q`
 //! becomes `q ^ 8`, the 4-bit two's complement of `q − 8`, so a shift left by 4 (low nibbles)
@@ -119,12 +119,14 @@ impl Layout {
     }
 
     /// The layout a matrix of `format` gets when `self` is asked for: only block formats
-    /// interleave (the K-quants and the 5-bit formats only in 4×16, the layout their x86-64
-    /// kernels read); floats keep their rows.
+    /// interleave (the K-quants and the 5-bit formats in 4×16, the layout their x86-64 kernels
+    /// read, and `q4_k` and `q6_k` also in 4×4, aarch64's `sdot` by element); floats keep their
+    /// rows.
     pub fn for_format(self, format: Format) -> Layout {
         let x16_only = format.is_k_quant() || matches!(format, Format::Q5_0 | Format::Q5_1);
+        let k_x4 = self == Layout::X4 && matches!(format, Format::Q4K | Format::Q6K);
         match Geometry::quant_bytes(format) {
-            Some(_) if !x16_only || self == Layout::X16 => self,
+            Some(_) if !x16_only || self == Layout::X16 || k_x4 => self,
             _ => Layout::Rows,
         }
     }

@@ -135,7 +135,7 @@ struct Dotprod;
 
 /// `acc + sdot(w, a.4b[L])`.
 #[inline(always)]
-fn sdot_lane<const L: i32>(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
+pub(super) fn sdot_lane<const L: i32>(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
     // SAFETY: register arithmetic only; inlined only into functions compiled with `dotprod`
     // and installed after detecting it.
     unsafe {
