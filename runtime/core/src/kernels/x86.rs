@@ -343,6 +343,7 @@ pub fn table(level: Level) -> Option<Kernels> {
         swiglu: |g, u, o| unsafe { f512::swiglu(g, u, o) },
         softmax: |x| unsafe { f512::softmax(x) },
         quantize: |x, q| unsafe { quantize_avx512(x, q) },
+        gemm_q8k: |w, r, x, n, o| unsafe { super::x86_k::gemm_avx512(w, r, x, n, o) },
         scores: |q, k, s, o| unsafe { f512::scores(q, k, s, o) },
         mix: |w, v, o| unsafe { f512::mix(w, v, o) },
         to_f16: |x, o| unsafe { f512::to_f16(x, o) },

@@ -259,10 +259,10 @@ impl<const VNNI: bool> Isa for Avx2<VNNI> {
     }
 }
 
-/// AVX-512 BW with VNNI (four rows a register).
-struct Avx512;
+/// AVX-512 BW (four rows a register), with VNNI's `vpdpwssd` when `VNNI`.
+struct Avx512<const VNNI: bool>;
 
-impl Isa for Avx512 {
+impl<const VNNI: bool> Isa for Avx512<VNNI> {
     type V = __m512i;
     const PARTS: usize = 1;
 
@@ -299,7 +299,13 @@ impl Isa for Avx512 {
     #[inline(always)]
     unsafe fn scaled(acc: __m512i, p: __m512i, s: __m512i) -> __m512i {
         // SAFETY: the trait's contract.
-        unsafe { _mm512_dpwssd_epi32(acc, p, s) }
+        unsafe {
+            if VNNI {
+                _mm512_dpwssd_epi32(acc, p, s)
+            } else {
+                _mm512_add_epi32(acc, _mm512_madd_epi16(p, s))
+            }
+        }
     }
 
     #[inline(always)]
@@ -1079,6 +1085,45 @@ pub unsafe fn gemm_avxvnni(
     unsafe { gemm_any::<Avx2<true>>(w, rows, x, n, out) }
 }
 
+/// [`q8k::gemm`] on AVX-512 (with VNNI when `VNNI`). One token of ggml's rows runs faster on
+/// 256-bit registers (measured: the wide broadcasts and reductions of the unpacked buffer cost
+/// more than they save when nothing reuses it); the 4×16 layout's lines are one 512-bit
+/// register each (decode 1.2× the 256-bit kernel).
+///
+/// SAFETY: the CPU has AVX-512 F/BW/VL (and VNNI when `VNNI`), AVX2 and F16C.
+#[inline(always)]
+unsafe fn gemm_avx512_any<const VNNI: bool>(
+    w: &Matrix<'_>,
+    rows: core::ops::Range<usize>,
+    x: &[Q8KBlock],
+    n: usize,
+    out: Out<'_>,
+) {
+    // SAFETY: the features, by this function's contract.
+    unsafe {
+        if n == 1 && w.geometry().layout != Layout::X16 {
+            gemm_any::<Avx2<false>>(w, rows, x, n, out)
+        } else {
+            gemm_any::<Avx512<VNNI>>(w, rows, x, n, out)
+        }
+    }
+}
+
+/// [`q8k::gemm`] on AVX-512 without VNNI (`vpmaddwd` and an add for `vpdpwssd`).
+///
+/// SAFETY: the caller has checked the CPU has AVX-512 F/BW/VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+pub unsafe fn gemm_avx512(
+    w: &Matrix<'_>,
+    rows: core::ops::Range<usize>,
+    x: &[Q8KBlock],
+    n: usize,
+    out: Out<'_>,
+) {
+    // SAFETY: the features, by this function's contract (AVX-512 includes AVX2).
+    unsafe { gemm_avx512_any::<false>(w, rows, x, n, out) }
+}
+
 /// [`q8k::gemm`] on AVX-512 with VNNI.
 ///
 /// SAFETY: the caller has checked the CPU has AVX-512 F/BW/VL and VNNI.
@@ -1090,17 +1135,8 @@ pub unsafe fn gemm_avx512vnni(
     n: usize,
     out: Out<'_>,
 ) {
-    // SAFETY: the features, by this function's contract (AVX-512 includes AVX2). One token of
-    // ggml's rows runs faster on 256-bit registers (measured: the wide broadcasts and
-    // reductions of the unpacked buffer cost more than they save when nothing reuses it); the
-    // 4×16 layout's lines are one 512-bit register each (decode 1.2× the 256-bit kernel).
-    unsafe {
-        if n == 1 && w.geometry().layout != Layout::X16 {
-            gemm_any::<Avx2<false>>(w, rows, x, n, out)
-        } else {
-            gemm_any::<Avx512>(w, rows, x, n, out)
-        }
-    }
+    // SAFETY: the features, by this function's contract (AVX-512 includes AVX2).
+    unsafe { gemm_avx512_any::<true>(w, rows, x, n, out) }
 }
 
 /// [`q8k::quantize`] on AVX2, bit-identical to it: the same first value of largest magnitude
@@ -1220,6 +1256,12 @@ mod tests {
             // SAFETY: AVX-VNNI was detected.
             kernels.push(("avxvnni", |w, r, x, n, o| unsafe {
                 gemm_avxvnni(w, r, x, n, o)
+            }));
+        }
+        if crate::kernels::Level::Avx512.check().is_ok() {
+            // SAFETY: the level's features were detected.
+            kernels.push(("avx512", |w, r, x, n, o| unsafe {
+                gemm_avx512(w, r, x, n, o)
             }));
         }
         if crate::kernels::Level::Avx512Vnni.check().is_ok() {
