@@ -546,18 +546,7 @@ unsafe fn dot<const V: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
 unsafe fn fifth_bytes(bits: *const u8) -> __m256i {
     // SAFETY: reads 4 bytes; register arithmetic.
     unsafe {
-        let word = _mm256_set1_epi32(bits.cast::<i32>().read_unaligned());
-        let spread = _mm256_shuffle_epi8(
-            word,
-            _mm256_setr_epi64x(
-                0,
-                0x0101_0101_0101_0101,
-                0x0202_0202_0202_0202,
-                0x0303_0303_0303_0303,
-            ),
-        );
-        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        let set = super::x86::bit_bytes(bits.cast::<u32>().read_unaligned());
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 }

@@ -78,22 +78,33 @@ impl BlockDot for Avx2 {
         let bits = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
         // SAFETY: reads the 32 activations; AVX2 as in `hsum`.
         unsafe {
-            // Byte `v` of the spread word is byte `v / 8` of `qh`; masked by bit `v % 8`, it
-            // selects activation `v`.
-            let spread = _mm256_shuffle_epi8(
-                _mm256_set1_epi32(bits as i32),
-                _mm256_setr_epi64x(
-                    0,
-                    0x0101_0101_0101_0101,
-                    0x0202_0202_0202_0202,
-                    0x0303_0303_0303_0303,
-                ),
-            );
-            let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-            let a = _mm256_and_si256(set, _mm256_loadu_si256(a.as_ptr().cast()));
+            let a = _mm256_and_si256(bit_bytes(bits), _mm256_loadu_si256(a.as_ptr().cast()));
             16 * hsum(madd(_mm256_set1_epi8(1), a))
         }
+    }
+}
+
+/// Byte `v` is `0xff` where bit `v` of `bits` is set, 0 elsewhere (a 5-bit block's `qh`
+/// spread over its 32 values).
+///
+/// SAFETY: the CPU has AVX2 (only inlined into functions compiled with it).
+#[inline(always)]
+pub(super) unsafe fn bit_bytes(bits: u32) -> __m256i {
+    // SAFETY: register arithmetic, AVX2 by the contract.
+    unsafe {
+        // Byte `v` of the spread word is byte `v / 8` of `bits`; masked by bit `v % 8`, it
+        // tells bit `v`.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_setr_epi64x(
+                0,
+                0x0101_0101_0101_0101,
+                0x0202_0202_0202_0202,
+                0x0303_0303_0303_0303,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
     }
 }
 
