@@ -607,10 +607,10 @@ mod tests {
     }
 
     /// Every optimized block-quantized product against the reference, in every layout its
-    /// format takes, on
-    /// ragged shapes (rows not a multiple of the tile or the group, tokens not a multiple of
-    /// the tile, odd block counts, row ranges starting on a later group), within
-    /// [`q8::error_budget`] of each output; the reference itself is bit-identical in every layout.
+    /// format takes, on ragged shapes (rows not a multiple of the tile or the group, tokens not
+    /// a multiple of the tile, odd block counts, row ranges starting on a later group), within
+    /// [`q8::error_budget`] of each output; the reference itself is bit-identical in every
+    /// layout.
     fn check_gemm(format: Format, rows: usize, blocks: usize, n: usize, pad: usize, seed: u64) {
         let mut rng = testing::Rng(seed | 1);
         let w = weights(&mut rng, format, rows, blocks);
