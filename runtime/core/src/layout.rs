@@ -28,8 +28,8 @@
 //! Each run is then one 64-bit mask for a block of a group, bit `16r + j` for byte `j` of row
 //! `r`.
 //!
-//! The K-quants interleave in 4×16 (x86-64) and `q4_k` and `q6_k` also in 4×4 (aarch64; `q5_k`
-//! and 4×8 keep ggml's rows). A "block" is then a super-block of 256: `q4_k`'s quant bytes are
+//! The K-quants interleave in 4×16 (x86-64) and `q4_k` and `q6_k` also in 4×4 (aarch64, for
+//! 4×8 targets too; `q5_k` keeps ggml's rows). A "block" is then a super-block of 256: `q4_k`'s quant bytes are
 //! its 128 packed bytes, `q6_k`'s its 128 low-nibble and 64 high-bit-pair bytes, in runs of 16
 //! (or 4); the rest of the super-block is its scales, arranged for the kernels to decode four
 //! rows at once (`Geometry::scale_at`, the same in both layouts).
@@ -120,13 +120,17 @@ impl Layout {
 
     /// The layout a matrix of `format` gets when `self` is asked for: only block formats
     /// interleave (the K-quants and the 5-bit formats in 4×16, the layout their x86-64 kernels
-    /// read, and `q4_k` and `q6_k` also in 4×4, aarch64's `sdot` by element); floats keep their
-    /// rows.
+    /// read, and `q4_k` and `q6_k` also in 4×4, aarch64's `sdot` by element, whether 4×4 or
+    /// 4×8 is asked for); floats keep their rows.
     pub fn for_format(self, format: Format) -> Layout {
         let x16_only = format.is_k_quant() || matches!(format, Format::Q5_0 | Format::Q5_1);
-        let k_x4 = self == Layout::X4 && matches!(format, Format::Q4K | Format::Q6K);
+        let k_x4 =
+            matches!(self, Layout::X4 | Layout::X8) && matches!(format, Format::Q4K | Format::Q6K);
         match Geometry::quant_bytes(format) {
-            Some(_) if !x16_only || self == Layout::X16 || k_x4 => self,
+            // i8mm multiplies K-quant groups of 4×4 with `sdot` by element, as dotprod does:
+            // fewer instructions than its `smmla` over ggml's rows.
+            Some(_) if k_x4 => Layout::X4,
+            Some(_) if !x16_only || self == Layout::X16 => self,
             _ => Layout::Rows,
         }
     }
