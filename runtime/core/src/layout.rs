@@ -29,10 +29,11 @@
 //! `r`.
 //!
 //! The K-quants interleave in 4×16 (x86-64) and `q4_k` and `q6_k` also in 4×4 (aarch64, for
-//! 4×8 targets too; `q5_k` keeps ggml's rows). A "block" is then a super-block of 256: `q4_k`'s quant bytes are
-//! its 128 packed bytes, `q6_k`'s its 128 low-nibble and 64 high-bit-pair bytes, in runs of 16
-//! (or 4); the rest of the super-block is its scales, arranged for the kernels to decode four
-//! rows at once (`Geometry::scale_at`, the same in both layouts).
+//! 4×8 targets too; `q5_k` keeps ggml's rows). A "block" is then a super-block of 256:
+//! `q4_k`'s quant bytes are its 128 packed bytes, `q6_k`'s its 128 low-nibble and 64
+//! high-bit-pair bytes, in runs of 16 (or 4); the rest of the super-block is its scales,
+//! arranged for the kernels to decode four rows at once (`Geometry::scale_at`, the same in
+//! both layouts).
 //!
 //! In the aarch64 layouts (4×4, 4×8) `q4_0`'s packed bytes are stored XOR `0x88`: nibble `q`
 //! becomes `q ^ 8`, the 4-bit two's complement of `q − 8`, so a shift left by 4 (low nibbles)
