@@ -24,7 +24,7 @@ use core::arch::asm;
 
 use super::lanes::widen_f16_bits;
 use super::product::{Out, Product};
-use super::q8::consts::{block_bytes, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::q8::consts::{block_bytes, has_fifth_bit, has_min, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::q8::{self, Q8Block};
 use super::{arm_k, x4, Kernels, Level, TILE_ROWS, TILE_TOKENS};
 use crate::layout::Layout;
@@ -112,11 +112,6 @@ struct Wb {
     m: f32,
 }
 
-/// Whether format `F` has a minimum `m` (times the activations' sum `s`) in each block.
-const fn has_min(f: u8) -> bool {
-    f == Q4_1 || f == Q5_1
-}
-
 /// The bit of each byte lane within its 8-lane half: `vtstq_u8` against a byte of `qh`
 /// repeated over a half spreads its 8 bits over the half's 8 lanes.
 const LANE_BITS: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
@@ -154,11 +149,11 @@ unsafe fn decode<const F: u8>(p: *const u8) -> Wb {
         }
         // The nibbles follow `d`, `m` (with a minimum) and `qh` (5-bit formats, 4 bytes).
         let qh = if has_min(F) { 4 } else { 2 };
-        let at = qh + if F == Q5_0 || F == Q5_1 { 4 } else { 0 };
+        let at = qh + if has_fifth_bit(F) { 4 } else { 0 };
         let packed = vld1q_u8(p.add(at));
         let mut lo = vandq_u8(packed, vdupq_n_u8(0x0f));
         let mut hi = vshrq_n_u8::<4>(packed);
-        if F == Q5_0 || F == Q5_1 {
+        if has_fifth_bit(F) {
             let h = |i: usize| *p.add(qh + i);
             lo = vorrq_u8(lo, fifth_bits(h(0), h(1)));
             hi = vorrq_u8(hi, fifth_bits(h(2), h(3)));

@@ -998,13 +998,7 @@ mod tests {
     /// SmolLM2's shapes, where a tile covers whole rows and tokens, once each.
     #[test]
     fn gemm_at_smollm2_shapes() {
-        for format in [
-            Format::Q4_0,
-            Format::Q4_1,
-            Format::Q8_0,
-            Format::Q5_0,
-            Format::Q5_1,
-        ] {
+        for format in Format::ALL.into_iter().filter(|&f| q8::uses_q8(f)) {
             check_gemm(format, 64, 18, 5, 0, 7);
             check_gemm(format, 24, 48, 1, 0, 9);
         }

@@ -18,6 +18,17 @@ pub mod consts {
     pub const Q5_0: u8 = 3;
     pub const Q5_1: u8 = 4;
 
+    /// Whether format `f` has a minimum `m` in each block (adding `m·s`, `s` the activations'
+    /// scaled sum).
+    pub const fn has_min(f: u8) -> bool {
+        matches!(f, Q4_1 | Q5_1)
+    }
+
+    /// Whether format `f` stores a fifth bit of each value (`qh`).
+    pub const fn has_fifth_bit(f: u8) -> bool {
+        matches!(f, Q5_0 | Q5_1)
+    }
+
     /// Bytes of one stored block of format `f`.
     pub const fn block_bytes(f: u8) -> usize {
         match f {

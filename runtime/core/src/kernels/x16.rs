@@ -27,7 +27,7 @@
 use core::arch::x86_64::*;
 
 use super::product::Product;
-use super::q8::consts::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::q8::consts::{has_fifth_bit, has_min, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::q8::Q8Block;
 use crate::layout::{Layout, GROUP};
 use crate::quant::Format;
@@ -52,17 +52,13 @@ const fn group_scales(f: u8) -> usize {
     }
 }
 
-/// Whether each row and block adds `m·s` (a format with mins).
-const fn has_min(f: u8) -> bool {
-    matches!(f, Q4_1 | Q5_1)
-}
-
 /// Where the masks of fifth bits (elements 0–15 of the four rows, then 16–31) start among a
 /// block's scale bytes, for the 5-bit formats.
 const fn fifth_bits(f: u8) -> Option<usize> {
-    match f {
-        Q5_0 | Q5_1 => Some(group_scales(f) - 16),
-        _ => None,
+    if has_fifth_bit(f) {
+        Some(group_scales(f) - 16)
+    } else {
+        None
     }
 }
 
